@@ -1,0 +1,217 @@
+"""The save pipeline: stage on the caller's thread, finish in one background worker.
+
+Call sequence of one save, on every rank::
+
+    caller thread : flatten -> plan layout -> begin (marker) -> acquire buffer -> stage
+    background    : [wait device copies] -> checksums -> skeleton, index, header
+                    -> local commit (rename) -> commit vote (collective)
+                    -> .committed -> retention -> pre-fault a spare buffer
+
+One worker thread runs the background halves in save order, so every rank issues
+its commit votes in the same order. At most one save is in flight: a new save
+first waits for the previous one. A rank whose save fails still votes (no), so the
+other ranks learn of it instead of timing out.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any
+
+from memckpt.coordination import Collectives
+from memckpt.errors import CommitError, InsufficientSpaceError, MemckptError
+from memckpt.format import DEFAULT_CHUNK_SIZE
+from memckpt.handle import SaveHandle, SaveResult
+from memckpt.ids import validate_step
+from memckpt.statedict import flatten_state_dict
+from memckpt.store import CheckpointStore
+from memckpt.writer import (
+    ObjectLayout,
+    StagedObject,
+    finalize,
+    meta_estimate,
+    plan_layout,
+    stage,
+)
+
+__all__ = ["SaveEngine"]
+
+log = logging.getLogger(__name__)
+
+
+class SaveEngine:
+    """Runs saves for one rank against its store; see the module docstring for the sequence."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        collectives: Collectives,
+        *,
+        keep_last: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        durable: bool = False,
+        prefault: bool = True,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.store = store
+        self.coll = collectives
+        self.keep_last = keep_last
+        self.chunk_size = chunk_size
+        self.durable = durable
+        self.prefault = prefault
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"memckpt-save-r{store.rank}"
+        )
+        self._layout: ObjectLayout | None = None
+        self._last: concurrent.futures.Future[SaveResult] | None = None
+        self._lock = threading.Lock()
+        self._committed = [
+            s
+            for s in store.steps()
+            if store.is_committed(s) and store.object_path(s, store.rank).exists()
+        ]
+        self._closed = False
+
+    # -- caller thread -----------------------------------------------------------------
+    def save(self, step: int, state_dict: Any, *, blocking: bool = False) -> SaveHandle:
+        t0 = time.perf_counter()
+        if self._closed:
+            raise MemckptError("save() after close()")
+        step = validate_step(step)
+        self.wait_idle()
+        try:
+            flat = flatten_state_dict(state_dict)
+        except MemckptError as e:
+            self._submit_failure(step, e)  # peers are voting on this step too
+            raise
+        layout = plan_layout(flat, self._layout)
+        self._layout = layout
+        buf = None
+        try:
+            self.store.begin(step)
+            buf = self.store.pool.acquire(layout.data_end + meta_estimate(flat, self.chunk_size))
+            has_cuda = any(t.is_cuda for t in flat.tensors)
+            staged = stage(
+                flat, layout, buf, hash_inline=blocking and not has_cuda, chunk_size=self.chunk_size
+            )
+        except (InsufficientSpaceError, OSError) as e:
+            self.store.abort(step, buf)
+            log.error("rank %d: save of step %d failed: %s", self.store.rank, step, e)
+            return SaveHandle(step, self._submit_failure(step, e))
+        except BaseException as e:
+            self.store.abort(step, buf)
+            self._submit_failure(step, e)
+            raise
+        blocking_s = time.perf_counter() - t0
+        fut = self._executor.submit(self._finish, step, staged, t0, blocking_s, blocking)
+        self._last = fut
+        handle = SaveHandle(step, fut)
+        if blocking:
+            handle.wait()
+        return handle
+
+    def wait_idle(self) -> None:
+        """Wait for the save in flight, if any (its error stays on its handle)."""
+        last = self._last
+        if last is not None:
+            concurrent.futures.wait([last])
+
+    def _submit_failure(
+        self, step: int, error: BaseException
+    ) -> concurrent.futures.Future[SaveResult]:
+        fut = self._executor.submit(self._vote_failure, step, error)
+        self._last = fut
+        return fut
+
+    # -- background thread -------------------------------------------------------------
+    def _vote(self, step: int, ok: bool, message: str) -> list[tuple[int, str]]:
+        votes = self.coll.all_gather_object((ok, message), f"commit vote for step {step}")
+        return [(r, m) for r, (v, m) in enumerate(votes) if not v]
+
+    def _vote_failure(self, step: int, error: BaseException) -> SaveResult:
+        self._vote(step, False, f"{type(error).__name__}: {error}")
+        raise error
+
+    def _finish(
+        self, step: int, staged: StagedObject, t0: float, blocking_s: float, blocking: bool
+    ) -> SaveResult:
+        store, rank = self.store, self.store.rank
+        try:
+            file_bytes, hash_s = finalize(
+                staged,
+                job_id=store.job_id,
+                step=step,
+                rank=rank,
+                world_size=self.coll.world_size,
+                durable=self.durable,
+            )
+            path = store.commit_local(step, staged.buf)
+        except BaseException as e:
+            store.abort(step, staged.buf)
+            log.error("rank %d: save of step %d failed: %s", rank, step, e)
+            self._vote(step, False, f"{type(e).__name__}: {e}")
+            raise
+        t_vote = time.perf_counter()
+        failed = self._vote(step, True, "")
+        if failed:
+            store.delete_step(step)
+            detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+            raise CommitError(
+                f"step {step} was not committed because other ranks failed ({detail}); "
+                "the previous checkpoint is kept"
+            )
+        store.mark_committed(step, self.coll.world_size)
+        commit_s = time.perf_counter() - t_vote
+        self._retain(step)
+        total_s = time.perf_counter() - t0
+        result = SaveResult(
+            step=step,
+            nbytes=staged.layout.data_bytes,
+            file_bytes=file_bytes,
+            num_tensors=len(staged.flat_names),
+            blocking_s=total_s if blocking else blocking_s,
+            stage_s=staged.stage_s,
+            checksum_s=hash_s,
+            commit_s=commit_s,
+            total_s=total_s,
+            path=str(path),
+        )
+        log.info(
+            "rank %d: step %d committed (%.1f MB, blocking %.3fs, total %.3fs)",
+            rank,
+            step,
+            result.nbytes / 1e6,
+            result.blocking_s,
+            total_s,
+        )
+        if self.prefault:
+            store.pool.prefault(staged.buf.capacity)
+        return result
+
+    def _retain(self, newest: int) -> None:
+        """Keep the newest ``keep_last`` committed steps; retire this rank's other objects.
+
+        Runs only after ``newest`` is globally committed, so the newest complete step
+        is never removed before a newer one is complete. Steps after ``newest`` belong
+        to a timeline abandoned by a restart from an older step.
+        """
+        with self._lock:
+            self._committed = sorted(set(self._committed) | {newest})
+            keep = set(self._committed[-self.keep_last :])
+            self._committed = [s for s in self._committed if s in keep]
+        for s in self.store.steps():
+            if s not in keep:
+                self.store.delete_step(s)
+
+    def committed_steps(self) -> list[int]:
+        with self._lock:
+            return list(self._committed)
+
+    def close(self) -> None:
+        self._closed = True
+        self.wait_idle()
+        self._executor.shutdown(wait=True)

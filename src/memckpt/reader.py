@@ -1,0 +1,246 @@
+"""Read one object file: validate, verify checksums, and load into tensors.
+
+Tensor bytes are read with ``preadv`` straight into the destination tensor when
+it is a plain CPU tensor, and each chunk is hashed right after it arrives, while
+it is still in cache. A fresh process thus pays no page faults on a mapping of
+the object, and verification costs little beyond the copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memckpt.errors import CorruptCheckpointError, StateDictMismatchError
+from memckpt.format import (
+    ObjectHeader,
+    ObjectIndex,
+    TensorEntry,
+    checksum,
+    decode_index,
+    read_header,
+)
+from memckpt.statedict import iter_named_tensors, restore_state_dict
+from memckpt.tensorbytes import is_plain_cpu, tensor_memoryview
+
+__all__ = ["ObjectReader", "TensorDamage", "load_object"]
+
+
+@dataclass(frozen=True)
+class TensorDamage:
+    """A chunk of a tensor whose bytes do not match the stored checksum."""
+
+    tensor: str
+    chunk: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"tensor {self.tensor!r} chunk {self.chunk} (bytes from {self.offset})"
+
+
+class ObjectReader:
+    """An open object file with its header, index and skeleton validated."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.where = str(self.path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.header: ObjectHeader = read_header(self.fd, self.where)
+            h = self.header
+            raw_index = self._pread_checked(
+                h.index_offset, h.index_length, h.index_checksum, "index"
+            )
+            self.index: ObjectIndex = decode_index(
+                raw_index, self.where, h.data_offset, h.data_offset + h.data_length
+            )
+            self.skeleton = self._pread_checked(
+                h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part"
+            )
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _pread_checked(self, offset: int, length: int, expected: int, what: str) -> bytes:
+        raw = os.pread(self.fd, length, offset)
+        if len(raw) != length:
+            raise CorruptCheckpointError(f"{self.where}: {what} truncated")
+        if checksum(raw) != expected:
+            raise CorruptCheckpointError(f"{self.where}: {what} checksum mismatch")
+        return raw
+
+    # -- reading tensor bytes ----------------------------------------------------------
+    def read_into(self, entry: TensorEntry, out: memoryview) -> list[TensorDamage]:
+        """Read ``entry``'s bytes into ``out`` chunk by chunk, hashing each; return damage."""
+        damage = []
+        cs = self.index.chunk_size
+        for i, c in enumerate(range(0, max(entry.nbytes, 1), cs)):
+            piece = out[c : c + cs]
+            got = 0
+            while got < len(piece):
+                n = os.preadv(self.fd, [piece[got:]], entry.offset + c + got)
+                if n == 0:
+                    raise CorruptCheckpointError(f"{self.where}: tensor {entry.name!r} truncated")
+                got += n
+            if checksum(piece) != entry.checksums[i]:
+                damage.append(TensorDamage(entry.name, i, c))
+        return damage
+
+    def verify(self) -> list[TensorDamage]:
+        """Re-hash every tensor; return the damaged chunks (empty when intact)."""
+        scratch = bytearray(self.index.chunk_size)
+        damage = []
+        for e in self.index.tensors:
+            cs = self.index.chunk_size
+            for i, c in enumerate(range(0, max(e.nbytes, 1), cs)):
+                n = min(cs, e.nbytes - c)
+                view = memoryview(scratch)[:n]
+                if os.preadv(self.fd, [view], e.offset + c) != n:
+                    raise CorruptCheckpointError(f"{self.where}: tensor {e.name!r} truncated")
+                if checksum(view) != e.checksums[i]:
+                    damage.append(TensorDamage(e.name, i, c))
+        return damage
+
+    def read_tensor(
+        self, entry: TensorEntry, into: torch.Tensor | None, device: torch.device | None
+    ) -> tuple[torch.Tensor, list[TensorDamage]]:
+        """Load one tensor, into ``into`` (same shape/dtype, already checked) or a new one."""
+        dtype = entry.torch_dtype
+        if into is not None and is_plain_cpu(into):
+            return into, self.read_into(entry, tensor_memoryview(into))
+        host = torch.empty(entry.shape, dtype=dtype)
+        damage = self.read_into(entry, tensor_memoryview(host))
+        if into is not None:
+            with torch.no_grad():
+                into.copy_(host)
+            return into, damage
+        out = host if device is None or device.type == "cpu" else host.to(device)
+        if entry.is_parameter:
+            out = torch.nn.Parameter(out, requires_grad=entry.requires_grad)
+        elif entry.requires_grad:
+            out.requires_grad_(True)
+        return out, damage
+
+
+def _resolve_device(entry: TensorEntry, map_location: Any, where: str) -> torch.device:
+    if map_location is not None:
+        if callable(map_location):
+            return torch.device(map_location(entry.device))
+        return torch.device(map_location)
+    dev = torch.device(entry.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CorruptCheckpointError(
+            f"{where}: tensor {entry.name!r} was saved on {entry.device} but CUDA is not "
+            "available here; pass map_location='cpu'"
+        )
+    return dev
+
+
+def _check_destination(index: ObjectIndex, dest: dict[str, torch.Tensor], strict: bool) -> None:
+    problems = []
+    stored = {e.name: e for e in index.tensors}
+    for name, t in dest.items():
+        e = stored.get(name)
+        if e is None:
+            if strict:
+                problems.append(f"{name!r}: in the state dict but not in the checkpoint")
+            continue
+        if tuple(t.shape) != e.shape or t.dtype != e.torch_dtype:
+            problems.append(
+                f"{name!r}: expected {tuple(t.shape)} {t.dtype} (the state dict), "
+                f"found {e.shape} torch.{e.dtype} (the checkpoint)"
+            )
+    if strict:
+        problems += [
+            f"{n!r}: in the checkpoint but not in the state dict" for n in stored if n not in dest
+        ]
+    if problems:
+        raise StateDictMismatchError(
+            f"cannot load step {index.step} of rank {index.rank} in place; nothing was changed:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def _merge_into(dest: Any, restored: Any) -> Any:
+    """Write restored non-tensor values into ``dest``'s dicts and lists in place."""
+    if isinstance(dest, dict) and isinstance(restored, dict):
+        for k, v in restored.items():
+            if k in dest and isinstance(dest[k], (dict, list)):
+                dest[k] = _merge_into(dest[k], v)
+            elif not (k in dest and isinstance(v, torch.Tensor) and dest[k] is v):
+                dest[k] = v
+        return dest
+    if isinstance(dest, list) and isinstance(restored, list) and len(dest) == len(restored):
+        for i, v in enumerate(restored):
+            dest[i] = _merge_into(dest[i], v) if isinstance(dest[i], (dict, list)) else v
+        return dest
+    return restored
+
+
+def load_object(
+    path: str | os.PathLike[str],
+    state_dict: Any = None,
+    *,
+    map_location: Any = None,
+    strict: bool = True,
+    safe_globals: Iterable[Any] = (),
+) -> Any:
+    """Load an object file; with ``state_dict``, copy into its tensors in place.
+
+    Shapes and dtypes are all checked before any byte is copied. Checksums are
+    verified as the bytes arrive; on damage a CorruptCheckpointError names the
+    tensor and chunk (destination tensors may then hold partial data; the
+    checkpoint itself is untouched).
+    """
+    with ObjectReader(path) as reader:
+        dest: dict[str, torch.Tensor] = {}
+        if state_dict is not None:
+            for name, t in iter_named_tensors(state_dict):
+                dest.setdefault(name, t)
+            _check_destination(reader.index, dest, strict)
+        damage: list[TensorDamage] = []
+        entries = reader.index.tensors
+
+        def load_tensor(i: int) -> torch.Tensor:
+            if not 0 <= i < len(entries):
+                raise CorruptCheckpointError(f"{reader.where}: tensor reference {i} out of range")
+            e = entries[i]
+            cached = loaded.get(i)
+            if cached is not None:
+                return cached
+            into = dest.get(e.name)
+            device = None if into is not None else _resolve_device(e, map_location, reader.where)
+            t, d = reader.read_tensor(e, into, device)
+            damage.extend(d)
+            loaded[i] = t
+            return t
+
+        loaded: dict[int, torch.Tensor] = {}
+        restored = restore_state_dict(
+            reader.skeleton, load_tensor, safe_globals, where=reader.where
+        )
+        for i in range(len(entries)):  # tensors the skeleton no longer references
+            load_tensor(i)
+        if damage:
+            raise CorruptCheckpointError(
+                f"{reader.where}: checksum mismatch in "
+                + ", ".join(str(d) for d in damage[:5])
+                + (f" and {len(damage) - 5} more" if len(damage) > 5 else "")
+            )
+    return _merge_into(state_dict, restored) if state_dict is not None else restored
