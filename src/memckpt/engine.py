@@ -23,6 +23,7 @@ from typing import Any
 
 from memckpt.coordination import Collectives
 from memckpt.errors import CommitError, InsufficientSpaceError, MemckptError
+from memckpt.faults import fault_point
 from memckpt.format import DEFAULT_CHUNK_SIZE
 from memckpt.handle import SaveHandle, SaveResult
 from memckpt.ids import validate_step
@@ -93,11 +94,18 @@ class SaveEngine:
         buf = None
         try:
             self.store.begin(step)
+            fault_point("after_begin", step)
             buf = self.store.pool.acquire(layout.data_end + meta_estimate(flat, self.chunk_size))
             has_cuda = any(t.is_cuda for t in flat.tensors)
             staged = stage(
-                flat, layout, buf, hash_inline=blocking and not has_cuda, chunk_size=self.chunk_size
+                flat,
+                layout,
+                buf,
+                hash_inline=blocking and not has_cuda,
+                chunk_size=self.chunk_size,
+                step=step,
             )
+            fault_point("after_stage", step)
         except (InsufficientSpaceError, OSError) as e:
             self.store.abort(step, buf)
             log.error("rank %d: save of step %d failed: %s", self.store.rank, step, e)
@@ -149,7 +157,9 @@ class SaveEngine:
                 world_size=self.coll.world_size,
                 durable=self.durable,
             )
+            fault_point("before_local_commit", step)
             path = store.commit_local(step, staged.buf)
+            fault_point("after_local_commit", step)
         except BaseException as e:
             store.abort(step, staged.buf)
             log.error("rank %d: save of step %d failed: %s", rank, step, e)
@@ -164,7 +174,9 @@ class SaveEngine:
                 f"step {step} was not committed because other ranks failed ({detail}); "
                 "the previous checkpoint is kept"
             )
+        fault_point("after_vote", step)
         store.mark_committed(step, self.coll.world_size)
+        fault_point("after_mark_committed", step)
         commit_s = time.perf_counter() - t_vote
         self._retain(step)
         total_s = time.perf_counter() - t0
@@ -206,6 +218,7 @@ class SaveEngine:
         for s in self.store.steps():
             if s not in keep:
                 self.store.delete_step(s)
+                fault_point("mid_retention", newest)
 
     def committed_steps(self) -> list[int]:
         with self._lock:

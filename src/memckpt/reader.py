@@ -161,7 +161,12 @@ def _check_destination(index: ObjectIndex, dest: dict[str, torch.Tensor], strict
             if strict:
                 problems.append(f"{name!r}: in the state dict but not in the checkpoint")
             continue
-        if tuple(t.shape) != e.shape or t.dtype != e.torch_dtype:
+        if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+            problems.append(
+                f"{name!r}: the state dict's tensor is an expanded view; give it "
+                "its own memory (clone) to load in place"
+            )
+        elif tuple(t.shape) != e.shape or t.dtype != e.torch_dtype:
             problems.append(
                 f"{name!r}: expected {tuple(t.shape)} {t.dtype} (the state dict), "
                 f"found {e.shape} torch.{e.dtype} (the checkpoint)"
@@ -211,36 +216,46 @@ def load_object(
     with ObjectReader(path) as reader:
         dest: dict[str, torch.Tensor] = {}
         if state_dict is not None:
+            seen: set[int] = set()
             for name, t in iter_named_tensors(state_dict):
-                dest.setdefault(name, t)
+                if id(t) not in seen:  # a tied tensor is stored once, under its first name
+                    seen.add(id(t))
+                    dest.setdefault(name, t)
             _check_destination(reader.index, dest, strict)
-        damage: list[TensorDamage] = []
         entries = reader.index.tensors
-
-        def load_tensor(i: int) -> torch.Tensor:
-            if not 0 <= i < len(entries):
-                raise CorruptCheckpointError(f"{reader.where}: tensor reference {i} out of range")
-            e = entries[i]
-            cached = loaded.get(i)
-            if cached is not None:
-                return cached
+        # Validate the non-tensor part before any byte lands in the caller's tensors.
+        restore_state_dict(
+            reader.skeleton,
+            _placeholder(len(entries), reader.where),
+            safe_globals,
+            where=reader.where,
+        )
+        damage: list[TensorDamage] = []
+        loaded: list[torch.Tensor] = []
+        for e in entries:
             into = dest.get(e.name)
             device = None if into is not None else _resolve_device(e, map_location, reader.where)
             t, d = reader.read_tensor(e, into, device)
             damage.extend(d)
-            loaded[i] = t
-            return t
-
-        loaded: dict[int, torch.Tensor] = {}
-        restored = restore_state_dict(
-            reader.skeleton, load_tensor, safe_globals, where=reader.where
-        )
-        for i in range(len(entries)):  # tensors the skeleton no longer references
-            load_tensor(i)
+            loaded.append(t)
         if damage:
             raise CorruptCheckpointError(
                 f"{reader.where}: checksum mismatch in "
                 + ", ".join(str(d) for d in damage[:5])
                 + (f" and {len(damage) - 5} more" if len(damage) > 5 else "")
             )
+        restored = restore_state_dict(
+            reader.skeleton, loaded.__getitem__, safe_globals, where=reader.where
+        )
     return _merge_into(state_dict, restored) if state_dict is not None else restored
+
+
+def _placeholder(count: int, where: str):  # type: ignore[no-untyped-def]
+    empty = torch.empty(0)
+
+    def load(i: int) -> torch.Tensor:
+        if not 0 <= i < count:
+            raise CorruptCheckpointError(f"{where}: tensor reference {i} out of range")
+        return empty
+
+    return load

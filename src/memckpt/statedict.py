@@ -236,5 +236,14 @@ def restore_state_dict(
         return _RestrictedUnpickler(skeleton, load_tensor, extra, where).load()
     except (UnsupportedValueError, CorruptCheckpointError):
         raise
-    except Exception as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        ImportError,
+    ) as e:
         raise CorruptCheckpointError(f"{where}: cannot read the non-tensor part: {e}") from e

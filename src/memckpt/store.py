@@ -15,6 +15,7 @@ exists under its final name only after its header (written last) is in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -205,10 +206,8 @@ class CheckpointStore:
             return
         for name in leftovers:
             (d / name).unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             d.rmdir()
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.pool.close()

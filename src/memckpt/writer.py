@@ -29,6 +29,7 @@ from memckpt.format import (
     encode_index,
     layout_offsets,
 )
+from memckpt.faults import fault_point
 from memckpt.pool import Buffer
 from memckpt.statedict import FlatStateDict
 from memckpt.tensorbytes import is_plain_cpu, typed_view
@@ -99,6 +100,7 @@ def stage(
     *,
     hash_inline: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    step: int = -1,
 ) -> StagedObject:
     """Copy every tensor into ``buf`` (the blocking part of a save).
 
@@ -115,7 +117,9 @@ def stage(
     mv = buf.memoryview()
     sums: list[list[int]] | None = [] if hash_inline else None
     events = []
-    for t, off, n in zip(flat.tensors, layout.offsets, layout.nbytes):
+    for i, (t, off, n) in enumerate(zip(flat.tensors, layout.offsets, layout.nbytes)):
+        if i == len(flat.tensors) // 2:
+            fault_point("mid_stage", step)
         src = t.detach()
         dst = typed_view(buf.tensor, off, n, src.dtype, tuple(src.shape))
         if src.is_cuda:  # pragma: no cover - needs CUDA
@@ -226,6 +230,7 @@ def finalize(
     )
     if durable:
         os.fsync(buf.fd)
+    fault_point("before_header", step)
     _pwrite_all(buf.fd, encode_header(header), 0)
     if durable:
         os.fsync(buf.fd)

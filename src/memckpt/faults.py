@@ -1,0 +1,35 @@
+"""Named points in the save path where tests can kill the process (crash-safety tests).
+
+Set ``MEMCKPT_FAULT_POINT=<name>`` (and optionally ``MEMCKPT_FAULT_STEP=<step>``)
+before the process starts; when a save of that step reaches that point the
+process sends itself SIGKILL, as a node failure would. Unset, each point costs
+one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Final
+
+__all__ = ["FAULT_POINTS", "fault_point"]
+
+FAULT_POINTS: Final = (
+    "after_begin",
+    "mid_stage",
+    "after_stage",
+    "before_header",
+    "before_local_commit",
+    "after_local_commit",
+    "after_vote",
+    "after_mark_committed",
+    "mid_retention",
+)
+
+_POINT = os.environ.get("MEMCKPT_FAULT_POINT")
+_STEP = os.environ.get("MEMCKPT_FAULT_STEP")
+
+
+def fault_point(name: str, step: int) -> None:
+    if _POINT == name and (_STEP is None or _STEP == str(step)):
+        os.kill(os.getpid(), signal.SIGKILL)
