@@ -212,7 +212,7 @@ class SaveEngine:
         to a timeline abandoned by a restart from an older step.
         """
         with self._lock:
-            self._committed = sorted(set(self._committed) | {newest})
+            self._committed = sorted({s for s in self._committed if s < newest} | {newest})
             keep = set(self._committed[-self.keep_last :])
             self._committed = [s for s in self._committed if s in keep]
         for s in self.store.steps():

@@ -50,7 +50,9 @@ def validate_job_id(job_id: str) -> str:
 
 def validate_step(step: object) -> int:
     """Return ``step`` as an int if it is a non-negative integer, else raise InvalidNameError."""
-    if isinstance(step, bool) or not isinstance(step, int):
+    if isinstance(step, bool):
+        raise InvalidNameError("step must be an integer, got bool")
+    if not isinstance(step, int):
         # numpy / torch integer scalars are common in training loops
         try:
             import operator

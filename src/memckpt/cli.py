@@ -1,0 +1,207 @@
+"""The ``memckpt`` command: look at, verify and clean up checkpoint trees."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from memckpt.catalog import find_jobs, gc_job, scan_job, verify_job
+from memckpt.errors import MemckptError
+from memckpt.reader import ObjectReader
+
+__all__ = ["main"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _table(title: str, columns: Sequence[str], rows: list[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console().print(t)
+
+
+def _emit(args: argparse.Namespace, doc: Any) -> None:
+    print(json.dumps(doc, indent=2, default=str))
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    docs = []
+    for job in find_jobs(args.path):
+        steps = scan_job(job)
+        docs.append(
+            {
+                "job": str(job),
+                "steps": [
+                    {
+                        "step": s.step,
+                        "complete": s.complete,
+                        "committed": s.committed,
+                        "ranks": [o.rank for o in s.objects if o.error is None],
+                        "damaged": [o.rank for o in s.objects if o.error is not None],
+                        "writing": list(s.writing_ranks),
+                        "world_size": s.world_size,
+                        "bytes": s.size,
+                    }
+                    for s in steps
+                ],
+            }
+        )
+    if args.json:
+        _emit(args, docs)
+        return 0
+    for d in docs:
+        rows = [
+            (
+                s["step"],
+                "yes" if s["complete"] else "no",
+                "yes" if s["committed"] else "no",
+                f"{len(s['ranks'])}/{s['world_size'] or '?'}",
+                ",".join(map(str, s["damaged"])) or "-",
+                ",".join(map(str, s["writing"])) or "-",
+                _human(s["bytes"]),
+            )
+            for s in d["steps"]
+        ]
+        _table(
+            d["job"],
+            ["step", "complete", "committed", "ranks", "damaged", "writing", "size"],
+            rows,
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    job = _single_job(args.path)
+    steps = {s.step: s for s in scan_job(job)}
+    step = args.step if args.step is not None else max(steps, default=None)
+    if step not in steps:
+        raise MemckptError(f"no step {step} in {job} (steps: {sorted(steps)})")
+    doc: dict[str, Any] = {"job": str(job), "step": step, "objects": []}
+    for o in steps[step].objects:
+        entry: dict[str, Any] = {"rank": o.rank, "path": str(o.path), "size": o.size}
+        if o.error:
+            entry["error"] = o.error
+        else:
+            with ObjectReader(o.path) as r:
+                entry["world_size"] = r.index.world_size
+                entry["tensors"] = [
+                    {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes,
+                     "device": t.device}
+                    for t in r.index.tensors
+                ]  # fmt: skip
+        doc["objects"].append(entry)
+    if args.json:
+        _emit(args, doc)
+        return 0
+    for o in doc["objects"]:
+        if "error" in o:
+            _table(f"step {step} rank {o['rank']}: DAMAGED", ["error"], [(o["error"],)])
+            continue
+        rows = [
+            (t["name"], t["dtype"], tuple(t["shape"]), _human(t["bytes"]), t["device"])
+            for t in o["tensors"]
+        ]
+        _table(
+            f"step {step} rank {o['rank']} ({_human(o['size'])}, {o['path']})",
+            ["tensor", "dtype", "shape", "size", "device"],
+            rows,
+        )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    results: dict[str, Any] = {}
+    for job in find_jobs(args.path):
+        for path, dmg in verify_job(job, args.step).items():
+            results[str(path)] = dmg if isinstance(dmg, str) else [str(d) for d in dmg]
+    bad = {p: d for p, d in results.items() if d}
+    if args.json:
+        _emit(args, {"objects": len(results), "damaged": bad})
+    else:
+        rows = [(p, "OK" if not d else (d if isinstance(d, str) else "; ".join(d))) for p, d in
+                results.items()]  # fmt: skip
+        _table("verify", ["object", "result"], rows)
+    if not results:
+        logging.getLogger("memckpt").error("nothing to verify under %s", args.path)
+        return 2
+    return 1 if bad else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    job = _single_job(args.path)
+    deleted = gc_job(job, args.keep, dry_run=args.dry_run)
+    if args.json:
+        _emit(args, {"job": str(job), "deleted": deleted, "dry_run": args.dry_run})
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} steps: {deleted or 'none'}")
+    return 0
+
+
+def _single_job(path: str) -> Path:
+    jobs = find_jobs(path)
+    if len(jobs) != 1:
+        raise MemckptError(
+            f"{path} holds {len(jobs)} jobs ({', '.join(j.name for j in jobs)}); "
+            "name one job directory"
+        )
+    return jobs[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memckpt", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("path", help="a job directory (base_dir/job_id) or a base directory")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    add("ls", "list checkpoints and their completeness").set_defaults(fn=cmd_ls)
+    sp = add("inspect", "show the tensors of a step")
+    sp.add_argument("--step", type=int, help="default: newest")
+    sp.set_defaults(fn=cmd_inspect)
+    sp = add("verify", "re-hash every tensor; exit 1 on damage")
+    sp.add_argument("--step", type=int, help="default: every step")
+    sp.set_defaults(fn=cmd_verify)
+    sp = add("gc", "delete all but the newest N complete steps")
+    sp.add_argument("--keep", type=int, required=True)
+    sp.add_argument("--dry-run", action="store_true")
+    sp.set_defaults(fn=cmd_gc)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args))
+    except MemckptError as e:
+        print(f"memckpt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
