@@ -3,7 +3,7 @@
 Set ``MEMCKPT_FAULT_POINT=<name>`` (and optionally ``MEMCKPT_FAULT_STEP=<step>``)
 before the process starts; when a save of that step reaches that point the
 process sends itself SIGKILL, as a node failure would. Unset, each point costs
-one dictionary lookup.
+one environment lookup.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ FAULT_POINTS: Final = (
     "mid_retention",
 )
 
-_POINT = os.environ.get("MEMCKPT_FAULT_POINT")
-_STEP = os.environ.get("MEMCKPT_FAULT_STEP")
-
 
 def fault_point(name: str, step: int) -> None:
-    if _POINT == name and (_STEP is None or _STEP == str(step)):
+    if os.environ.get("MEMCKPT_FAULT_POINT") != name:
+        return
+    want = os.environ.get("MEMCKPT_FAULT_STEP")
+    if want is None or want == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
