@@ -78,7 +78,7 @@ def test_damaged_structure_is_a_clear_error_not_a_crash(shm_dir, where):
         _flip_byte(obj, h.objects_offset + 3)
     else:
         os.truncate(obj, h.index_offset)
-    with pytest.raises(memckpt.CorruptCheckpointError, match="rank-0.mck"):
+    with pytest.raises(memckpt.CorruptCheckpointError, match=r"rank-0\.mck"):
         memckpt.load_object(obj)
     with memckpt.CheckpointManager(shm_dir, "job") as m:
         out = m.load()  # a damaged header hides the object; other damage is caught at load

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from crash_worker import state_for
-from zoo import assert_same
 
 import memckpt
+from crash_worker import state_for
 from memckpt.faults import FAULT_POINTS
+from zoo import assert_same
 
 WORKER = str(Path(__file__).with_name("crash_worker.py"))
 BEFORE_LOCAL_COMMIT = {"after_begin", "mid_stage", "after_stage", "before_header",

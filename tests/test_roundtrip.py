@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from zoo import all_dtypes, assert_same, make_zoo
 
 import memckpt
 from memckpt.errors import StateDictMismatchError, UnsupportedValueError
+from zoo import all_dtypes, assert_same, make_zoo
 
 
 @pytest.fixture
@@ -90,14 +90,14 @@ def test_load_into_mismatched_state_dict_names_key_and_changes_nothing(mgr):
 def test_load_into_expanded_view_is_refused_before_copying(mgr):
     mgr.save(1, {"a": torch.ones(3, 4), "b": torch.ones(2)}).wait()
     dest = {"a": torch.zeros(4).expand(3, 4), "b": torch.zeros(2)}
-    with pytest.raises(StateDictMismatchError, match="'a'.*expanded"):
+    with pytest.raises(StateDictMismatchError, match=r"'a'.*expanded"):
         mgr.load(state_dict=dest)
     assert torch.equal(dest["b"], torch.zeros(2))
 
 
 def test_load_strict_reports_missing_and_unexpected_keys(mgr):
     mgr.save(1, {"a": torch.ones(1), "b": torch.ones(1)}).wait()
-    with pytest.raises(StateDictMismatchError, match="'z'.*not in the checkpoint"):
+    with pytest.raises(StateDictMismatchError, match=r"'z'.*not in the checkpoint"):
         mgr.load(state_dict={"a": torch.zeros(1), "z": torch.zeros(1)})
     dest = {"a": torch.zeros(1)}
     mgr.load(state_dict=dest, strict=False)
@@ -162,7 +162,7 @@ def test_malicious_skeleton_is_never_executed(shm_dir, mgr):
 
 
 def test_unsupported_tensors_are_rejected_with_their_key(mgr):
-    with pytest.raises(UnsupportedValueError, match="'sp'.*sparse"):
+    with pytest.raises(UnsupportedValueError, match=r"'sp'.*sparse"):
         mgr.save(1, {"sp": torch.eye(3).to_sparse()})
 
 
