@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from zoo import assert_same, make_zoo
 
 import memckpt
+from zoo import assert_same, make_zoo
 
 
 def node_dir(base: str, rank: int, ranks_per_node: int) -> Path:

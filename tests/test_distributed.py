@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from multiproc import run_ranks
 
 import dist_workers as w
+from multiproc import run_ranks
 
 
 @pytest.mark.timeout(120)

@@ -95,13 +95,32 @@ def test_load_into_expanded_view_is_refused_before_copying(mgr):
     assert torch.equal(dest["b"], torch.zeros(2))
 
 
-def test_load_strict_reports_missing_and_unexpected_keys(mgr):
+def test_load_strict_reports_keys_missing_from_checkpoint(mgr):
     mgr.save(1, {"a": torch.ones(1), "b": torch.ones(1)}).wait()
     with pytest.raises(StateDictMismatchError, match=r"'z'.*not in the checkpoint"):
         mgr.load(state_dict={"a": torch.zeros(1), "z": torch.zeros(1)})
-    dest = {"a": torch.zeros(1)}
+    dest = {"a": torch.zeros(1), "z": torch.zeros(1)}
     mgr.load(state_dict=dest, strict=False)
-    assert dest["a"].item() == 1.0
+    assert dest["a"].item() == 1.0 and dest["z"].item() == 0.0
+
+
+def test_load_fills_a_fresh_optimizer_state_dict(mgr):
+    # Given a trained optimizer's state and a fresh one whose state is still empty
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    mgr.save(1, {"model": model.state_dict(), "optim": opt.state_dict()}).wait()
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh = torch.optim.AdamW(fresh_model.parameters())
+    dest = {"model": fresh_model.state_dict(), "optim": fresh.state_dict()}
+    # When loading into it, the missing state entries are created and merged in
+    mgr.load(state_dict=dest)
+    fresh.load_state_dict(dest["optim"])
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
+    assert torch.equal(fresh_model.weight, model.weight)
 
 
 def test_caller_may_mutate_tensors_right_after_async_save(mgr):

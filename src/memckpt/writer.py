@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from memckpt.faults import fault_point
 from memckpt.format import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
@@ -29,7 +30,6 @@ from memckpt.format import (
     encode_index,
     layout_offsets,
 )
-from memckpt.faults import fault_point
 from memckpt.pool import Buffer
 from memckpt.statedict import FlatStateDict
 from memckpt.tensorbytes import is_plain_cpu, typed_view

@@ -23,8 +23,9 @@ def torch_all_reduce_max(group: Any = None) -> AllReduceMax:
     """An AllReduceMax over ``group`` (default: the default process group) of torch.distributed.
 
     The values travel as one float64 tensor: on the CPU (gloo), or on the current CUDA
-    device when the group's backend is NCCL. Blocking; every rank of the group must call
-    the returned function the same number of times.
+    device when the group's backend is NCCL. Blocking up to the group's timeout (pass a
+    group created with one, such as ``TorchCollectives(timeout_s).group``); every rank of
+    the group must call the returned function the same number of times.
     """
     import torch
     import torch.distributed as dist

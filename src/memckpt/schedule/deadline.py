@@ -81,15 +81,19 @@ def parse_deadline(text: str, source: str) -> float:
     return moment.timestamp()
 
 
-def coerce_deadline(value: float | str | datetime, source: str = "deadline") -> Deadline:
-    """A Deadline from unix seconds, a string ``parse_deadline`` accepts, or an aware datetime."""
+def coerce_deadline(value: float | str | datetime, name: str = "deadline") -> Deadline:
+    """A Deadline from unix seconds, a string ``parse_deadline`` accepts, or an aware datetime.
+
+    ``name`` is the argument's name in errors; the Deadline's source is "<name> argument".
+    """
+    source = f"{name} argument"
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            raise DeadlineFormatError(f"{source}={value!r} has no tzinfo; pass an aware datetime")
+            raise DeadlineFormatError(f"{name}={value!r} has no tzinfo; pass an aware datetime")
         return Deadline(value.timestamp(), source)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise DeadlineFormatError(f"{source}={value!r} is not a deadline: {_EXPECTED}")
-    return Deadline(parse_deadline(str(value), source), source)
+        raise DeadlineFormatError(f"{name}={value!r} is not a deadline: {_EXPECTED}")
+    return Deadline(parse_deadline(str(value), name), source)
 
 
 def deadline_from_env(

@@ -75,9 +75,9 @@ class IterManager:
         im.iter()                              # at the start of every iteration
         ...train...
         if im.should_save_ckpt():              # once per iteration, on every rank
-            im.record_save(mgr.save(step, sd).wait())
+            im.record_save(mgr.save(step, sd))  # timed when the handle completes
             if im.exit_requested:              # the save was for a deadline or signal
-                im.finalize(step)              # registered persistent saves, then exit
+                im.finalize(step)              # wait for it, persistent saves, handlers back
                 break
 
     Args:
@@ -176,6 +176,7 @@ class IterManager:
         self._saves_decided = 0
         self._exit_requested = False
         self._persistent_saves: list[Callable[[int], Any]] = []
+        self._pending: list[Any] = []  # save handles whose result is not recorded yet
         self.last_decision: SaveDecision | None = None
 
         self._watcher: SignalWatcher | None = None
@@ -197,6 +198,8 @@ class IterManager:
         """Mark the start of an iteration (call it first thing in every iteration)."""
         self._timer.tick()
         self._steps_since_save += 1
+        if self._pending:
+            self._collect_finished_saves()
 
     def should_save_ckpt(self) -> bool:
         """Whether every rank saves at this step; ``last_decision`` says why.
@@ -232,15 +235,36 @@ class IterManager:
         return decision.save
 
     def record_save(self, result: Any) -> None:
-        """Feed a save's timing: seconds, or an object with ``blocking_s``/``total_s``.
+        """Feed a save's timing: seconds, a SaveResult, or a SaveHandle still running.
 
-        memckpt's ``SaveHandle.wait()`` returns such an object. The median of the latest
-        saves replaces ``save_ckpt_time`` from the next prediction on.
+        A result needs ``blocking_s``/``total_s`` (memckpt's ``SaveHandle.wait()`` returns
+        one). A handle (anything with ``done()`` and ``wait()``) is timed without blocking:
+        its result is recorded at the first ``iter()`` after it finished, and ``finalize``
+        waits for it. The median of the latest saves replaces ``save_ckpt_time``.
         """
+        if callable(getattr(result, "done", None)) and callable(getattr(result, "wait", None)):
+            self._pending.append(result)
+            return
         blocking, total = save_times(result)
         self._saves.add(blocking, total)
         self._prediction = None
         log.debug("save took %.3fs blocking, %.3fs in total", blocking, total)
+
+    def _collect_finished_saves(self) -> None:
+        still_running = []
+        for handle in self._pending:
+            if not handle.done():
+                still_running.append(handle)
+                continue
+            try:
+                result = handle.wait()
+            except Exception as e:
+                # The failure itself is the caller's to handle (it holds the handle too);
+                # here it only means there is no timing to learn from.
+                log.warning("a tracked save failed, its time is not recorded: %s", e)
+                continue
+            self.record_save(result)
+        self._pending = still_running
 
     def explain(self) -> str:
         """The reason of the latest decision, for an operator's log."""
@@ -268,11 +292,15 @@ class IterManager:
     def finalize(self, step: int) -> float:
         """Run the registered persistent saves for ``step``, then restore signal handlers.
 
-        Call on every rank after the memory save of the exit step completed. Errors of a
-        persistent save propagate (handlers are restored all the same). Returns seconds.
+        Call on every rank after the memory save of the exit step; save handles passed to
+        ``record_save`` are waited for first. Errors of a save propagate (the signal
+        handlers are restored all the same). Returns the seconds it took.
         """
         start = self._clock()
         try:
+            pending, self._pending = self._pending, []
+            for handle in pending:
+                self.record_save(handle.wait())
             for fn in self._persistent_saves:
                 fn(step)
         finally:
@@ -283,7 +311,7 @@ class IterManager:
             log.info("persistent save of step %d took %.1fs", step, elapsed)
         else:
             log.info(
-                "persistent save of step %d took %.1fs; %.1fs left before %s",
+                "persistent save of step %d took %.1fs; %.1fs left before the deadline (%s)",
                 step,
                 elapsed,
                 deadline.remaining_s(self._wall_clock()),
@@ -333,9 +361,19 @@ class IterManager:
 
     @property
     def prediction(self) -> Prediction:
-        """Statistics, save times and interval; recomputed every ``predict_freq`` iterations."""
+        """Statistics, save times and interval; recomputed every ``predict_freq`` iterations.
+
+        Also recomputed after ``record_save`` and at every iteration during warm-up.
+        """
         step = self._timer.ticks
-        if self._prediction is None or step - self._predicted_at >= self.predict_freq:
+        cached = self._prediction
+        if (
+            cached is None
+            or step - self._predicted_at >= self.predict_freq
+            # until an iteration after warm-up is measured, every new one is news
+            or cached.iteration is None
+            or cached.iteration.warmup_only
+        ):
             self._prediction = predict(
                 iteration=self._timer.stats(),
                 estimate=self.iteration_estimate,

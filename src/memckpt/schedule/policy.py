@@ -179,16 +179,23 @@ class Assessment:
     not_yet: str = ""
 
 
+def _s(seconds: float) -> str:
+    # Tenths hide sub-second saves and iterations ("0.0s"); show those with 2 digits.
+    if seconds == 0 or abs(seconds) >= 0.95:
+        return f"{seconds:.1f}s"
+    return f"{seconds:.2g}s"
+
+
 def _deadline_due(deadline: Deadline, view: LocalView) -> tuple[bool, str]:
     p = view.prediction
     left = deadline.remaining_s(view.now_unix)
     need = p.save_s + p.iteration_s + view.margin_s
     if left < need:
         return True, (
-            f"{left:.1f}s left < save {p.save_s:.1f}s + iteration {p.iteration_s:.1f}s"
-            f" + margin {view.margin_s:.1f}s"
+            f"{_s(left)} left < save {_s(p.save_s)} + iteration {_s(p.iteration_s)}"
+            f" + margin {_s(view.margin_s)}"
         )
-    return False, f"{left:.1f}s left, due below {need:.1f}s"
+    return False, f"{_s(left)} left, due below {_s(need)}"
 
 
 def assess(view: LocalView) -> Assessment:
@@ -228,7 +235,7 @@ def assess(view: LocalView) -> Assessment:
         if view.deadline is not None:
             due, text = _deadline_due(view.deadline, view)
             if due:
-                deadline_reason = f"deadline: {text} ({view.deadline.source})"
+                deadline_reason = f"deadline: {text} (from {view.deadline.source})"
             else:
                 pending.append(f"deadline: {text}")
 

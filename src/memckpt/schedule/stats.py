@@ -8,6 +8,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from memckpt.schedule.errors import ScheduleConfigError
+
 __all__ = ["IterationStats", "IterationTimer", "SaveCosts", "summarize"]
 
 
@@ -46,9 +48,9 @@ class IterationTimer:
 
     def __init__(self, clock: Callable[[], float], warmup: int, window: int = 1000) -> None:
         if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}")
+            raise ScheduleConfigError(f"warmup must be >= 0, got {warmup}")
         if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+            raise ScheduleConfigError(f"window must be >= 1, got {window}")
         self._clock = clock
         self._warmup = warmup
         self._last: float | None = None
@@ -93,7 +95,7 @@ class SaveCosts:
 
     def __init__(self, window: int = 5) -> None:
         if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+            raise ScheduleConfigError(f"window must be >= 1, got {window}")
         self._blocking: deque[float] = deque(maxlen=window)
         self._total: deque[float] = deque(maxlen=window)
         self.count = 0
