@@ -55,7 +55,7 @@ def worker(rank: int, world: int, port: int, base: str, args: argparse.Namespace
         t0 = time.perf_counter()
         loaded = mgr.load(state_dict=state)
         if loaded is None:
-            raise SystemExit("no memory checkpoint found; a real job would read its disk checkpoint")
+            raise SystemExit("no memory checkpoint; a real job would read its disk checkpoint")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         start = state["step"]

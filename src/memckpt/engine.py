@@ -200,8 +200,9 @@ class SaveEngine:
             result.blocking_s,
             total_s,
         )
-        if self.prefault:
-            store.pool.prefault(staged.buf.capacity)
+        if self.prefault and not self._closed:
+            # after the result, so neither the handle nor the caller waits for it
+            self._executor.submit(store.pool.prefault, staged.buf.capacity)
         return result
 
     def _retain(self, newest: int) -> None:

@@ -122,6 +122,8 @@ class BufferPool:
         self._free: list[Buffer] = []
         self._in_use: dict[int, Buffer] = {}  # inode -> buffer, for buffers now in step dirs
         self._counter = 0
+        self._prefaulting = threading.Event()
+        self._prefaulting.set()  # set = no pre-fault running
         for p in sorted(self.dir.glob(f"rank-{rank}.*.buf")):
             self._free.append(self._open(p))
 
@@ -164,11 +166,14 @@ class BufferPool:
             )
 
     # -- acquire / release -------------------------------------------------------------
-    def acquire(self, nbytes: int) -> Buffer:
+    def acquire(self, nbytes: int, *, _wait_prefault: bool = True) -> Buffer:
         """A free buffer of at least ``nbytes``, grown or created if none fits.
 
         Raises InsufficientSpaceError before touching anything when space is short.
+        A pre-fault in progress is waited for rather than allocating a second buffer.
         """
+        if _wait_prefault:
+            self._prefaulting.wait()
         with self._lock:
             fitting = [b for b in self._free if b.capacity >= nbytes]
             if fitting:
@@ -264,12 +269,14 @@ class BufferPool:
         with self._lock:
             if any(b.capacity >= nbytes for b in self._free):
                 return
+            # a concurrent acquire() now waits for this buffer instead of making its own
+            self._prefaulting.clear()
         try:
-            buf = self.acquire(nbytes)
+            self.give_back(self.acquire(nbytes, _wait_prefault=False))
         except InsufficientSpaceError as e:
             log.debug("rank %d: not pre-faulting a spare buffer: %s", self.rank, e)
-            return
-        self.give_back(buf)
+        finally:
+            self._prefaulting.set()
 
     def close(self, delete_free: bool = True) -> None:
         """Unmap every buffer; delete free buffer files (they hold no checkpoint)."""

@@ -233,10 +233,10 @@ def load_object(
 
     With ``strict`` every tensor of ``state_dict`` must be in the checkpoint. Tensors
     the checkpoint has and ``state_dict`` lacks (a fresh optimizer's state) come back
-    as new tensors, merged into ``state_dict``'s dicts. Shapes and dtypes are all checked before any byte is copied. Checksums are
-    verified as the bytes arrive; on damage a CorruptCheckpointError names the
-    tensor and chunk (destination tensors may then hold partial data; the
-    checkpoint itself is untouched).
+    as new tensors, merged into ``state_dict``'s dicts. Shapes and dtypes are all
+    checked before any byte is copied. Checksums are verified as the bytes arrive;
+    on damage a CorruptCheckpointError names the tensor and chunk (destination
+    tensors may then hold partial data; the checkpoint itself is untouched).
     """
     with ObjectReader(path) as reader:
         dest: dict[str, torch.Tensor] = {}

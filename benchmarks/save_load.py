@@ -1,0 +1,217 @@
+"""Save/load speed of memckpt against raw memcpy, torch.save and DCP, side by side.
+
+    python benchmarks/save_load.py [--size-mib 1024] [--tensors 16] [--repeats 5]
+
+All files go to one tmpfs directory (default /dev/shm). Loads are timed in fresh
+processes into tensors that already exist there, as a restarted job would do.
+Prints medians and the ratios the project targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import memckpt
+
+HERE = Path(__file__).resolve()
+
+
+def make_state(size_mib: int, n: int) -> dict[str, torch.Tensor]:
+    per = size_mib * (1 << 20) // 4 // n
+    g = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(n)}
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_memcpy(state, work: Path, repeats: int) -> float:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    path = work / "raw.buf"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, total)
+    mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    holder = [torch.frombuffer(mm, dtype=torch.uint8)]
+    holder[0].fill_(0)  # pre-fault
+
+    def copy() -> None:
+        buf, off = holder[0], 0
+        for t in state.values():
+            n = t.numel() * t.element_size()
+            buf[off : off + n].view(t.dtype).copy_(t)
+            off += n
+
+    try:
+        return median_time(copy, repeats)
+    finally:
+        holder.clear()  # drop the tensor's view of the mapping before closing it
+        mm.close()
+        os.close(fd)
+        path.unlink()
+
+
+def bench_torch_save(state, work: Path, repeats: int) -> float:
+    path = work / "torch.pt"
+    t = median_time(lambda: torch.save(state, path), repeats)
+    return t
+
+
+def bench_dcp(state, work: Path, repeats: int, threads: int) -> float:
+    def save() -> None:
+        d = work / f"dcp{threads}"
+        shutil.rmtree(d, ignore_errors=True)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(d, thread_count=threads))
+
+    return median_time(save, repeats)
+
+
+def bench_memckpt_save(state, work: Path, repeats: int) -> dict[str, float]:
+    out = {}
+    with memckpt.CheckpointManager(work / "mem", "bench", keep_last=1) as m:
+        t0 = time.perf_counter()
+        m.save(0, state, blocking=True)
+        out["cold"] = time.perf_counter() - t0
+        m.save(1, state, blocking=True)  # the spare buffer now exists and is pre-faulted
+        step = [2]
+
+        def warm() -> None:
+            m.save(step[0], state, blocking=True)
+            step[0] += 1
+
+        out["warm"] = median_time(warm, repeats)
+        blocking, total = [], []
+        for _ in range(repeats):
+            h = m.save(step[0], state)
+            r = h.wait()
+            step[0] += 1
+            blocking.append(r.blocking_s)
+            total.append(r.total_s)
+        out["async_blocking"] = statistics.median(blocking)
+        out["async_total"] = statistics.median(total)
+    return out
+
+
+def fresh_process_load(kind: str, work: Path, size_mib: int, n: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, str(HERE), "--child-load", kind, "--work", str(work),
+             "--size-mib", str(size_mib), "--tensors", str(n)],
+            capture_output=True, text=True, check=True, timeout=600,
+        ).stdout  # fmt: skip
+        times.append(float(out.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def child_load(kind: str, work: Path, size_mib: int, n: int) -> None:
+    """In a fresh process: build the destination tensors, then time one load into them."""
+    dest = make_state(size_mib, n)
+    for t in dest.values():
+        t.zero_()
+    t0 = time.perf_counter()
+    if kind == "memckpt":
+        with memckpt.CheckpointManager(work / "mem", "bench", keep_last=1, prefault=False) as m:
+            m.load(state_dict=dest)
+            dt = time.perf_counter() - t0
+    elif kind == "torch_mmap":
+        loaded = torch.load(work / "torch.pt", mmap=True, weights_only=True)
+        for k, t in dest.items():
+            t.copy_(loaded[k])
+        dt = time.perf_counter() - t0
+    elif kind == "dcp":
+        dcp.load(dest, storage_reader=dcp.FileSystemReader(work / "dcp2"))
+        dt = time.perf_counter() - t0
+    else:
+        raise SystemExit(f"unknown load kind {kind}")
+    check = make_state(size_mib, n)
+    assert all(torch.equal(dest[k], check[k]) for k in dest), f"{kind} loaded wrong values"
+    print(dt)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--tensors", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dir", default="/dev/shm")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--child-load", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child_load:
+        child_load(a.child_load, Path(a.work), a.size_mib, a.tensors)
+        return
+    work = Path(tempfile.mkdtemp(prefix="memckpt-bench-", dir=a.dir))
+    try:
+        state = make_state(a.size_mib, a.tensors)
+        gib = a.size_mib / 1024
+        r: dict[str, float] = {}
+        r["memcpy"] = bench_memcpy(state, work, a.repeats)
+        r["torch.save"] = bench_torch_save(state, work, a.repeats)
+        r["dcp save (1 thread)"] = bench_dcp(state, work, a.repeats, 1)
+        r["dcp save (2 threads)"] = bench_dcp(state, work, a.repeats, 2)
+        mem = bench_memckpt_save(state, work, a.repeats)
+        r["memckpt cold save"] = mem["cold"]
+        r["memckpt warm save (blocking)"] = mem["warm"]
+        r["memckpt async save: blocking"] = mem["async_blocking"]
+        r["memckpt async save: total"] = mem["async_total"]
+        del state
+        r["torch.load(mmap)+copy (fresh proc)"] = fresh_process_load(
+            "torch_mmap", work, a.size_mib, a.tensors, a.repeats
+        )
+        r["dcp.load (fresh proc)"] = fresh_process_load(
+            "dcp", work, a.size_mib, a.tensors, a.repeats
+        )
+        r["memckpt load (fresh proc)"] = fresh_process_load(
+            "memckpt", work, a.size_mib, a.tensors, a.repeats
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    best_dcp = min(r["dcp save (1 thread)"], r["dcp save (2 threads)"])
+    ratios = {
+        "async blocking / memcpy (target <= 1.1)": r["memckpt async save: blocking"] / r["memcpy"],
+        "warm save throughput / memcpy (target >= 0.7)": r["memcpy"]
+        / r["memckpt warm save (blocking)"],
+        "warm save throughput / best DCP (target >= 4)": best_dcp
+        / r["memckpt warm save (blocking)"],
+        "load throughput / torch.load(mmap)+copy (target >= 0.8)": r[
+            "torch.load(mmap)+copy (fresh proc)"
+        ]
+        / r["memckpt load (fresh proc)"],
+        "load throughput / dcp.load (target >= 3)": r["dcp.load (fresh proc)"]
+        / r["memckpt load (fresh proc)"],
+    }
+    print(f"\n{a.size_mib} MiB in {a.tensors} float32 tensors, {a.dir}, median of {a.repeats}, "
+          f"torch {torch.__version__}, {os.cpu_count()} cores")  # fmt: skip
+    print(f"{'operation':42s} {'seconds':>9s} {'GB/s':>7s}")
+    for k, v in r.items():
+        print(f"{k:42s} {v:9.3f} {gib * (1 << 30) / 1e9 / v:7.2f}")
+    print()
+    for k, v in ratios.items():
+        print(f"{k:58s} {v:6.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"seconds": r, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
