@@ -210,3 +210,12 @@ def test_cuda_tensors_come_back_on_their_device(mgr):  # pragma: no cover - need
     dest = {"g": torch.zeros(1000, device="cuda"), "c": torch.zeros(3)}
     mgr.load(state_dict=dest)
     assert torch.equal(dest["g"], sd["g"])
+
+
+def test_blocking_save_hashes_in_parallel_and_verifies_on_load(mgr):
+    # Given a blocking save, whose staging copies and hashes chunks on all cores
+    zoo = make_zoo(seed=3)
+    res = mgr.save(4, zoo, blocking=True).wait()
+    assert res.blocking_s == res.total_s
+    # Then load re-hashes every chunk and finds them all intact
+    assert_same(zoo, mgr.load())

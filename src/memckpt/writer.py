@@ -8,6 +8,8 @@ header last.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -86,6 +88,34 @@ class StagedObject:
     stage_s: float = 0.0
 
 
+_COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+_copy_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _copy_and_hash(
+    jobs: list[tuple[int, int, int, int, int]], mv: memoryview, sums: list[list[int]]
+) -> None:
+    """Copy chunks (memmove) and hash each while it is in cache, on every core.
+
+    ``jobs`` holds (tensor index, destination address, source address, bytes, offset
+    in the buffer). ctypes.memmove and xxhash both release the GIL.
+    """
+    global _copy_pool
+    if _copy_pool is None:
+        _copy_pool = concurrent.futures.ThreadPoolExecutor(
+            _COPY_THREADS, thread_name_prefix="memckpt-stage"
+        )
+
+    def work(job: tuple[int, int, int, int, int]) -> int:
+        _, dst, src, n, off = job
+        ctypes.memmove(dst, src, n)
+        return checksum(mv[off : off + n])
+
+    results = _copy_pool.map(work, jobs) if len(jobs) > 1 else map(work, jobs)
+    for job, digest in zip(jobs, results):
+        sums[job[0]].append(digest)
+
+
 def _register_pinned(buf: Buffer) -> None:  # pragma: no cover - needs CUDA
     if buf.cuda_registered or buf.capacity == 0:
         return
@@ -116,6 +146,8 @@ def stage(
         _register_pinned(buf)
     mv = buf.memoryview()
     sums: list[list[int]] | None = [] if hash_inline else None
+    plain_jobs: list[tuple[int, int, int, int, int]] = []
+    base = buf.tensor.data_ptr()
     events = []
     for i, (t, off, n) in enumerate(zip(flat.tensors, layout.offsets, layout.nbytes)):
         if i == len(flat.tensors) // 2:
@@ -128,18 +160,20 @@ def stage(
                 torch.cuda.current_stream(src.device).synchronize()
                 sums.append(chunk_checksums(mv[off : off + n], chunk_size))
             continue
-        if sums is not None and is_plain_cpu(src) and n > chunk_size:
-            src_u8 = src.reshape(-1).view(torch.uint8)
-            dst_u8 = buf.tensor[off : off + n]
-            tensor_sums = []
-            for c in range(0, n, chunk_size):
-                dst_u8[c : c + chunk_size].copy_(src_u8[c : c + chunk_size])
-                tensor_sums.append(checksum(mv[off + c : off + min(n, c + chunk_size)]))
-            sums.append(tensor_sums)
+        if sums is not None and is_plain_cpu(src) and n > 0:
+            # copied and hashed below, chunk by chunk on all cores
+            sums.append([])
+            plain_jobs.extend(
+                (len(sums) - 1, base + off + c, src.data_ptr() + c, min(chunk_size, n - c), off + c)
+                for c in range(0, n, chunk_size)
+            )
             continue
         dst.copy_(src)
         if sums is not None:
             sums.append(chunk_checksums(mv[off : off + n], chunk_size))
+    if plain_jobs:
+        assert sums is not None
+        _copy_and_hash(plain_jobs, mv, sums)
     if has_cuda:  # pragma: no cover - needs CUDA
         for dev in {t.device for t in flat.tensors if t.is_cuda}:
             ev = torch.cuda.Event()
