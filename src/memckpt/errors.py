@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "CheckpointNotFoundError",
     "CollectiveError",
     "CommitError",
     "CorruptCheckpointError",
+    "DeadlineFormatError",
     "InsufficientSpaceError",
     "InvalidNameError",
     "MemckptError",
+    "PeerClosedError",
+    "ProtocolError",
+    "ReplicationConfigError",
+    "ScheduleConfigError",
+    "SignalInstallError",
     "StateDictMismatchError",
     "UnsupportedValueError",
 ]
@@ -49,3 +56,31 @@ class CommitError(MemckptError):
 
 class CollectiveError(MemckptError):
     """A collective between ranks failed or timed out."""
+
+
+class ReplicationConfigError(MemckptError, ValueError):
+    """A replication strategy cannot be applied to a topology, or a spec is malformed."""
+
+
+class ProtocolError(MemckptError):
+    """A peer sent bytes that break the wire protocol, or the connection failed mid-frame."""
+
+
+class PeerClosedError(ProtocolError):
+    """The peer closed the connection cleanly between two frames."""
+
+
+class AuthenticationError(ProtocolError):
+    """A peer failed the handshake (wrong secret, tampered nonce) or the secret is unusable."""
+
+
+class ScheduleConfigError(MemckptError, ValueError):
+    """An IterManager argument is out of range or two arguments contradict each other."""
+
+
+class DeadlineFormatError(ScheduleConfigError):
+    """A deadline (environment variable or argument) is not a unix time or ISO-8601 time."""
+
+
+class SignalInstallError(MemckptError, RuntimeError):
+    """Signal handlers could not be installed (not the main thread, or already installed)."""

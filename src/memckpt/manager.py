@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from memckpt.coordination import Collectives, LocalCollectives, TorchCollectives, plan_recovery
+from memckpt.coordination import (
+    Collectives,
+    LocalCollectives,
+    RecoveryPlan,
+    TorchCollectives,
+    plan_recovery,
+)
 from memckpt.engine import SaveEngine
 from memckpt.errors import (
     CheckpointNotFoundError,
@@ -127,7 +133,7 @@ class CheckpointManager:
         """Wait for the save in flight (if any) to finish."""
         self.engine.wait_idle()
 
-    def _plan(self, step: int | None, exclude: Iterable[int] = ()):  # type: ignore[no-untyped-def]
+    def _plan(self, step: int | None, exclude: Iterable[int] = ()) -> RecoveryPlan:
         self.engine.wait_idle()
         invs = self.coll.all_gather_object(self.store.inventory(), "inventory exchange")
         return plan_recovery(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,7 +285,7 @@ def load_object(
     return _merge_into(state_dict, restored) if state_dict is not None else restored
 
 
-def _placeholder(count: int, where: str):  # type: ignore[no-untyped-def]
+def _placeholder(count: int, where: str) -> Callable[[int], torch.Tensor]:
     empty = torch.empty(0)
 
     def load(i: int) -> torch.Tensor:

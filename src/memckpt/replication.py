@@ -28,7 +28,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from memckpt.errors import MemckptError
+from memckpt.errors import ReplicationConfigError
 from memckpt.ids import validate_rank
 
 __all__ = [
@@ -44,10 +44,6 @@ __all__ = [
 
 _SPEC_FORMS: Final = "'pairwise', 'ring:K' (K >= 1) or 'clique:F:J' (factor F >= 1, jump J >= 1)"
 _UINT_RE: Final = re.compile(r"[0-9]{1,9}")
-
-
-class ReplicationConfigError(MemckptError, ValueError):
-    """A replication strategy cannot be applied to a topology, or a spec is malformed."""
 
 
 def _positive_int(value: object, what: str) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from memckpt.faults import fault_point
 from memckpt.format import (
@@ -179,8 +180,6 @@ def stage(
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(dev))
             events.append(ev)
-    import torch.nn as nn
-
     return StagedObject(
         buf=buf,
         layout=layout,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from memckpt.errors import DeadlineFormatError, ScheduleConfigError, SignalInstallError
 from memckpt.schedule.agreement import (
     AllReduceMax,
     local_all_reduce_max,
@@ -18,7 +19,6 @@ from memckpt.schedule.deadline import (
     Deadline,
     parse_deadline,
 )
-from memckpt.schedule.errors import DeadlineFormatError, ScheduleConfigError, SignalInstallError
 from memckpt.schedule.interval import (
     FixedInterval,
     OptimalInterval,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from memckpt.schedule.errors import DeadlineFormatError
+from memckpt.errors import DeadlineFormatError
 
 __all__ = [
     "DEADLINE_ENV_VARS",

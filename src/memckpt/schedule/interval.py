@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from memckpt.schedule.errors import ScheduleConfigError
+from memckpt.errors import ScheduleConfigError
 
 __all__ = [
     "FixedInterval",

@@ -12,9 +12,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal
 
+from memckpt.errors import ScheduleConfigError
 from memckpt.schedule.agreement import AllReduceMax, default_all_reduce_max
 from memckpt.schedule.deadline import Deadline, coerce_deadline, deadline_from_env, earliest
-from memckpt.schedule.errors import ScheduleConfigError
 from memckpt.schedule.interval import FixedInterval, OptimalInterval
 from memckpt.schedule.policy import (
     LocalView,

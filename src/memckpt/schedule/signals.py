@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
 
-from memckpt.schedule.errors import SignalInstallError
+from memckpt.errors import SignalInstallError
 
 __all__ = ["DEFAULT_SIGNALS", "SignalEvent", "SignalWatcher", "signal_name"]
 

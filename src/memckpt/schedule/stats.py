@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from memckpt.schedule.errors import ScheduleConfigError
+from memckpt.errors import ScheduleConfigError
 
 __all__ = ["IterationStats", "IterationTimer", "SaveCosts", "summarize"]
 

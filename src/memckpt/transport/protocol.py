@@ -58,7 +58,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from memckpt.errors import InvalidNameError, MemckptError
+from memckpt.errors import (
+    AuthenticationError,
+    InvalidNameError,
+    PeerClosedError,
+    ProtocolError,
+)
 from memckpt.ids import (
     object_name,
     step_dir_name,
@@ -126,18 +131,6 @@ CLIENT_ROLE: Final = b"memckpt-client-v1"
 _KNOWN_FLAGS: Final = 0
 _HEX_RE: Final = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _MAX_RANK: Final = 10**9 - 1  # ids.parse_object_name reads at most 9 digits
-
-
-class ProtocolError(MemckptError):
-    """A peer sent bytes that break the wire protocol, or the connection failed mid-frame."""
-
-
-class PeerClosedError(ProtocolError):
-    """The peer closed the connection cleanly between two frames."""
-
-
-class AuthenticationError(ProtocolError):
-    """A peer failed the handshake (wrong secret, tampered nonce) or the secret is unusable."""
 
 
 class MessageType(enum.IntEnum):
