@@ -187,7 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep", type=int, required=True)
     sp.add_argument("--dry-run", action="store_true")
     sp.set_defaults(fn=cmd_gc)
+    _register_command_modules(sub)
     return p
+
+
+def _register_command_modules(sub: Any) -> None:
+    """Add the subcommands defined in ``memckpt.commands.*`` (each has ``register(sub)``).
+
+    Modules import their heavy dependencies inside their handlers, so ``memckpt --help``
+    stays fast and works with torch alone.
+    """
+    import importlib
+    import pkgutil
+
+    import memckpt.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"memckpt.commands.{info.name}")
+        module.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
