@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+from memckpt import events
 from memckpt.coordination import Collectives
 from memckpt.errors import CommitError, InsufficientSpaceError, MemckptError
 from memckpt.faults import fault_point
@@ -200,6 +201,7 @@ class SaveEngine:
             result.blocking_s,
             total_s,
         )
+        events.emit("saved", step=step, rank=rank, blocking_s=result.blocking_s)
         if self.prefault and not self._closed:
             # after the result, so neither the handle nor the caller waits for it
             self._executor.submit(store.pool.prefault, staged.buf.capacity)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from memckpt import events
 from memckpt.coordination import (
     Collectives,
     LocalCollectives,
@@ -198,6 +199,7 @@ class CheckpointManager:
                     plan.step, str(path), time.perf_counter() - t0, tuple(excluded)
                 )
                 log.info("rank %d: loaded step %d from %s", self.rank, plan.step, path)
+                events.emit("loaded", step=plan.step, rank=self.rank)
                 return result
             corrupt_only = all(kind == CorruptCheckpointError.__name__ for _, kind, _ in failed)
             if step is None and corrupt_only:
