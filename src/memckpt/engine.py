@@ -4,7 +4,8 @@ Call sequence of one save, on every rank::
 
     caller thread : flatten -> plan layout -> begin (marker) -> acquire buffer -> stage
     background    : [wait device copies] -> checksums -> skeleton, index, header
-                    -> local commit (rename) -> commit vote (collective)
+                    -> local commit (rename) -> replicate to peers (if configured)
+                    -> commit vote (collective; also agrees whether every rank replicated)
                     -> .committed -> retention -> pre-fault a spare buffer
 
 One worker thread runs the background halves in save order, so every rank issues
@@ -19,7 +20,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memckpt import events
 from memckpt.coordination import Collectives
@@ -39,6 +40,9 @@ from memckpt.writer import (
     stage,
 )
 
+if TYPE_CHECKING:
+    from memckpt.replicator import Replicator
+
 __all__ = ["SaveEngine"]
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ class SaveEngine:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         durable: bool = False,
         prefault: bool = True,
+        replicator: Replicator | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -65,6 +70,7 @@ class SaveEngine:
         self.chunk_size = chunk_size
         self.durable = durable
         self.prefault = prefault
+        self.replicator = replicator
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"memckpt-save-r{store.rank}"
         )
@@ -76,6 +82,9 @@ class SaveEngine:
             for s in store.steps()
             if store.is_committed(s) and store.object_path(s, store.rank).exists()
         ]
+        self._replicated: int | None = None  # newest step every rank replicated
+        # steps found at start: a first save that is older abandons them (until a load says)
+        self._abandoned: set[int] = set(store.steps())
         self._closed = False
 
     # -- caller thread -----------------------------------------------------------------
@@ -137,13 +146,25 @@ class SaveEngine:
         return fut
 
     # -- background thread -------------------------------------------------------------
-    def _vote(self, step: int, ok: bool, message: str) -> list[tuple[int, str]]:
-        votes = self.coll.all_gather_object((ok, message), f"commit vote for step {step}")
-        return [(r, m) for r, (v, m) in enumerate(votes) if not v]
+    def _vote(
+        self, step: int, ok: bool, message: str, replicated: bool = False
+    ) -> tuple[list[tuple[int, str]], bool]:
+        """All-gather (ok, why, replicated); return the failed ranks and whether all replicated."""
+        votes = self.coll.all_gather_object(
+            (ok, message, replicated), f"commit vote for step {step}"
+        )
+        failed = [(r, m) for r, (v, m, _) in enumerate(votes) if not v]
+        return failed, all(rep for _, _, rep in votes)
 
     def _vote_failure(self, step: int, error: BaseException) -> SaveResult:
         self._vote(step, False, f"{type(error).__name__}: {error}")
         raise error
+
+    def _drop_step(self, step: int) -> None:
+        """Remove this rank's object of ``step`` and the replicas it holds for others."""
+        self.store.delete_step(step)
+        if self.replicator is not None:
+            self.store.delete_objects(step, self.replicator.held())
 
     def _finish(
         self, step: int, staged: StagedObject, t0: float, blocking_s: float, blocking: bool
@@ -166,10 +187,14 @@ class SaveEngine:
             log.error("rank %d: save of step %d failed: %s", rank, step, e)
             self._vote(step, False, f"{type(e).__name__}: {e}")
             raise
+        outcome = None
+        if self.replicator is not None:
+            outcome = self.replicator.replicate(step)
+            fault_point("after_replicate", step)
         t_vote = time.perf_counter()
-        failed = self._vote(step, True, "")
+        failed, replicated = self._vote(step, True, "", outcome is not None and outcome.ok)
         if failed:
-            store.delete_step(step)
+            self._drop_step(step)
             detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
             raise CommitError(
                 f"step {step} was not committed because other ranks failed ({detail}); "
@@ -179,6 +204,9 @@ class SaveEngine:
         store.mark_committed(step, self.coll.world_size)
         fault_point("after_mark_committed", step)
         commit_s = time.perf_counter() - t_vote
+        if replicated:
+            with self._lock:
+                self._replicated = max(step, self._replicated or step)
         self._retain(step)
         total_s = time.perf_counter() - t0
         result = SaveResult(
@@ -192,6 +220,9 @@ class SaveEngine:
             commit_s=commit_s,
             total_s=total_s,
             path=str(path),
+            replicated=replicated,
+            replication_bytes=outcome.nbytes if outcome else 0,
+            replication_s=outcome.seconds if outcome else 0.0,
         )
         log.info(
             "rank %d: step %d committed (%.1f MB, blocking %.3fs, total %.3fs)",
@@ -211,17 +242,36 @@ class SaveEngine:
         """Keep the newest ``keep_last`` committed steps; retire this rank's other objects.
 
         Runs only after ``newest`` is globally committed, so the newest complete step
-        is never removed before a newer one is complete. Steps after ``newest`` belong
-        to a timeline abandoned by a restart from an older step.
+        is never removed before a newer one is complete; with replication the newest
+        step every rank replicated is kept too, until a newer one is replicated. Steps
+        after ``newest`` are removed only when they belong to a timeline abandoned by a
+        restart from an older step (a newer step may be arriving from a faster peer).
         """
         with self._lock:
             self._committed = sorted({s for s in self._committed if s < newest} | {newest})
             keep = set(self._committed[-self.keep_last :])
+            if self._replicated is not None and self._replicated <= newest:
+                keep.add(self._replicated)
             self._committed = [s for s in self._committed if s in keep]
+            abandoned, self._abandoned = self._abandoned, set()
         for s in self.store.steps():
-            if s not in keep:
-                self.store.delete_step(s)
+            if s not in keep and (s < newest or s in abandoned):
+                self._drop_step(s)
                 fault_point("mid_retention", newest)
+
+    def note_loaded(self, step: int, *, replicated: bool) -> None:
+        """After a load of ``step``: it is committed; newer steps here are abandoned."""
+        with self._lock:
+            self._committed = sorted({s for s in self._committed if s < step} | {step})
+            if replicated:
+                self._replicated = step
+            self._abandoned = {s for s in self.store.steps() if s > step}
+
+    def submit_background(self, fn: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        """Run ``fn`` on the save worker, after the save in flight; wait() waits for it."""
+        fut = self._executor.submit(fn, *args)
+        self._last = fut
+        return fut
 
     def committed_steps(self) -> list[int]:
         with self._lock:

@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CollectiveError",
     "CommitError",
+    "ConfigError",
     "CorruptCheckpointError",
     "DeadlineFormatError",
     "InsufficientSpaceError",
@@ -18,6 +19,7 @@ __all__ = [
     "ScheduleConfigError",
     "SignalInstallError",
     "StateDictMismatchError",
+    "TransferError",
     "UnsupportedValueError",
 ]
 
@@ -66,6 +68,10 @@ class ProtocolError(MemckptError):
     """A peer sent bytes that break the wire protocol, or the connection failed mid-frame."""
 
 
+class TransferError(MemckptError):
+    """Moving an object to or from a peer failed after retries; names the peer and the object."""
+
+
 class PeerClosedError(ProtocolError):
     """The peer closed the connection cleanly between two frames."""
 
@@ -84,3 +90,7 @@ class DeadlineFormatError(ScheduleConfigError):
 
 class SignalInstallError(MemckptError, RuntimeError):
     """Signal handlers could not be installed (not the main thread, or already installed)."""
+
+
+class ConfigError(MemckptError, ValueError):
+    """An override, YAML file or config value is invalid; the message names the key and its source."""

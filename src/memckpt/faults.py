@@ -12,7 +12,7 @@ import os
 import signal
 from typing import Final
 
-__all__ = ["FAULT_POINTS", "fault_point"]
+__all__ = ["FAULT_POINTS", "REPLICATION_FAULT_POINTS", "fault_point"]
 
 FAULT_POINTS: Final = (
     "after_begin",
@@ -25,6 +25,9 @@ FAULT_POINTS: Final = (
     "after_mark_committed",
     "mid_retention",
 )
+
+# reached only with replication on
+REPLICATION_FAULT_POINTS: Final = ("mid_replica_send", "mid_replica_recv", "after_replicate")
 
 
 def fault_point(name: str, step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -22,11 +23,14 @@ from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     MemckptError,
+    TransferError,
 )
 from memckpt.format import DEFAULT_CHUNK_SIZE
 from memckpt.handle import SaveHandle
 from memckpt.ids import validate_step
 from memckpt.reader import load_object
+from memckpt.replication import ReplicationStrategy
+from memckpt.replicator import Replicator
 from memckpt.store import CheckpointStore
 
 __all__ = ["CheckpointManager", "LoadInfo"]
@@ -42,6 +46,15 @@ class LoadInfo:
     path: str
     seconds: float
     fell_back_from: tuple[int, ...] = ()
+    source_rank: int = -1
+    sources: dict[int, int] | None = None
+    fetched_bytes: int = 0
+    fetch_s: float = 0.0
+
+    @property
+    def fetched(self) -> bool:
+        """Whether this rank's data came from a peer's node."""
+        return self.fetched_bytes > 0
 
 
 def _dist_rank_world() -> tuple[int, int] | None:
@@ -72,6 +85,18 @@ class CheckpointManager:
         durable: fsync object files (for base dirs on disks, not needed on tmpfs).
         collectives, commit_collectives: injected collectives for the caller's thread and
             the background commit vote (default: gloo groups, or a world of one).
+        replication: keep copies of each rank's data on peer nodes: a strategy spec
+            (``"pairwise"``, ``"ring:K"``, ``"clique:F:J"``) or a ReplicationStrategy;
+            None keeps data on its own node only. Every rank passes the same value.
+        node_id: this rank's failure domain (default: ``MEMCKPT_NODE_ID``, else the
+            hostname, plus torchrun's node rank).
+        transfer_host, transfer_port: where this rank's transfer server listens
+            (default: ``MEMCKPT_TRANSFER_HOST`` / the interface that reaches MASTER_ADDR /
+            127.0.0.1, and a free port or ``MEMCKPT_TRANSFER_PORT`` + local rank).
+        secret: job secret for peer authentication (default: ``MEMCKPT_SECRET``, else
+            generated on rank 0 and shared through the process group).
+        connections: parallel connections per object transfer.
+        transfer_timeout_s: limit for each socket operation of a transfer.
     """
 
     def __init__(
@@ -87,6 +112,13 @@ class CheckpointManager:
         prefault: bool = True,
         collectives: Collectives | None = None,
         commit_collectives: Collectives | None = None,
+        replication: str | ReplicationStrategy | None = None,
+        node_id: str | None = None,
+        transfer_host: str | None = None,
+        transfer_port: int | None = None,
+        secret: bytes | None = None,
+        connections: int = 2,
+        transfer_timeout_s: float = 30.0,
     ) -> None:
         if collectives is None:
             dist_info = _dist_rank_world()
@@ -101,6 +133,21 @@ class CheckpointManager:
         self.world_size = collectives.world_size
         self.store = CheckpointStore(base_dir, job_id, self.rank, limit_bytes)
         self.store.remove_stale_markers()
+        self.replicator: Replicator | None = None
+        if replication is not None:
+            self.replicator = Replicator.setup(
+                self.store,
+                collectives,
+                replication,
+                node_id=node_id,
+                host=transfer_host,
+                port=transfer_port,
+                secret=secret,
+                connections=connections,
+                timeout_s=transfer_timeout_s,
+            )
+            if self.replicator is not None:
+                self._write_peer_file()
         self.engine = SaveEngine(
             self.store,
             self.commit_coll,
@@ -108,8 +155,10 @@ class CheckpointManager:
             chunk_size=chunk_size,
             durable=durable,
             prefault=prefault,
+            replicator=self.replicator,
         )
         self.last_load: LoadInfo | None = None
+        self._inventories: list[Any] = []
         self._closed = False
 
     @property
@@ -119,6 +168,27 @@ class CheckpointManager:
     @property
     def root(self) -> str:
         return str(self.store.root)
+
+    def _write_peer_file(self) -> None:
+        """Record this rank's node, address and replication plan for ``memckpt status``."""
+        rep = self.replicator
+        assert rep is not None
+        d = self.store.root / ".peers"
+        d.mkdir(exist_ok=True)
+        doc = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "node_id": rep.peers[self.rank].node_id,
+            "address": rep.server.address,
+            "strategy": rep.strategy.spec,
+            "node_of": list(rep.topology.node_of),
+            "node_ids": [p.node_id for p in rep.peers],
+            "holders": {str(r): list(rep.plan.holders_of(r)) for r in range(self.world_size)},
+            "time": time.time(),
+        }
+        tmp = d / f".rank-{self.rank}.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, d / f"rank-{self.rank}.json")
 
     def save(self, step: int, state_dict: Any, *, blocking: bool = False) -> SaveHandle:
         """Checkpoint ``state_dict`` as ``step``; returns once its tensors are copied.
@@ -136,14 +206,29 @@ class CheckpointManager:
 
     def _plan(self, step: int | None, exclude: Iterable[int] = ()) -> RecoveryPlan:
         self.engine.wait_idle()
-        invs = self.coll.all_gather_object(self.store.inventory(), "inventory exchange")
+        self._inventories = self.coll.all_gather_object(
+            self.store.inventory(), "inventory exchange"
+        )
         return plan_recovery(
-            invs, self.world_size, allow_fetch=False, step=step, exclude_steps=tuple(exclude)
+            self._inventories,
+            self.world_size,
+            allow_fetch=self.replicator is not None,
+            step=step,
+            exclude_steps=tuple(exclude),
         )
 
     def latest(self) -> int | None:
-        """The newest step whose every rank's data is present and valid, or None (collective)."""
+        """The newest step whose every rank's data exists, valid, on a live rank, or None.
+
+        Collective. Without replication each rank must hold its own data; with it a
+        copy on any peer counts (``load`` fetches it). Decided from the inventories the
+        ranks exchange, so it answers in one round trip even when nothing survives.
+        """
         return self._plan(None).step
+
+    def recovery_plan(self, step: int | None = None) -> RecoveryPlan:
+        """Which step ``load`` would take and where each rank's data would come from."""
+        return self._plan(step)
 
     def load(
         self,
@@ -179,7 +264,14 @@ class CheckpointManager:
             path = self.store.object_path(plan.step, self.rank)
             error: BaseException | None = None
             result = None
+            source = plan.sources[self.rank]
+            fetched, fetch_s = 0, 0.0
             try:
+                if source != self.rank:
+                    assert self.replicator is not None
+                    t_fetch = time.perf_counter()
+                    fetched = self.replicator.fetch(plan.step, self.rank, source)
+                    fetch_s = time.perf_counter() - t_fetch
                 result = load_object(
                     path,
                     state_dict,
@@ -196,12 +288,22 @@ class CheckpointManager:
             failed = [(r, kind, msg) for r, (ok, kind, msg) in enumerate(votes) if not ok]
             if not failed:
                 self.last_load = LoadInfo(
-                    plan.step, str(path), time.perf_counter() - t0, tuple(excluded)
+                    plan.step,
+                    str(path),
+                    time.perf_counter() - t0,
+                    tuple(excluded),
+                    source_rank=source,
+                    sources=dict(plan.sources),
+                    fetched_bytes=fetched,
+                    fetch_s=fetch_s,
                 )
-                log.info("rank %d: loaded step %d from %s", self.rank, plan.step, path)
-                events.emit("loaded", step=plan.step, rank=self.rank)
+                log.info("rank %d: loaded step %d from %s%s", self.rank, plan.step, path,
+                         f" (fetched from rank {source})" if fetched else "")  # fmt: skip
+                events.emit("loaded", step=plan.step, rank=self.rank, source=source)
+                self._after_load(plan.step)
                 return result
-            corrupt_only = all(kind == CorruptCheckpointError.__name__ for _, kind, _ in failed)
+            retryable = (CorruptCheckpointError.__name__, TransferError.__name__)
+            corrupt_only = all(kind in retryable for _, kind, _ in failed)
             if step is None and corrupt_only:
                 log.warning(
                     "rank %d: step %d is damaged (%s); trying an older one",
@@ -216,12 +318,32 @@ class CheckpointManager:
             r, kind, msg = failed[0]
             raise MemckptError(f"step {plan.step} failed to load on rank {r}: {kind}: {msg}")
 
+    def _after_load(self, step: int) -> None:
+        """The loaded step is the job's again: mark it, and restore its replicas."""
+        if not self.store.is_committed(step):
+            self.store.mark_committed(step, self.world_size)
+        rep = self.replicator
+        self.engine.note_loaded(step, replicated=False)
+        if rep is not None:
+            invs = self._inventories
+
+            def rereplicate() -> None:
+                outcome = rep.rereplicate(step, invs)
+                if outcome.ok and outcome.holders:
+                    log.info("rank %d: step %d replicated again to ranks %s (%.1f MB, %.3fs)",
+                             self.rank, step, outcome.holders, outcome.nbytes / 1e6,
+                             outcome.seconds)  # fmt: skip
+
+            self.engine.submit_background(rereplicate)
+
     def close(self) -> None:
-        """Wait for the save in flight, stop the background worker, release buffers."""
+        """Wait for the save in flight, stop the background worker and the transfer server."""
         if self._closed:
             return
         self._closed = True
         self.engine.close()
+        if self.replicator is not None:
+            self.replicator.close()
         self.store.close()
 
     def __enter__(self) -> CheckpointManager:

@@ -19,17 +19,19 @@ import torch
 
 from memckpt.errors import CorruptCheckpointError, StateDictMismatchError
 from memckpt.format import (
+    HEADER_SIZE,
     ObjectHeader,
     ObjectIndex,
     TensorEntry,
     checksum,
+    decode_header,
     decode_index,
     read_header,
 )
 from memckpt.statedict import iter_named_tensors, restore_state_dict
 from memckpt.tensorbytes import is_plain_cpu, tensor_memoryview
 
-__all__ = ["ObjectReader", "TensorDamage", "load_object"]
+__all__ = ["ObjectReader", "TensorDamage", "load_object", "verify_object_bytes"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,56 @@ class ObjectReader:
             with concurrent.futures.ThreadPoolExecutor(threads) as ex:
                 found = list(ex.map(lambda j: self.read_chunk(*j), jobs))
         return [d for d in found if d is not None]
+
+
+def verify_object_bytes(
+    view: memoryview, where: str, *, threads: int = 2
+) -> tuple[ObjectHeader, ObjectIndex]:
+    """Check a whole object held in memory (e.g. a replica just received into a mapping).
+
+    Validates the header, index and non-tensor sections, then re-hashes every tensor
+    chunk, spread over ``threads`` threads (xxhash releases the GIL). Raises
+    CorruptCheckpointError naming ``where`` and the damaged tensors.
+    """
+    h = decode_header(bytes(view[:HEADER_SIZE]), where, len(view))
+
+    def section(offset: int, length: int, expected: int, what: str) -> bytes:
+        raw = bytes(view[offset : offset + length])
+        if checksum(raw) != expected:
+            raise CorruptCheckpointError(f"{where}: {what} checksum mismatch")
+        return raw
+
+    index = decode_index(
+        section(h.index_offset, h.index_length, h.index_checksum, "index"),
+        where,
+        h.data_offset,
+        h.data_offset + h.data_length,
+    )
+    section(h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part")
+    cs = index.chunk_size
+    jobs = [
+        (e, i, e.offset + c, min(cs, e.nbytes - c))
+        for e in index.tensors
+        for i, c in enumerate(range(0, max(e.nbytes, 1), cs))
+    ]
+
+    def check(job: tuple[TensorEntry, int, int, int]) -> TensorDamage | None:
+        e, i, off, n = job
+        if checksum(view[off : off + n]) != e.checksums[i]:
+            return TensorDamage(e.name, i, off - e.offset)
+        return None
+
+    if threads > 1 and len(jobs) > 1:
+        with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+            found = list(ex.map(check, jobs))
+    else:
+        found = [check(j) for j in jobs]
+    damage = [d for d in found if d is not None]
+    if damage:
+        shown = "; ".join(map(str, damage[:5]))
+        more = f" and {len(damage) - 5} more" if len(damage) > 5 else ""
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in {shown}{more}")
+    return h, index
 
 
 def _load_threads() -> int:

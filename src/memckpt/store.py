@@ -104,6 +104,26 @@ class CheckpointStore:
         self.marker_path(step, self.rank).unlink(missing_ok=True)
         return final
 
+    def adopt(self, step: int, rank: int, buf: Buffer) -> Path:
+        """Publish a verified object of ``rank`` (a replica, or a copy fetched from a peer).
+
+        The buffer's file is renamed to its final name in one step, so a partial copy is
+        never visible; an older copy under that name is replaced.
+        """
+        final = self.object_path(step, rank)
+        self.pool.forget(final)
+        for attempt in range(3):
+            final.parent.mkdir(exist_ok=True)
+            try:
+                os.rename(buf.path, final)
+                break
+            except FileNotFoundError:  # retention removed the empty step dir meanwhile
+                if attempt == 2:
+                    raise
+        buf.path = final
+        self.pool.track_in_use(buf)
+        return final
+
     def abort(self, step: int, buf: Buffer | None) -> None:
         """Undo a failed save: free its buffer, remove the marker; nothing else is touched."""
         if buf is not None:

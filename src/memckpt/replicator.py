@@ -1,0 +1,265 @@
+"""Peer replication of one rank's checkpoints: server, peers, pushes and fetches.
+
+``Replicator.setup`` is collective: every rank starts its transfer server, the job
+secret is agreed (``MEMCKPT_SECRET`` or generated on rank 0 and shared through the
+process group), and every rank learns every other rank's node and address. From
+the node layout the replication strategy computes which ranks hold copies of whose
+data (``memckpt.replication``).
+
+After a save is committed locally, ``replicate(step)`` pushes this rank's object to
+one holder on each holder node, in parallel; it never raises, it reports. During
+recovery ``fetch`` brings back an object this node lost, and ``rereplicate`` pushes
+this rank's object to holders that lost their copy, so a replaced node again holds
+what the strategy says.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from memckpt.coordination import Collectives
+from memckpt.errors import MemckptError, ReplicationConfigError, TransferError
+from memckpt.replication import (
+    NodeTopology,
+    ReplicationPlan,
+    ReplicationStrategy,
+    strategy_from_spec,
+)
+from memckpt.store import CheckpointStore
+from memckpt.transport.client import TransferClient
+from memckpt.transport.protocol import ObjectRef, generate_secret, secret_from_env
+from memckpt.transport.server import TransferServer, format_address
+
+__all__ = ["PeerInfo", "ReplicationOutcome", "Replicator", "default_node_id"]
+
+log = logging.getLogger(__name__)
+
+NODE_ID_ENV = "MEMCKPT_NODE_ID"
+HOST_ENV = "MEMCKPT_TRANSFER_HOST"
+PORT_ENV = "MEMCKPT_TRANSFER_PORT"
+
+
+def default_node_id(rank: int) -> str:
+    """This process's failure domain: ``MEMCKPT_NODE_ID``, else hostname (+ torchrun's node).
+
+    Under torchrun the node rank (``GROUP_RANK``) is appended, so simulated nodes on
+    one host are told apart; with only ``LOCAL_WORLD_SIZE`` set, ``rank //
+    LOCAL_WORLD_SIZE`` is.
+    """
+    explicit = os.environ.get(NODE_ID_ENV)
+    if explicit:
+        return explicit
+    host = socket.gethostname()
+    if os.environ.get("GROUP_RANK"):
+        return f"{host}/{os.environ['GROUP_RANK']}"
+    lws = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if lws.isdigit() and int(lws) > 0:
+        return f"{host}/{rank // int(lws)}"
+    return host
+
+
+def default_host() -> str:
+    """Address to serve on: ``MEMCKPT_TRANSFER_HOST``, else the local address that routes to
+    ``MASTER_ADDR`` (the interface the job already uses), else 127.0.0.1."""
+    explicit = os.environ.get(HOST_ENV)
+    if explicit:
+        return explicit
+    master = os.environ.get("MASTER_ADDR")
+    if master and master not in ("localhost", "127.0.0.1", "::1"):
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(master, 1, type=socket.SOCK_DGRAM)[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(sockaddr)  # no packet is sent; this only picks the route
+                return str(s.getsockname()[0])
+        except OSError:
+            log.debug("cannot find the route to MASTER_ADDR=%s", master, exc_info=True)
+    return "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    rank: int
+    node_id: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass
+class ReplicationOutcome:
+    """What pushing one step's object to its holders did."""
+
+    ok: bool
+    nbytes: int = 0
+    seconds: float = 0.0
+    holders: tuple[int, ...] = ()
+    errors: list[str] = field(default_factory=list)
+
+
+class Replicator:
+    """This rank's side of peer replication; build it with :meth:`setup` (collective)."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        peers: Sequence[PeerInfo],
+        plan: ReplicationPlan,
+        server: TransferServer,
+        client: TransferClient,
+        strategy: ReplicationStrategy,
+    ) -> None:
+        self.store = store
+        self.rank = store.rank
+        self.peers = list(peers)
+        self.plan = plan
+        self.server = server
+        self.client = client
+        self.strategy = strategy
+        self.topology = plan.topology
+
+    @classmethod
+    def setup(
+        cls,
+        store: CheckpointStore,
+        coll: Collectives,
+        strategy: str | ReplicationStrategy,
+        *,
+        node_id: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        secret: bytes | None = None,
+        connections: int = 2,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+    ) -> Replicator | None:
+        """Start the server and meet the peers (collective). None when there is one node."""
+        if isinstance(strategy, str):
+            strategy = strategy_from_spec(strategy)
+        rank = coll.rank
+        node_id = node_id or default_node_id(rank)
+        secret = secret if secret is not None else secret_from_env()
+        if secret is None:
+            mine = generate_secret() if rank == 0 else None
+            secret = coll.all_gather_object(mine, "job secret exchange")[0]
+        assert secret is not None
+        if port is None:
+            env_port = os.environ.get(PORT_ENV, "")
+            local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+            port = int(env_port) + local if env_port.isdigit() else 0
+        server = TransferServer(store, secret, host=host or default_host(), port=port,
+                                timeout_s=timeout_s)  # fmt: skip
+        try:
+            me = PeerInfo(rank, node_id, server.host, server.port)
+            peers = coll.all_gather_object(me, "transfer address exchange")
+            topology = NodeTopology.from_node_ids([p.node_id for p in peers])
+            if topology.num_nodes < 2:
+                log.warning(
+                    "rank %d: all %d ranks run on one node (%s); nothing to replicate to, "
+                    "replication is off. Set MEMCKPT_NODE_ID per node if that is wrong.",
+                    rank,
+                    coll.world_size,
+                    node_id,
+                )
+                server.close()
+                return None
+            plan = strategy.plan(topology)
+        except BaseException:
+            server.close()
+            raise
+        client = TransferClient(store.job_id, secret, rank=rank, connections=connections,
+                                timeout_s=timeout_s, retries=retries)  # fmt: skip
+        log.info("rank %d on node %s: replicating with %s to ranks %s", rank, node_id,
+                 strategy.spec, plan.holders_of(rank))  # fmt: skip
+        return cls(store, peers, plan, server, client, strategy)
+
+    # -- who ----------------------------------------------------------------------------
+    def _addr(self, rank: int) -> tuple[str, int]:
+        p = self.peers[rank]
+        return p.host, p.port
+
+    def holders(self) -> tuple[int, ...]:
+        """One holder rank per node that must keep a copy of this rank's data."""
+        seen: set[int] = set()
+        out = []
+        for h in self.plan.holders_of(self.rank):
+            node = self.topology.node(h)
+            if node not in seen:
+                seen.add(node)
+                out.append(h)
+        return tuple(out)
+
+    def held(self) -> tuple[int, ...]:
+        """Ranks whose copies this rank receives (and retires with retention)."""
+        return self.plan.held_by(self.rank)
+
+    # -- moving data ----------------------------------------------------------------------
+    def _push(self, step: int, targets: Sequence[int]) -> ReplicationOutcome:
+        t0 = time.perf_counter()
+        path = self.store.object_path(step, self.rank)
+        ref = ObjectRef(self.store.job_id, step, self.rank)
+        out = ReplicationOutcome(ok=True, holders=tuple(targets))
+        if not targets:
+            return out
+        with concurrent.futures.ThreadPoolExecutor(len(targets)) as ex:
+            futs = {h: ex.submit(self.client.put, self._addr(h), ref, path) for h in targets}
+        for h, f in futs.items():
+            try:
+                out.nbytes += f.result()
+            except (MemckptError, OSError) as e:
+                out.ok = False
+                out.errors.append(f"rank {h} ({self.peers[h].address}): {e}")
+        out.seconds = time.perf_counter() - t0
+        if not out.ok:
+            log.warning("rank %d: step %d not fully replicated: %s", self.rank, step,
+                        "; ".join(out.errors))  # fmt: skip
+        return out
+
+    def replicate(self, step: int) -> ReplicationOutcome:
+        """Push this rank's object of ``step`` to its holders; reports, never raises."""
+        return self._push(step, self.holders())
+
+    def fetch(self, step: int, rank: int, source: int) -> int:
+        """Bring ``rank``'s object of ``step`` from ``source``'s node into this node."""
+        t0 = time.perf_counter()
+        ref = ObjectRef(self.store.job_id, step, rank)
+        try:
+            _, n = self.client.get(self._addr(source), ref, self.store)
+        except TransferError as e:
+            raise TransferError(f"rank {self.rank}: cannot recover from rank {source}: {e}") from e
+        log.info("rank %d: fetched %s (%.1f MB) from rank %d in %.3fs", self.rank, ref.relpath,
+                 n / 1e6, source, time.perf_counter() - t0)  # fmt: skip
+        return n
+
+    def rereplicate(
+        self, step: int, inventories: Sequence[Mapping[int, Sequence[int]]]
+    ) -> ReplicationOutcome:
+        """Push this rank's ``step`` object to every holder node that lacks it."""
+        missing = [h for h in self.holders() if self.rank not in inventories[h].get(step, ())]
+        if missing:
+            log.info("rank %d: re-replicating step %d to ranks %s", self.rank, step, missing)
+        return self._push(step, missing)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+
+def check_strategy(strategy: object) -> ReplicationStrategy:
+    """A strategy object from a spec string or a strategy; raises ReplicationConfigError."""
+    if isinstance(strategy, ReplicationStrategy):
+        return strategy
+    if isinstance(strategy, str):
+        return strategy_from_spec(strategy)
+    raise ReplicationConfigError(
+        f"replication must be a spec string like 'pairwise' or a ReplicationStrategy, "
+        f"got {type(strategy).__name__}"
+    )

@@ -1,0 +1,366 @@
+"""The client side of the transfer service: push replicas, fetch objects, list, ping.
+
+A ``TransferClient`` keeps authenticated connections to each peer open and reuses
+them. A large object moves as byte ranges over ``connections`` connections in
+parallel: sent with ``sendfile`` straight from the object file, received with
+``recv_into`` straight into a mapped pool buffer. A failed transfer is retried
+from scratch (new connections, a new transfer id) with exponential backoff; the
+final error names the peer, the object and every attempt's cause.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from memckpt.errors import (
+    AuthenticationError,
+    CorruptCheckpointError,
+    InsufficientSpaceError,
+    MemckptError,
+    ProtocolError,
+    TransferError,
+)
+from memckpt.faults import fault_point
+from memckpt.format import read_header
+from memckpt.pool import Buffer
+from memckpt.reader import verify_object_bytes
+from memckpt.store import CheckpointStore
+from memckpt.transport.protocol import (
+    MAX_DATA_LENGTH,
+    MessageType,
+    ObjectRef,
+    client_tag,
+    make_nonce,
+    parse_hex_field,
+    parse_int_field,
+    recv_exact_into,
+    recv_frame,
+    send_data_header,
+    send_frame,
+    server_tag,
+    validate_secret,
+)
+
+__all__ = ["Address", "TransferClient", "parse_address"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Address = tuple[str, int]
+_MIN_PART = 32 << 20
+_PART_ALIGN = 1 << 20
+
+
+def parse_address(text: str) -> Address:
+    """``host:port`` or ``[v6]:port`` to a (host, port) tuple."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"bad peer address {text!r}; expected host:port or [v6addr]:port")
+    return host.strip("[]"), int(port)
+
+
+def _fmt(addr: Address) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+class _Connection:
+    """One authenticated connection to a peer's server."""
+
+    def __init__(self, addr: Address, job_id: str, secret: bytes, rank: int, timeout_s: float,
+                 connect_timeout_s: float) -> None:  # fmt: skip
+        self.addr = addr
+        self.peer = _fmt(addr)
+        self.sock = socket.create_connection(addr, timeout=connect_timeout_s)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.settimeout(timeout_s)
+            self._handshake(job_id, secret, rank)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, job_id: str, secret: bytes, rank: int) -> None:
+        cnonce = make_nonce()
+        send_frame(self.sock, MessageType.HELLO,
+                   {"job_id": job_id, "rank": rank, "client_nonce": cnonce.hex()},
+                   peer=self.peer)  # fmt: skip
+        ch = self.expect(MessageType.CHALLENGE)
+        snonce = parse_hex_field(ch.payload, "server_nonce", len(cnonce), peer=self.peer)
+        tag = parse_hex_field(ch.payload, "server_tag", 32, peer=self.peer)
+        if not hmac.compare_digest(tag, server_tag(secret, job_id, cnonce, snonce)):
+            raise AuthenticationError(
+                f"peer {self.peer} does not know the job secret of {job_id!r}; refusing to talk"
+            )
+        send_frame(self.sock, MessageType.AUTH,
+                   {"client_tag": client_tag(secret, job_id, cnonce, snonce).hex()},
+                   peer=self.peer)  # fmt: skip
+        self.expect(MessageType.AUTH_OK)
+
+    def expect(self, mtype: MessageType, max_data: int = 0) -> Any:
+        frame = recv_frame(self.sock, peer=self.peer, max_data=max_data)
+        if frame.type is MessageType.ERROR:
+            message = str(frame.payload.get("message", ""))[:500]
+            if mtype is MessageType.AUTH_OK:
+                raise AuthenticationError(f"peer {self.peer} refused us: {message}")
+            raise _RemoteError(f"peer {self.peer}: {message}")
+        if frame.type is not mtype:
+            raise ProtocolError(f"expected {mtype.name} from {self.peer}, got {frame.type.name}")
+        return frame
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _RemoteError(MemckptError):
+    """The peer answered ERROR (the connection stays usable)."""
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    step: int
+    rank: int
+    size: int
+
+
+class TransferClient:
+    """Authenticated, pooled, parallel transfers to the servers of one job's ranks.
+
+    Args:
+        job_id, secret: must match the peer servers'.
+        rank: this rank (sent in HELLO, for the peer's logs).
+        connections: parallel connections per large object.
+        timeout_s: per socket operation; connect_timeout_s for connecting.
+        retries: attempts after the first, with backoff ``backoff_s * 3**i``.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        secret: bytes,
+        *,
+        rank: int = 0,
+        connections: int = 2,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+        verify_threads: int = 2,
+    ) -> None:
+        self.job_id = job_id
+        self.secret = validate_secret(secret)
+        self.rank = rank
+        self.connections = max(1, connections)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.verify_threads = verify_threads
+        self._idle: dict[Address, list[_Connection]] = {}
+        self._lock = threading.Lock()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4 * self.connections, thread_name_prefix=f"memckpt-xfer-r{rank}"
+        )
+
+    # -- connection pool -------------------------------------------------------------------
+    def _checkout(self, addr: Address) -> _Connection:
+        with self._lock:
+            idle = self._idle.get(addr)
+            if idle:
+                return idle.pop()
+        return _Connection(addr, self.job_id, self.secret, self.rank, self.timeout_s,
+                           self.connect_timeout_s)  # fmt: skip
+
+    def _checkin(self, conn: _Connection) -> None:
+        with self._lock:
+            self._idle.setdefault(conn.addr, []).append(conn)
+
+    def _drop_idle(self, addr: Address) -> None:
+        with self._lock:
+            conns = self._idle.pop(addr, [])
+        for c in conns:
+            c.close()
+
+    def _call(self, addr: Address, fn: Callable[[_Connection], T]) -> T:
+        """Run one request on a pooled connection; a broken connection is closed, not reused."""
+        conn = self._checkout(addr)
+        try:
+            result = fn(conn)
+        except _RemoteError:
+            self._checkin(conn)
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        self._checkin(conn)
+        return result
+
+    def _retrying(self, what: str, addr: Address, fn: Callable[[], T]) -> T:
+        causes: list[str] = []
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except AuthenticationError as e:
+                raise TransferError(f"{what} with peer {_fmt(addr)}: {e}") from e
+            except (OSError, MemckptError) as e:
+                causes.append(f"attempt {attempt + 1}: {type(e).__name__}: {e}")
+                self._drop_idle(addr)
+                if attempt < self.retries:
+                    delay = self.backoff_s * 3**attempt
+                    log.info("rank %d: %s with %s failed (%s); retrying in %.1fs", self.rank, what,
+                             _fmt(addr), e, delay)  # fmt: skip
+                    time.sleep(delay)
+        raise TransferError(f"{what} with peer {_fmt(addr)} failed: " + "; ".join(causes))
+
+    def _parts(self, total: int) -> list[tuple[int, int]]:
+        n = max(1, min(self.connections, total // _MIN_PART))
+        size = -(-total // n // _PART_ALIGN) * _PART_ALIGN
+        return [(o, min(size, total - o)) for o in range(0, total, size)]
+
+    # -- requests ----------------------------------------------------------------------------
+    def ping(self, addr: Address) -> int:
+        """Round trip to a peer; returns its rank."""
+
+        def req(c: _Connection) -> int:
+            send_frame(c.sock, MessageType.PING, {}, peer=c.peer)
+            return int(c.expect(MessageType.OK).payload.get("rank", -1))
+
+        return self._retrying("ping", addr, lambda: self._call(addr, req))
+
+    def list(self, addr: Address) -> list[RemoteObject]:
+        """The valid objects of this job the peer's node holds."""
+
+        def req(c: _Connection) -> list[RemoteObject]:
+            send_frame(c.sock, MessageType.LIST, {"job_id": self.job_id}, peer=c.peer)
+            objs = c.expect(MessageType.OK).payload.get("objects")
+            if not isinstance(objs, list):
+                raise ProtocolError(f"LIST reply from {c.peer} has no object list")
+            return [RemoteObject(int(s), int(r), int(n)) for s, r, n in objs]
+
+        return self._retrying("list", addr, lambda: self._call(addr, req))
+
+    def put(self, addr: Address, ref: ObjectRef, path: str | os.PathLike[str]) -> int:
+        """Replicate the object file at ``path`` to the peer; returns the bytes sent.
+
+        Returns only once the peer has verified and published the replica.
+        """
+        what = f"sending {ref.relpath}"
+        return self._retrying(what, addr, lambda: self._put_once(addr, ref, Path(path)))
+
+    def _put_once(self, addr: Address, ref: ObjectRef, path: Path) -> int:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            total = read_header(fd, str(path)).end
+            tid = secrets.token_hex(16)
+            parts = self._parts(total)
+
+            def send_part(offset: int, nbytes: int) -> bool:
+                def req(c: _Connection) -> bool:
+                    send_frame(c.sock, MessageType.PUT,
+                               {**ref.to_payload(), "offset": offset, "nbytes": nbytes,
+                                "total": total, "transfer": tid}, peer=c.peer)  # fmt: skip
+                    send_data_header(c.sock, nbytes, peer=c.peer)
+                    sent = 0
+                    half = nbytes // 2 if offset == 0 else 0  # a fault point sits there
+                    for end in (half, nbytes):
+                        while sent < end:
+                            n = os.sendfile(c.sock.fileno(), fd, offset + sent, end - sent)
+                            if n == 0:
+                                raise CorruptCheckpointError(f"{path} shrank while being sent")
+                            sent += n
+                        if end == half:
+                            fault_point("mid_replica_send", ref.step)
+                    return bool(c.expect(MessageType.OK).payload.get("complete"))
+
+                return self._call(addr, req)
+
+            done = self._run_parts(send_part, parts)
+            if not any(done):
+                raise ProtocolError(f"peer {_fmt(addr)} never confirmed {ref.relpath} complete")
+            return total
+        finally:
+            os.close(fd)
+
+    def _run_parts(self, fn: Callable[[int, int], T], parts: list[tuple[int, int]]) -> list[T]:
+        if len(parts) == 1:
+            return [fn(*parts[0])]
+        futs = [self._executor.submit(fn, o, n) for o, n in parts]
+        concurrent.futures.wait(futs)
+        return [f.result() for f in futs]
+
+    def get(self, addr: Address, ref: ObjectRef, store: CheckpointStore) -> tuple[Path, int]:
+        """Fetch the object ``ref`` from the peer into ``store``; returns (path, bytes).
+
+        The bytes land in a buffer of the store's pool, are verified, then renamed to
+        their final name: nothing partial or corrupt is ever visible.
+        """
+        what = f"fetching {ref.relpath}"
+        return self._retrying(what, addr, lambda: self._get_once(addr, ref, store))
+
+    def _get_once(self, addr: Address, ref: ObjectRef, store: CheckpointStore) -> tuple[Path, int]:
+        def size(c: _Connection) -> int:
+            send_frame(c.sock, MessageType.GET, {**ref.to_payload(), "offset": 0, "nbytes": 0},
+                       peer=c.peer)  # fmt: skip
+            total = parse_int_field(c.expect(MessageType.OK).payload, "total", peer=c.peer,
+                                    maximum=MAX_DATA_LENGTH)  # fmt: skip
+            c.expect(MessageType.DATA)
+            return total
+
+        total = self._call(addr, size)
+        try:
+            buf: Buffer = store.pool.acquire(total)
+        except InsufficientSpaceError as e:
+            raise TransferError(f"no space to fetch {ref.relpath} from {_fmt(addr)}: {e}") from e
+        try:
+            view = buf.memoryview()
+
+            def get_part(offset: int, nbytes: int) -> None:
+                def req(c: _Connection) -> None:
+                    send_frame(c.sock, MessageType.GET,
+                               {**ref.to_payload(), "offset": offset, "nbytes": nbytes},
+                               peer=c.peer)  # fmt: skip
+                    c.expect(MessageType.OK)
+                    head = c.expect(MessageType.DATA, max_data=nbytes)
+                    if head.length != nbytes:
+                        raise ProtocolError(f"{c.peer} sent {head.length} bytes, asked {nbytes}")
+                    recv_exact_into(c.sock, view[offset : offset + nbytes], peer=c.peer)
+
+                self._call(addr, req)
+
+            self._run_parts(get_part, self._parts(total))
+            where = f"{ref.relpath} fetched from {_fmt(addr)}"
+            _, index = verify_object_bytes(view[:total], where, threads=self.verify_threads)
+            if (index.job_id, index.step, index.rank) != (ref.job_id, ref.step, ref.rank):
+                raise CorruptCheckpointError(f"{where}: holds another object")
+            path = store.adopt(ref.step, ref.rank, buf)
+        except BaseException:
+            store.pool.give_back(buf)
+            raise
+        return path, total
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for c in conns:
+                c.close()
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> TransferClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
