@@ -49,6 +49,7 @@ from memckpt.transport.protocol import (
     recv_frame,
     send_data_header,
     send_frame,
+    sendfile_exact,
     server_tag,
     validate_secret,
 )
@@ -273,16 +274,10 @@ class TransferClient:
                                {**ref.to_payload(), "offset": offset, "nbytes": nbytes,
                                 "total": total, "transfer": tid}, peer=c.peer)  # fmt: skip
                     send_data_header(c.sock, nbytes, peer=c.peer)
-                    sent = 0
                     half = nbytes // 2 if offset == 0 else 0  # a fault point sits there
-                    for end in (half, nbytes):
-                        while sent < end:
-                            n = os.sendfile(c.sock.fileno(), fd, offset + sent, end - sent)
-                            if n == 0:
-                                raise CorruptCheckpointError(f"{path} shrank while being sent")
-                            sent += n
-                        if end == half:
-                            fault_point("mid_replica_send", ref.step)
+                    sendfile_exact(c.sock, fd, offset, half, peer=c.peer)
+                    fault_point("mid_replica_send", ref.step)
+                    sendfile_exact(c.sock, fd, offset + half, nbytes - half, peer=c.peer)
                     return bool(c.expect(MessageType.OK).payload.get("complete"))
 
                 return self._call(addr, req)

@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import socket
 import struct
 from collections.abc import Mapping
@@ -110,6 +111,7 @@ __all__ = [
     "secret_from_env",
     "send_data_header",
     "send_frame",
+    "sendfile_exact",
     "server_tag",
     "validate_secret",
     "verify_tag",
@@ -490,6 +492,33 @@ def recv_exact_into(sock: socket.socket, buf: memoryview, *, peer: str | None = 
                 f"{_who(peer)} closed the connection with {total - got} of {total} bytes missing"
             )
         got += n
+
+
+def sendfile_exact(
+    sock: socket.socket, fd: int, offset: int, count: int, *, peer: str | None = None
+) -> None:
+    """Send ``count`` bytes of file ``fd`` from ``offset`` with sendfile(2) (no copy to user space).
+
+    Works on sockets with a timeout (which Python keeps non-blocking): waits for the
+    socket to be writable up to that timeout between partial sends.
+    """
+    timeout = sock.gettimeout()
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
+        except BlockingIOError:
+            _, writable, _ = select.select([], [sock], [], timeout)
+            if not writable:
+                raise ProtocolError(
+                    f"timed out sending data{_to(peer)}: {sent} of {count} bytes sent"
+                ) from None
+            continue
+        except OSError as e:
+            raise ProtocolError(f"sending data{_to(peer)} failed after {sent} bytes: {e}") from e
+        if n == 0:
+            raise ProtocolError(f"file ended after {sent} of {count} bytes, sending{_to(peer)}")
+        sent += n
 
 
 def send_frame(

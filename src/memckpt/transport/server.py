@@ -52,6 +52,7 @@ from memckpt.transport.protocol import (
     resolve_object_path,
     send_data_header,
     send_frame,
+    sendfile_exact,
     server_tag,
     validate_secret,
 )
@@ -287,12 +288,7 @@ class TransferServer:
                 )
             send_frame(conn, MessageType.OK, {"nbytes": nbytes, "total": total}, peer=peer)
             send_data_header(conn, nbytes, peer=peer)
-            sent = 0
-            while sent < nbytes:
-                n = os.sendfile(conn.fileno(), fd, offset + sent, nbytes - sent)
-                if n == 0:
-                    raise ProtocolError(f"{path} shrank while being sent to {peer}")
-                sent += n
+            sendfile_exact(conn, fd, offset, nbytes, peer=peer)
             self.stats["gets"] += 1
             self.stats["bytes_out"] += nbytes
         finally:
