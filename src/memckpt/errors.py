@@ -93,4 +93,4 @@ class SignalInstallError(MemckptError, RuntimeError):
 
 
 class ConfigError(MemckptError, ValueError):
-    """An override, YAML file or config value is invalid; the message names the key and its source."""
+    """An override, YAML file or config value is invalid; names the key and where it came from."""

@@ -131,10 +131,15 @@ class ScheduleConfig:
 
 @dataclass
 class LoggerConfig:
-    """Log level, and where metrics (one JSON line per logged step) go."""
+    """Log level, where metrics (one JSON line per logged step) go, and labels of the run.
+
+    ``tags`` are free-form ``name: value`` labels (``+logger.tags.team=infra`` adds one);
+    they travel with the config, so whatever records the config records them too.
+    """
 
     level: str = "INFO"
     metrics_file: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
