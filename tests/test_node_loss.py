@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from memckpt.cli import main
 from memckpt.reader import ObjectReader
 from memckpt.replication import NodeTopology, strategy_from_spec
 from multiproc import run_ranks
@@ -19,6 +21,12 @@ from replication_workers import (
 )
 
 pytestmark = pytest.mark.slow
+
+
+def _status(capsys, paths: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(["status", *paths, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def _held(base: Path, node: int, step: int) -> list[int]:
@@ -37,7 +45,7 @@ def _held(base: Path, node: int, step: int) -> list[int]:
     ],
 )
 def test_node_loss_recovers_bit_exact_and_fetches_only_what_is_missing(
-    shm_dir, strategy, nodes, rpn, lost
+    shm_dir, capsys, strategy, nodes, rpn, lost
 ):
     world = nodes * rpn
     # Given a job that saved and replicated steps 1..3
@@ -45,6 +53,13 @@ def test_node_loss_recovers_bit_exact_and_fetches_only_what_is_missing(
     assert all(r["results"][s][0] for r in first.values() for s in (1, 2, 3)), first
     # When one node dies: its processes are gone and its memory is wiped
     shutil.rmtree(shm_dir / f"node{lost}")
+    # memckpt status, from the surviving nodes' directories, predicts the recovery
+    survivors = [str(shm_dir / f"node{n}") for n in range(nodes) if n != lost]
+    status = _status(capsys, survivors)
+    assert status["recovery"]["step"] == 3
+    assert [f["rank"] for f in status["recovery"]["fetches"]] == [
+        r for r in range(world) if r // rpn == lost
+    ]
     # Then a restart recovers every rank bit-exactly (asserted in the worker)
     out = run_ranks(recover, world, str(shm_dir), rpn, strategy, timeout=90)
     lost_ranks = [r for r in range(world) if r // rpn == lost]
@@ -61,11 +76,14 @@ def test_node_loss_recovers_bit_exact_and_fetches_only_what_is_missing(
     assert _held(shm_dir, lost, 3) == expected
 
 
-def test_losing_a_whole_replica_group_gives_none_quickly(shm_dir):
+def test_losing_a_whole_replica_group_gives_none_quickly(shm_dir, capsys):
     # pairwise over 4 nodes pairs (0,1) and (2,3)
     run_ranks(save_steps, 4, str(shm_dir), 1, "pairwise", [1, 2], timeout=90)
     shutil.rmtree(shm_dir / "node0")
     shutil.rmtree(shm_dir / "node1")
+    status = _status(capsys, [str(shm_dir / "node2"), str(shm_dir / "node3")])
+    assert status["recovery"]["step"] is None
+    assert "no live copy of rank(s) [0, 1]" in status["recovery"]["skipped"]["2"]
     out = run_ranks(recover, 4, str(shm_dir), 1, "pairwise", timeout=90)
     for o in out.values():
         assert o["latest"] is None and not o["loaded"]
