@@ -29,11 +29,19 @@ Session (client C, server S), each step one frame::
     C->S AUTH       {"client_tag"}                   client proves it knows the secret
     S->C AUTH_OK    {}                               or ERROR, then S closes
     then any number of requests:
-    C->S PUT        {"job_id", "step", "rank", "nbytes"}, then DATA  -> S->C OK {} | ERROR
-    C->S GET        {"job_id", "step", "rank"}  -> S->C OK {"nbytes"}, then DATA | ERROR
-    C->S LIST       {"job_id"}                  -> S->C OK {"objects": [[step, rank], ...]}
-    C->S PING       {}                          -> S->C OK {}
+    C->S PUT        {"job_id", "step", "rank", "offset", "nbytes", "total", "transfer"},
+                    then DATA of nbytes          -> S->C OK {"complete": bool} | ERROR
+    C->S GET        {"job_id", "step", "rank"[, "offset", "nbytes"]}
+                                                -> S->C OK {"nbytes", "total"}, DATA | ERROR
+    C->S LIST       {"job_id"}                  -> S->C OK {"objects": [[step, rank, size], ...]}
+    C->S PING       {}                          -> S->C OK {"rank"}
     ERROR           {"message": str}
+
+A large object moves as byte ranges on several connections at once: PUT parts share
+a random ``transfer`` id (16 bytes, hex) and the object's ``total`` length; the part
+that completes the object gets ``complete: true`` once the server has verified it
+and made it visible. GET takes an optional byte range; ``nbytes: 0`` asks only for
+the object's ``total`` length.
 
 Nonces and tags travel as lowercase hex. Tags are HMAC-SHA256 with the job secret
 over length-prefixed parts (:func:`auth_tag`); the server and client tags use
