@@ -53,6 +53,7 @@ class Buffer:
     mapping: mmap.mmap | None = None
     tensor: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     cuda_registered: bool = False
+    sparse: bool = False  # created by acquire_sparse: reserve() a range before writing it
 
     def memoryview(self) -> memoryview:
         assert self.mapping is not None
@@ -99,8 +100,8 @@ def _allocate(fd: int, start: int, end: int, path: Path) -> None:
         pos += os.pwrite(fd, memoryview(_ZERO_BLOCK)[:n], pos)
 
 
-def _map(buf: Buffer) -> None:
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+def _map(buf: Buffer, populate: bool = True) -> None:
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     buf.mapping = mmap.mmap(buf.fd, buf.capacity, flags=flags)
     buf.tensor = torch.frombuffer(buf.mapping, dtype=torch.uint8)
 
@@ -194,6 +195,52 @@ class BufferPool:
                 raise
             return grow
         return self._create(target)
+
+    def acquire_sparse(self, nbytes: int) -> Buffer:
+        """A buffer for data that arrives in ranges from several threads (a fetch).
+
+        A free buffer is reused when one fits. Otherwise a new file is sized but not
+        allocated: each writer calls :meth:`reserve` for its range first, so the page
+        allocation runs in parallel and overlaps the network instead of preceding it.
+        """
+        with self._lock:
+            fitting = [b for b in self._free if b.capacity >= nbytes]
+            if fitting:
+                buf = min(fitting, key=lambda b: b.capacity)
+                self._free.remove(buf)
+                return buf
+            capacity = _round_up(nbytes)
+            self._check_budget(capacity, self.dir)
+        path = self._next_path()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        buf = Buffer(path=path, fd=fd, capacity=capacity, sparse=True)
+        try:
+            os.ftruncate(fd, capacity)
+            _map(buf, populate=False)
+        except BaseException:
+            buf.close()
+            path.unlink(missing_ok=True)
+            raise
+        return buf
+
+    def reserve(self, buf: Buffer, start: int, end: int) -> None:
+        """Allocate the pages of ``[start, end)`` of a sparse buffer (raises when space is short).
+
+        Writing into an unallocated range of a mapping on a full tmpfs would kill the
+        process with SIGBUS; an allocation failure here is a clean error instead.
+        """
+        if not buf.sparse:
+            return
+        try:
+            os.posix_fallocate(buf.fd, start, end - start)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientSpaceError(
+                    f"no space for {end - start} bytes of {buf.path} "
+                    f"({free_bytes(buf.path.parent)} bytes free)"
+                ) from e
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
 
     def _create(self, capacity: int) -> Buffer:
         path = self._next_path()

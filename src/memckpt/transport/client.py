@@ -316,13 +316,15 @@ class TransferClient:
 
         total = self._call(addr, size)
         try:
-            buf: Buffer = store.pool.acquire(total)
+            buf: Buffer = store.pool.acquire_sparse(total)
         except InsufficientSpaceError as e:
             raise TransferError(f"no space to fetch {ref.relpath} from {_fmt(addr)}: {e}") from e
         try:
             view = buf.memoryview()
 
             def get_part(offset: int, nbytes: int) -> None:
+                store.pool.reserve(buf, offset, offset + nbytes)
+
                 def req(c: _Connection) -> None:
                     send_frame(c.sock, MessageType.GET,
                                {**ref.to_payload(), "offset": offset, "nbytes": nbytes},
