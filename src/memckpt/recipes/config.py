@@ -36,6 +36,10 @@ class TrainConfig:
     log_every: int = 10
     grad_clip: float = 1.0
     progress: bool = True
+    final_weights: str | None = None  # rank 0 saves the model's state dict here at the end
+    # Leave cleanly after this step (saving both tiers), as a preempted run would; the
+    # learning-rate schedule still spans ``steps``. None: run to ``steps``.
+    stop_after: int | None = None
 
 
 @dataclass

@@ -1,0 +1,523 @@
+"""The recipes' training loop: DDP on CPU (gloo), memory and persistent checkpoints, auto-resume.
+
+``train(cfg)`` runs on every rank. Everything a step depends on is checkpointed
+(``memckpt.recipes.checkpointing``), and the data of a step is a pure function of the
+step (``memckpt.recipes.data``), so a run that is killed and resumed ends with the
+same weights, bit for bit, as one that was never interrupted.
+
+Steps count from 1: step N is the N-th optimizer step, and the checkpoint of step N
+holds the state after it. Call sequence on every rank (collectives in this order)::
+
+    init process group from the environment (when WORLD_SIZE > 1 and none exists)
+    build data, model (same seed everywhere), DDP, AdamW, warm-up/cosine scheduler
+    CheckpointManager(...)                         collective
+    resume: newest complete persistent step        rank 0 looks, broadcasts
+            mgr.latest() then mgr.load(...)        collective; the newer tier wins
+    each step: fault hook, forward/backward/step,
+               IterManager.should_save_ckpt()      collective
+               memory save (async), persistent DCP save (collective), loss mean (collective)
+    persistent save of the last step, mgr.close(), final loss mean (collective)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import memckpt
+from memckpt.errors import ConfigError
+from memckpt.recipes.checkpointing import (
+    TrainingState,
+    choose_resume_tier,
+    latest_persistent_step,
+    seed_process,
+    weights_sha256,
+)
+from memckpt.recipes.config import CheckpointConfig, ConfigContainer, OptimizerConfig
+from memckpt.recipes.data import build_data
+from memckpt.recipes.models import build_model, loss_function
+from memckpt.recipes.reporting import TrainingReporter
+
+__all__ = [
+    "BASE_DIR_ENV",
+    "KILL_AT_STEP_ENV",
+    "KILL_NODE_ENV",
+    "NODE_ID_ENV",
+    "RESTART_COUNT_ENV",
+    "ResumeInfo",
+    "TrainResult",
+    "fault_kill_step",
+    "lr_at",
+    "memory_manager_kwargs",
+    "ordered_mean_hook",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+BASE_DIR_ENV: Final = "MEMCKPT_BASE_DIR"
+"""Overrides ``checkpoint.memory.base_dir`` (a launcher gives each simulated node its own)."""
+NODE_ID_ENV: Final = "MEMCKPT_NODE_ID"
+"""This process's node; default: the host name (replication), ``GROUP_RANK`` (fault hook)."""
+KILL_AT_STEP_ENV: Final = "MEMCKPT_KILL_AT_STEP"
+"""Fault hook: SIGKILL this process right before it runs step N."""
+KILL_NODE_ENV: Final = "MEMCKPT_KILL_NODE"
+"""Fault hook: only on this node (compared with ``MEMCKPT_NODE_ID``, else ``GROUP_RANK``)."""
+RESTART_COUNT_ENV: Final = "MEMCKPT_RESTART_COUNT"
+"""The fault hook is armed only while this (else ``TORCHELASTIC_RESTART_COUNT``) is 0."""
+TORCHELASTIC_RESTART_COUNT_ENV: Final = "TORCHELASTIC_RESTART_COUNT"
+GROUP_RANK_ENV: Final = "GROUP_RANK"
+
+
+@dataclass(frozen=True)
+class ResumeInfo:
+    """Where a run resumed from: ``tier`` is "memory" or "persistent"."""
+
+    step: int
+    tier: str
+    seconds: float
+    sources: dict[int, int] | None = None  # memory tier: rank -> rank whose node gave its data
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` did on this rank."""
+
+    final_step: int  # optimizer steps done, the resumed ones included
+    final_loss: float | None  # the last step's loss, averaged over ranks (None: no step yet)
+    resumed_from: ResumeInfo | None
+    steps_run: int  # steps computed by this process
+    wall_s: float
+    memory_saves: int  # memory checkpoints this process committed
+    persistent_saves: int  # persistent (DCP) checkpoints this process wrote
+    weights_sha256: str  # of the final model state dict (checkpointing.weights_sha256)
+    final_weights_path: str | None  # where rank 0 saved the final weights, if it did
+    completed: bool  # reached train.steps (False: left early, see train.stop_after)
+    rank: int = 0
+    world_size: int = 1
+
+
+# ---- pure decisions
+
+
+def lr_at(step: int, opt: OptimizerConfig, total_steps: int) -> float:
+    """Learning rate after ``step`` steps: linear warm-up, then cosine decay to ``min_lr``."""
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    span = max(1, total_steps - opt.warmup_steps)
+    progress = min(1.0, (step - opt.warmup_steps) / span)
+    return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def fault_kill_step(environ: Mapping[str, str]) -> int | None:
+    """The step before which this process SIGKILLs itself, or None when the hook is off.
+
+    Armed when ``MEMCKPT_KILL_AT_STEP=N`` is set, the restart count is 0
+    (``MEMCKPT_RESTART_COUNT``, else torchrun's ``TORCHELASTIC_RESTART_COUNT``, else 0),
+    and ``MEMCKPT_KILL_NODE`` is unset or names this node (``MEMCKPT_NODE_ID``, else
+    ``GROUP_RANK``). A restarted process therefore never kills itself again.
+    """
+    raw = environ.get(KILL_AT_STEP_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        step = int(raw)
+    except ValueError:
+        raise ConfigError(f"{KILL_AT_STEP_ENV} must be a step number, got {raw!r}") from None
+    restarts = environ.get(RESTART_COUNT_ENV) or environ.get(TORCHELASTIC_RESTART_COUNT_ENV) or "0"
+    try:
+        restarted = int(restarts) > 0
+    except ValueError:
+        raise ConfigError(f"the restart count must be an integer, got {restarts!r}") from None
+    if restarted:
+        return None
+    target = environ.get(KILL_NODE_ENV)
+    if target and (environ.get(NODE_ID_ENV) or environ.get(GROUP_RANK_ENV)) != target:
+        return None
+    return step
+
+
+def memory_manager_kwargs(ckpt: CheckpointConfig, num_nodes: int, node_id: str) -> dict[str, Any]:
+    """Keyword arguments for ``CheckpointManager`` besides base_dir, job_id and keep_last.
+
+    The one place replication is wired in: ``replication`` and ``node_id`` are passed
+    only when replication is enabled and the world spans more than one node.
+    """
+    kwargs: dict[str, Any] = {"timeout_s": ckpt.memory.timeout_s}
+    if ckpt.replication.enabled and num_nodes > 1:
+        kwargs["replication"] = ckpt.replication.strategy
+        kwargs["node_id"] = node_id
+    return kwargs
+
+
+def _check_config(cfg: ConfigContainer) -> None:
+    pairs = {"gpt": "arithmetic", "mlp": "regression"}
+    if pairs.get(cfg.model.kind) != cfg.data.kind:
+        raise ConfigError(
+            f"model.kind {cfg.model.kind!r} does not fit data.kind {cfg.data.kind!r}; "
+            "use gpt with arithmetic or mlp with regression"
+        )
+    checks = [
+        ("train.steps", cfg.train.steps, 0),
+        ("train.micro_batch_size", cfg.train.micro_batch_size, 1),
+        ("train.log_every", cfg.train.log_every, 1),
+        ("checkpoint.memory.interval", cfg.checkpoint.memory.interval, 1),
+        ("checkpoint.memory.keep_last", cfg.checkpoint.memory.keep_last, 1),
+        ("checkpoint.persistent.interval", cfg.checkpoint.persistent.interval, 1),
+        ("optimizer.warmup_steps", cfg.optimizer.warmup_steps, 0),
+    ]
+    for name, value, minimum in checks:
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if cfg.train.stop_after is not None and cfg.train.stop_after < 0:
+        raise ConfigError(f"train.stop_after must be >= 0 or None, got {cfg.train.stop_after}")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
+    if cfg.dist.backend != "gloo":
+        raise ConfigError(
+            f"dist.backend {cfg.dist.backend!r}: the recipes' training loop runs on CPU "
+            "with gloo only (GPU placement is not implemented yet)"
+        )
+
+
+# ---- process group and gradient reduction
+
+
+def ordered_mean_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: the mean of every rank's gradients, summed in rank order.
+
+    DDP re-buckets gradients after its first iteration, so a resumed process reduces
+    its first step with another bucket layout than the uninterrupted run did. Gloo's
+    ring all-reduce sums 3 or more ranks in an order that depends on the layout, which
+    changes the last bits. Gathering the buckets and adding them in rank order makes
+    every element's sum independent of the layout (at ``world_size`` times the traffic,
+    fine for the small CPU models of the recipes).
+    """
+    buffer = bucket.buffer()
+    world_size = dist.get_world_size()
+    parts = [torch.empty_like(buffer) for _ in range(world_size)]
+    work = dist.all_gather(parts, buffer, async_op=True)
+    assert work is not None
+
+    def mean(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total.div_(world_size)
+
+    return work.get_future().then(mean)
+
+
+# DDP checks the hook's annotations against the real types; postponed ones are strings.
+ordered_mean_hook.__annotations__.update(
+    {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+)
+
+
+def _init_process_group(timeout_s: float, backend: str) -> bool:
+    """Initialise torch.distributed from the environment when WORLD_SIZE > 1; True if we did."""
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    log.info("rank %d/%d: process group initialised (%s)", dist.get_rank(),
+             dist.get_world_size(), backend)  # fmt: skip
+    return True
+
+
+# ---- the run
+
+
+class _Run:
+    """One process's share of a training run; the module docstring gives the sequence."""
+
+    def __init__(self, cfg: ConfigContainer) -> None:
+        self.cfg = cfg
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        self.distributed = distributed and self.world_size > 1
+
+        self.data = build_data(cfg.data, cfg.model)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        module = build_model(cfg.model, self.data.vocab_size)
+        # Dropout (and anything else random) differs per rank, reproducibly.
+        seed_process(cfg.train.seed + 7919 * (self.rank + 1))
+        self.model: nn.Module = module
+        if self.distributed:
+            self.model = nn.parallel.DistributedDataParallel(module)
+            self.model.register_comm_hook(None, ordered_mean_hook)
+        self.loss_fn = loss_function(cfg.model)
+        optimizer = self._optimizer(module)
+        total, base_lr = cfg.train.steps, cfg.optimizer.lr
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, cfg.optimizer, total) / base_lr
+        )
+        self.state = TrainingState(module, optimizer, scheduler, rank=self.rank,
+                                   world_size=self.world_size,
+                                   distributed=self.distributed)  # fmt: skip
+        self.manager = self._manager() if cfg.checkpoint.memory.enabled else None
+        self.memory_handles: list[memckpt.SaveHandle] = []
+        self.persistent_saves = 0
+        self._last_persistent_step: int | None = None
+
+    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optimizer
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
+
+    def _manager(self) -> memckpt.CheckpointManager:
+        ckpt = self.cfg.checkpoint
+        node_id = os.environ.get(NODE_ID_ENV) or socket.gethostname()
+        num_nodes = 1
+        if self.distributed:
+            nodes: list[Any] = [None] * self.world_size
+            dist.all_gather_object(nodes, node_id)
+            num_nodes = len(set(nodes))
+        kwargs = memory_manager_kwargs(ckpt, num_nodes, node_id)
+        base_dir = os.environ.get(BASE_DIR_ENV) or ckpt.memory.base_dir
+        return memckpt.CheckpointManager(base_dir, ckpt.job_id, ckpt.memory.keep_last, **kwargs)
+
+    # -- checkpoints
+
+    def save_persistent(self, step: int) -> None:
+        """Persistent save of the current state (collective); once per step."""
+        if self._last_persistent_step == step or not self.cfg.checkpoint.persistent.enabled:
+            return
+        assert step == self.state.step
+        self.state.save_persistent(self.cfg.checkpoint.persistent.dir)
+        self._last_persistent_step = step
+        self.persistent_saves += 1
+
+    def save_memory(self, im: Any) -> None:
+        assert self.manager is not None
+        handle = self.manager.save(self.state.step, self.state.memory_state())
+        self.memory_handles.append(handle)
+        if im is not None:
+            im.record_save(handle)
+
+    def resume(self) -> ResumeInfo | None:
+        """Load the newer of the newest complete memory and persistent checkpoints."""
+        t0 = time.perf_counter()
+        persistent_dir = self.cfg.checkpoint.persistent.dir
+        persistent_step = None
+        if self.cfg.checkpoint.persistent.enabled:
+            found = latest_persistent_step(persistent_dir) if self.rank == 0 else None
+            persistent_step = self.state.broadcast_from_rank0(found)
+        memory_step = self.manager.latest() if self.manager is not None else None
+        tier = choose_resume_tier(memory_step, persistent_step)
+        sources = None
+        if tier == "memory":
+            assert self.manager is not None
+            loaded = self.state.load_memory(self.manager)
+            sources = getattr(self.manager.last_load, "sources", None)
+            # A damaged newest memory step makes load() fall back to an older one.
+            if persistent_step is not None and (loaded is None or loaded < persistent_step):
+                tier = "persistent"
+            elif loaded is None:
+                tier = None
+        if tier == "persistent":
+            assert persistent_step is not None
+            self.state.load_persistent(persistent_dir, persistent_step)
+            self._last_persistent_step = persistent_step
+            sources = None
+        if tier is None:
+            log.info("rank %d: no checkpoint to resume from; starting at step 0", self.rank)
+            return None
+        info = ResumeInfo(self.state.step, tier, time.perf_counter() - t0, sources)
+        log.info("rank %d: resumed step %d from the %s tier in %.3fs", self.rank, info.step,
+                 tier, info.seconds)  # fmt: skip
+        return info
+
+    # -- steps
+
+    def _train_step(self, step: int) -> float:
+        """One optimizer step on this rank's batch of ``step``; returns the learning rate used."""
+        s = self.state
+        x, y = self.data.batch(step, self.rank, self.world_size, self.cfg.train.micro_batch_size)
+        self.model.train()
+        loss = self.loss_fn(self.model(x), y)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(s.module.parameters(), self.cfg.train.grad_clip)
+        lr = float(s.optimizer.param_groups[0]["lr"])
+        s.optimizer.step()
+        s.scheduler.step()
+        s.step = step
+        s.local_loss = float(loss.item())
+        return lr
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def _last_blocking_s(self) -> float | None:
+        """Blocking time of the newest memory save that has finished, without waiting."""
+        for handle in reversed(self.memory_handles):
+            if handle.done():
+                return None if handle.exception() is not None else handle.wait().blocking_s
+        return None
+
+    def _iter_manager(self, steps_left: int) -> Any:
+        if not self.cfg.schedule.enabled:
+            return None
+        from memckpt.schedule import DEFAULT_SIGNALS, IterManager
+
+        s = self.cfg.schedule
+        im = IterManager(
+            total_iters=steps_left,
+            redundant_time=s.redundant_time,
+            mtbf_s=s.mtbf_s,
+            signals=DEFAULT_SIGNALS if s.handle_signals else (),
+        )
+        im.register_persistent_save(self.save_persistent)
+        return im
+
+    def run(self) -> TrainResult:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        resumed = self.resume() if cfg.checkpoint.resume else None
+        start, total = self.state.step, cfg.train.steps
+        stop = total if cfg.train.stop_after is None else min(total, cfg.train.stop_after)
+        kill_at = fault_kill_step(os.environ)
+        reporter = TrainingReporter(rank=self.rank, total_steps=total, start_step=start,
+                                    progress=cfg.train.progress,
+                                    metrics_file=cfg.logger.metrics_file)  # fmt: skip
+        if resumed is not None:
+            reporter.event("resume", step=resumed.step, tier=resumed.tier,
+                           seconds=resumed.seconds, sources=resumed.sources)  # fmt: skip
+        im = self._iter_manager(total - start)
+        steps_run = 0
+        try:
+            for step in range(start + 1, stop + 1):
+                if kill_at == step:
+                    log.warning("rank %d: fault hook %s=%d: SIGKILL before step %d", self.rank,
+                                KILL_AT_STEP_ENV, kill_at, step)  # fmt: skip
+                    reporter.close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if im is not None:
+                    im.iter(step)
+                lr = self._train_step(step)
+                steps_run += 1
+                scheduled = im.should_save_ckpt() if im is not None else False
+                exiting = im is not None and im.exit_requested
+                leaving = exiting or step == stop  # stop_after also saves both tiers
+                memory_due = step % cfg.checkpoint.memory.interval == 0
+                if self.manager is not None and (memory_due or scheduled or leaving):
+                    self.save_memory(im)
+                elif scheduled and not exiting:
+                    self.save_persistent(step)  # no memory tier: the scheduled save goes to disk
+                if step % cfg.checkpoint.persistent.interval == 0:
+                    self.save_persistent(step)
+                loss = self.state.local_loss
+                assert loss is not None
+                blocking = self._last_blocking_s()
+                reporter.step(step, loss, blocking)
+                if step % cfg.train.log_every == 0 or step in (start + 1, stop):
+                    reporter.logged(step, self._mean_over_ranks(loss), lr, blocking)
+                if exiting:
+                    log.info("rank %d: leaving at step %d: %s", self.rank, step, im.explain())
+                    im.finalize(step)  # waits for the memory save, then the persistent save
+                    reporter.event("exit", step=step, reason=im.explain())
+                    break
+            if steps_run:
+                self.save_persistent(self.state.step)
+        finally:
+            reporter.close()
+            if im is not None:
+                im.close()
+            if self.manager is not None:
+                self.manager.close()  # waits for the save in flight
+        return self._result(t0, resumed, steps_run, reporter)
+
+    def _result(
+        self,
+        t0: float,
+        resumed: ResumeInfo | None,
+        steps_run: int,
+        reporter: TrainingReporter,
+    ) -> TrainResult:
+        memory_saves = 0
+        for handle in self.memory_handles:
+            error = handle.exception()
+            if error is None:
+                memory_saves += 1
+            else:
+                log.warning("rank %d: memory save of step %d failed: %s", self.rank, handle.step,
+                            error)  # fmt: skip
+        s = self.state
+        final_loss = None if s.local_loss is None else self._mean_over_ranks(s.local_loss)
+        completed = s.step >= self.cfg.train.steps
+        weights_path = None
+        if completed and self.cfg.train.final_weights and self.rank == 0:
+            weights_path = _save_weights(s.module.state_dict(), self.cfg.train.final_weights)
+        result = TrainResult(
+            final_step=s.step,
+            final_loss=final_loss,
+            resumed_from=resumed,
+            steps_run=steps_run,
+            wall_s=time.perf_counter() - t0,
+            memory_saves=memory_saves,
+            persistent_saves=self.persistent_saves,
+            weights_sha256=weights_sha256(s.module.state_dict()),
+            final_weights_path=weights_path,
+            completed=completed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        reporter.event("end", step=s.step, loss=final_loss, steps_run=steps_run,
+                       wall_s=result.wall_s, completed=completed)  # fmt: skip
+        log.info("rank %d: %s at step %d after %d steps in %.1fs, loss %s", self.rank,
+                 "finished" if completed else "stopped", s.step, steps_run, result.wall_s,
+                 "n/a" if final_loss is None else f"{final_loss:.4f}")  # fmt: skip
+        return result
+
+
+def _save_weights(state_dict: Mapping[str, torch.Tensor], path: str) -> str:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save(dict(state_dict), tmp)
+    os.replace(tmp, target)
+    log.info("final weights saved to %s", target)
+    return str(target)
+
+
+def train(cfg: ConfigContainer) -> TrainResult:
+    """Train ``cfg`` on this rank; every rank of the job calls it (see the module docstring).
+
+    Without torch.distributed it runs as one process, unless the environment says
+    ``WORLD_SIZE`` > 1: then it initialises the process group from the environment
+    (``cfg.dist``) and destroys it on the way out. With ``cfg.checkpoint.resume`` it
+    resumes from the newer of the two checkpoint tiers.
+    """
+    _check_config(cfg)
+    logging.getLogger("memckpt").setLevel(cfg.logger.level.upper())
+    owns_group = _init_process_group(cfg.dist.timeout_s, cfg.dist.backend)
+    try:
+        return _Run(cfg).run()
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
