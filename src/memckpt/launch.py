@@ -1,0 +1,325 @@
+"""Launch a recipe with torchrun: simulated nodes on this machine, or an sbatch script.
+
+``memckpt run RECIPE [overrides] --nnodes N --nproc-per-node P`` writes the merged
+config to ``<run_dir>/config.yaml`` and starts one ``torch.distributed.run`` agent
+per simulated node (static rendezvous on 127.0.0.1). Each node gets its own memory
+directory (``MEMCKPT_BASE_DIR=<base_dir>/node<i>``) and node id
+(``MEMCKPT_NODE_ID=node<i>``), so replication and node loss behave as on separate
+machines. The workers run ``python -m memckpt.recipes.entry --config config.yaml``,
+the same entry a real multi-node torchrun uses; ``--slurm`` writes the sbatch
+script that wraps that torchrun in ``srun`` on a cluster.
+
+Plugins adjust the config and the environment before launch, like NeMo-Run
+plugins: :class:`ProfilerPlugin` and :class:`FaultInjectionPlugin`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from memckpt.errors import ConfigError, MemckptError
+from memckpt.recipes.config import ConfigContainer
+
+__all__ = [
+    "FaultInjectionPlugin",
+    "LaunchResult",
+    "LaunchSpec",
+    "Plugin",
+    "ProfilerPlugin",
+    "launch_local",
+    "plugin_from_spec",
+    "sbatch_script",
+    "torchrun_command",
+]
+
+log = logging.getLogger(__name__)
+
+RESULT_DIR_ENV = "MEMCKPT_RESULT_DIR"
+PROFILE_DIR_ENV = "MEMCKPT_PROFILE_DIR"
+PROFILE_STEPS_ENV = "MEMCKPT_PROFILE_STEPS"
+
+
+@dataclass
+class LaunchSpec:
+    """Where and how to launch; plugins may edit ``env`` and ``node_env``."""
+
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    run_dir: Path = Path("runs/latest")
+    master_port: int = 0  # 0: pick a free one
+    env: dict[str, str] = field(default_factory=dict)  # every node
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # one node
+    timeout_s: float = 1800.0
+    threads_per_proc: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("nnodes", "nproc_per_node"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        self.run_dir = Path(self.run_dir)
+
+
+class Plugin(Protocol):
+    """Adjusts the config and the launch environment before the job starts."""
+
+    name: str
+
+    def setup(self, cfg: ConfigContainer, spec: LaunchSpec) -> None: ...
+
+
+@dataclass
+class ProfilerPlugin:
+    """Profile steps ``start .. start+steps-1`` with torch.profiler on every rank.
+
+    Rank r writes a Chrome trace to ``<run_dir>/profile/rank<r>.json`` (open it in
+    https://ui.perfetto.dev or chrome://tracing).
+    """
+
+    start: int = 5
+    steps: int = 3
+    name: str = "profiler"
+
+    def setup(self, cfg: ConfigContainer, spec: LaunchSpec) -> None:
+        spec.env[PROFILE_DIR_ENV] = str((spec.run_dir / "profile").resolve())
+        spec.env[PROFILE_STEPS_ENV] = f"{self.start}:{self.steps}"
+
+
+@dataclass
+class FaultInjectionPlugin:
+    """Kill every process of node ``node`` (SIGKILL) right before step ``step``.
+
+    Armed only in a first run (restart count 0), so the relaunched job goes on; the
+    launcher of the demo also wipes that node's memory directory.
+    """
+
+    node: int = 1
+    step: int = 30
+    name: str = "fault"
+
+    def setup(self, cfg: ConfigContainer, spec: LaunchSpec) -> None:
+        if not 0 <= self.node < spec.nnodes:
+            raise ConfigError(f"fault plugin: node {self.node} is not one of 0..{spec.nnodes - 1}")
+        if not 1 <= self.step <= cfg.train.steps:
+            raise ConfigError(f"fault plugin: step {self.step} is outside 1..{cfg.train.steps}")
+        spec.env["MEMCKPT_KILL_AT_STEP"] = str(self.step)
+        spec.env["MEMCKPT_KILL_NODE"] = f"node{self.node}"
+
+
+_PLUGINS = {"profiler": ProfilerPlugin, "fault": FaultInjectionPlugin}
+
+
+def plugin_from_spec(text: str) -> Plugin:
+    """``profiler`` / ``profiler:start=5,steps=3`` / ``fault:node=1,step=30``."""
+    name, _, args = text.partition(":")
+    cls = _PLUGINS.get(name.strip())
+    if cls is None:
+        raise ConfigError(f"unknown plugin {name!r}; known: {', '.join(sorted(_PLUGINS))}")
+    kwargs: dict[str, int] = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        fields = [f for f in cls.__dataclass_fields__ if f != "name"]
+        if not eq or key not in fields:
+            raise ConfigError(f"plugin {name}: bad argument {item!r}; takes {', '.join(fields)}")
+        try:
+            kwargs[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"plugin {name}: {key} must be an integer, got {value!r}") from None
+    return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_command(
+    config_path: str | os.PathLike[str],
+    *,
+    nnodes: int | str,
+    nproc_per_node: int,
+    node_rank: int | str,
+    master_addr: str,
+    master_port: int | str,
+    python: str = sys.executable,
+) -> list[str]:
+    """The torchrun invocation of one node (static rendezvous)."""
+    return [
+        python, "-m", "torch.distributed.run",
+        f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+        f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+        f"--master-port={master_port}", "--max-restarts=0",
+        "-m", "memckpt.recipes.entry", "--config", str(config_path),
+    ]  # fmt: skip
+
+
+@dataclass
+class LaunchResult:
+    returncodes: dict[int, int]  # node -> exit code of its torchrun agent
+    seconds: float
+    run_dir: Path
+
+    @property
+    def ok(self) -> bool:
+        return all(rc == 0 for rc in self.returncodes.values())
+
+
+def write_config(cfg: ConfigContainer, run_dir: Path) -> Path:
+    from memckpt.recipes.overrides import to_yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def node_base_dir(cfg: ConfigContainer, node: int) -> Path:
+    return Path(cfg.checkpoint.memory.base_dir) / f"node{node}"
+
+
+def launch_local(
+    cfg: ConfigContainer,
+    spec: LaunchSpec,
+    plugins: Sequence[Plugin] = (),
+    *,
+    quiet: bool = False,
+) -> LaunchResult:
+    """Run ``cfg`` on ``spec.nnodes`` simulated nodes of this machine; wait for the end.
+
+    If one node's agent fails, the others get up to ``cfg.dist.timeout_s`` to notice
+    and are then killed. Every process is killed on the way out, even on Ctrl-C.
+    """
+    for p in plugins:
+        p.setup(cfg, spec)
+    config_path = write_config(cfg, spec.run_dir).resolve()
+    port = spec.master_port or _free_port()
+    result_dir = (spec.run_dir / "results").resolve()
+    result_dir.mkdir(parents=True, exist_ok=True)
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    logs = []
+    t0 = time.monotonic()
+    try:
+        for node in range(spec.nnodes):
+            env = dict(os.environ)
+            env.update(
+                MEMCKPT_NODE_ID=f"node{node}",
+                MEMCKPT_BASE_DIR=str(node_base_dir(cfg, node)),
+                MEMCKPT_TRANSFER_HOST="127.0.0.1",
+                OMP_NUM_THREADS=str(spec.threads_per_proc),
+                **{RESULT_DIR_ENV: str(result_dir)},
+            )
+            env.update(spec.env)
+            env.update(spec.node_env.get(node, {}))
+            cmd = torchrun_command(config_path, nnodes=spec.nnodes,
+                                   nproc_per_node=spec.nproc_per_node, node_rank=node,
+                                   master_addr="127.0.0.1", master_port=port)  # fmt: skip
+            log.info("node %d: %s", node, shlex.join(cmd))
+            out = open(spec.run_dir / f"node{node}.log", "ab")  # noqa: SIM115
+            logs.append(out)
+            procs[node] = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=out if quiet or node > 0 else None,
+                stderr=subprocess.STDOUT if quiet or node > 0 else None,
+                start_new_session=True,
+            )
+        codes: dict[int, int] = {}
+        first_fail: float | None = None
+        grace = cfg.dist.timeout_s + 30
+        while len(codes) < len(procs):
+            for node, p in procs.items():
+                if node not in codes and p.poll() is not None:
+                    codes[node] = p.returncode
+                    if p.returncode != 0 and first_fail is None:
+                        first_fail = time.monotonic()
+                        log.warning("node %d exited with %d", node, p.returncode)
+            now = time.monotonic()
+            if now - t0 > spec.timeout_s:
+                raise MemckptError(f"the job ran past its {spec.timeout_s:.0f}s limit; killed")
+            if first_fail is not None and now - first_fail > grace:
+                log.warning("killing nodes still running %.0fs after a node failed", grace)
+                break
+            time.sleep(0.1)
+        for node, p in procs.items():
+            if node not in codes:
+                _kill_group(p)
+                codes[node] = p.wait()
+        return LaunchResult(codes, time.monotonic() - t0, spec.run_dir)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                _kill_group(p)
+        for f in logs:
+            f.close()
+
+
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=10)
+
+
+def sbatch_script(
+    cfg: ConfigContainer,
+    config_path: str | os.PathLike[str],
+    *,
+    nnodes: int,
+    nproc_per_node: int,
+    job_name: str | None = None,
+    time_limit: str = "04:00:00",
+    partition: str | None = None,
+    master_port: int = 29500,
+    python: str = "python",
+) -> str:
+    """An sbatch script: one srun task per node, each running torchrun for its node.
+
+    The memory tier stays on each node's tmpfs (``checkpoint.memory.base_dir``); the
+    node id is the host name plus ``SLURM_NODEID``; the secret is generated on rank 0.
+    """
+    name = job_name or cfg.checkpoint.job_id
+    torchrun = torchrun_command(
+        config_path, nnodes="$SLURM_NNODES", nproc_per_node=nproc_per_node,
+        node_rank="$SLURM_NODEID", master_addr="$MASTER_ADDR", master_port=master_port,
+        python=python,
+    )  # fmt: skip
+    # $VARS must expand on each node inside srun, so the command is single-quoted for bash -c
+    inner = " ".join(a if a.startswith("--node-rank") or "$" in a else shlex.quote(a)
+                     for a in torchrun)  # fmt: skip
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --time={time_limit}",
+        "#SBATCH --signal=TERM@120",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += [
+        "set -euo pipefail",
+        "",
+        "# the first node hosts the rendezvous; every rank reaches the others through it",
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        "# replicas go to other nodes: the node id must differ per node",
+        "export MEMCKPT_SECRET=\"${MEMCKPT_SECRET:-$(python -c 'import secrets; "
+        "print(secrets.token_hex(32))')}\"",
+        "",
+        "srun --kill-on-bad-exit=1 bash -c "
+        + shlex.quote(f'MEMCKPT_NODE_ID="$(hostname)/$SLURM_NODEID" exec {inner}'),
+        "",
+    ]
+    return "\n".join(lines)
