@@ -12,6 +12,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal
 
+from memckpt import events
 from memckpt.errors import ScheduleConfigError
 from memckpt.schedule.agreement import AllReduceMax, default_all_reduce_max
 from memckpt.schedule.deadline import Deadline, coerce_deadline, deadline_from_env, earliest
@@ -26,6 +27,7 @@ from memckpt.schedule.policy import (
     decide,
     predict,
 )
+from memckpt.schedule.progress import ProgressEvents
 from memckpt.schedule.signals import DEFAULT_SIGNALS, SignalEvent, SignalWatcher, signal_name
 from memckpt.schedule.stats import IterationStats, IterationTimer, SaveCosts
 
@@ -72,7 +74,7 @@ class IterManager:
     Call sequence, the same on every rank; ``should_save_ckpt`` is collective once
     torch.distributed is initialised or ``all_reduce_max`` is given::
 
-        im.iter()                              # at the start of every iteration
+        im.iter(step)                          # at the start of every iteration
         ...train...
         if im.should_save_ckpt():              # once per iteration, on every rank
             im.record_save(mgr.save(step, sd))  # timed when the handle completes
@@ -178,6 +180,8 @@ class IterManager:
         self._persistent_saves: list[Callable[[int], Any]] = []
         self._pending: list[Any] = []  # save handles whose result is not recorded yet
         self.last_decision: SaveDecision | None = None
+        self._step: int | None = None
+        self._progress = ProgressEvents(clock)
 
         self._watcher: SignalWatcher | None = None
         if signals:
@@ -194,12 +198,20 @@ class IterManager:
 
     # ---- the training loop
 
-    def iter(self) -> None:
-        """Mark the start of an iteration (call it first thing in every iteration)."""
+    def iter(self, step: int | None = None) -> None:
+        """Mark the start of an iteration (call it first thing in every iteration).
+
+        ``step`` is the training step this iteration computes (optional). With
+        ``MEMCKPT_EVENTS_FILE`` set, progress goes there as ``step`` events (at most one
+        per 0.5 s), which is how ``memckpt simulate-preemption`` counts lost steps.
+        """
         self._timer.tick()
         self._steps_since_save += 1
+        if step is not None:
+            self._step = step
         if self._pending:
             self._collect_finished_saves()
+        self._progress.tick(self._timer.ticks, self._step)
 
     def should_save_ckpt(self) -> bool:
         """Whether every rank saves at this step; ``last_decision`` says why.
@@ -229,6 +241,14 @@ class IterManager:
             self._timer.exclude_current()
             if decision.trigger in (Trigger.SIGNAL, Trigger.DEADLINE):
                 self._exit_requested = True
+                self._progress.flush()
+                events.emit(
+                    "exit_requested",
+                    iter=step,
+                    step=self._step,
+                    trigger=decision.trigger.value,
+                    reason=decision.reason,
+                )
             log.info("save at step %d: %s", step, decision.reason)
         else:
             log.debug("step %d: %s", step, decision.reason)
@@ -304,6 +324,7 @@ class IterManager:
             for fn in self._persistent_saves:
                 fn(step)
         finally:
+            self._progress.flush(final=True, step=step)
             self.close()
         elapsed = self._clock() - start
         deadline = self.deadline
@@ -321,6 +342,7 @@ class IterManager:
 
     def close(self) -> None:
         """Restore the signal handlers found at construction; safe to call twice."""
+        self._progress.flush()
         if self._watcher is not None:
             self._watcher.uninstall()
 
