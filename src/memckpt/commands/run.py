@@ -58,10 +58,15 @@ def handler(args: argparse.Namespace) -> int:
     _options(rest)
     rest.add_argument("overrides", nargs="*")
     tail = rest.parse_intermixed_args(args.overrides)
-    for name in ("nnodes", "nproc_per_node", "yaml", "run_dir", "slurm", "partition"):
-        if getattr(tail, name) in (None, False, 1):
+    # options may come before the recipe (args) or among the overrides (tail)
+    for action in rest._actions:
+        name = action.dest
+        if name in ("overrides", "help") or not hasattr(args, name):
+            continue
+        if name == "plugin":
+            tail.plugin = args.plugin + tail.plugin
+        elif getattr(tail, name) == action.default:
             setattr(tail, name, getattr(args, name))
-    tail.plugin = args.plugin + tail.plugin
     cfg = build_config(args.recipe, tail.yaml, tail.overrides)
     run_dir = Path(tail.run_dir or f"runs/{cfg.checkpoint.job_id}")
     spec = LaunchSpec(tail.nnodes, tail.nproc_per_node, run_dir, timeout_s=tail.timeout)

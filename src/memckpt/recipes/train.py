@@ -49,6 +49,7 @@ from memckpt.recipes.checkpointing import (
 from memckpt.recipes.config import CheckpointConfig, ConfigContainer, OptimizerConfig
 from memckpt.recipes.data import build_data
 from memckpt.recipes.models import build_model, loss_function
+from memckpt.recipes.profiling import StepProfiler
 from memckpt.recipes.reporting import TrainingReporter
 
 __all__ = [
@@ -409,6 +410,7 @@ class _Run:
             reporter.event("resume", step=resumed.step, tier=resumed.tier,
                            seconds=resumed.seconds, sources=resumed.sources)  # fmt: skip
         im = self._iter_manager(total - start)
+        profiler = StepProfiler(self.rank)
         steps_run = 0
         try:
             for step in range(start + 1, stop + 1):
@@ -419,6 +421,7 @@ class _Run:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if im is not None:
                     im.iter(step)
+                profiler.before(step)
                 lr = self._train_step(step)
                 steps_run += 1
                 scheduled = im.should_save_ckpt() if im is not None else False
@@ -434,6 +437,7 @@ class _Run:
                 loss = self.state.local_loss
                 assert loss is not None
                 blocking = self._last_blocking_s()
+                profiler.after(step)
                 reporter.step(step, loss, blocking)
                 if step % cfg.train.log_every == 0 or step in (start + 1, stop):
                     reporter.logged(step, self._mean_over_ranks(loss), lr, blocking)
@@ -445,6 +449,7 @@ class _Run:
             if steps_run:
                 self.save_persistent(self.state.step)
         finally:
+            profiler.stop()
             reporter.close()
             if im is not None:
                 im.close()
