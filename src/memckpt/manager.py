@@ -267,18 +267,19 @@ class CheckpointManager:
             source = plan.sources[self.rank]
             fetched, fetch_s = 0, 0.0
             try:
-                if source != self.rank:
+                if source == self.rank:
+                    result = load_object(path, state_dict, map_location=map_location,
+                                         strict=strict, safe_globals=safe_globals)  # fmt: skip
+                else:
+                    # this node lost its copy: stream it from the peer straight into the
+                    # destination tensors, verifying every chunk on arrival
                     assert self.replicator is not None
                     t_fetch = time.perf_counter()
-                    fetched = self.replicator.fetch(plan.step, self.rank, source)
+                    with self.replicator.open_remote(plan.step, self.rank, source) as remote:
+                        result = load_object(remote, state_dict, map_location=map_location,
+                                             strict=strict, safe_globals=safe_globals)  # fmt: skip
+                    fetched = remote.bytes_received
                     fetch_s = time.perf_counter() - t_fetch
-                result = load_object(
-                    path,
-                    state_dict,
-                    map_location=map_location,
-                    strict=strict,
-                    safe_globals=safe_globals,
-                )
             except MemckptError as e:
                 error = e
             votes = self.coll.all_gather_object(
@@ -300,7 +301,7 @@ class CheckpointManager:
                 log.info("rank %d: loaded step %d from %s%s", self.rank, plan.step, path,
                          f" (fetched from rank {source})" if fetched else "")  # fmt: skip
                 events.emit("loaded", step=plan.step, rank=self.rank, source=source)
-                self._after_load(plan.step)
+                self._after_load(plan.step, fetch_from=source if fetched else None)
                 return result
             retryable = (CorruptCheckpointError.__name__, TransferError.__name__)
             corrupt_only = all(kind in retryable for _, kind, _ in failed)
@@ -318,8 +319,13 @@ class CheckpointManager:
             r, kind, msg = failed[0]
             raise MemckptError(f"step {plan.step} failed to load on rank {r}: {kind}: {msg}")
 
-    def _after_load(self, step: int) -> None:
-        """The loaded step is the job's again: mark it, and restore its replicas."""
+    def _after_load(self, step: int, fetch_from: int | None = None) -> None:
+        """The loaded step is the job's again: mark it, and restore every copy of it.
+
+        In the background: a rank that streamed its data from a peer also keeps a local
+        copy again (so a second failure before the next save still finds it here), and
+        every rank pushes its object to holder nodes that lost theirs.
+        """
         if not self.store.is_committed(step):
             self.store.mark_committed(step, self.world_size)
         rep = self.replicator
@@ -328,6 +334,11 @@ class CheckpointManager:
             invs = self._inventories
 
             def rereplicate() -> None:
+                if fetch_from is not None:
+                    try:
+                        rep.fetch(step, self.rank, fetch_from)
+                    except MemckptError as e:
+                        log.warning("rank %d: no local copy of step %d: %s", self.rank, step, e)
                 outcome = rep.rereplicate(step, invs)
                 if outcome.ok and outcome.holders:
                     log.info("rank %d: step %d replicated again to ranks %s (%.1f MB, %.3fs)",

@@ -13,6 +13,7 @@ SIGBUS, whereas a failed allocation is a clean ``InsufficientSpaceError``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -30,6 +31,7 @@ __all__ = ["Buffer", "BufferPool", "free_bytes"]
 log = logging.getLogger(__name__)
 
 _GROW_QUANTUM = 2 << 20
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _ZERO_BLOCK = bytes(16 << 20)
 
 
@@ -241,6 +243,12 @@ class BufferPool:
                 ) from e
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
+        if buf.mapping is not None:
+            # map the range's pages in one call instead of one fault per page
+            with contextlib.suppress(OSError, ValueError):
+                page = mmap.PAGESIZE
+                lo = start // page * page
+                buf.mapping.madvise(_MADV_POPULATE_WRITE, lo, min(end, buf.capacity) - lo)
 
     def _create(self, capacity: int) -> Buffer:
         path = self._next_path()

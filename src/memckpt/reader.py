@@ -274,7 +274,7 @@ def _merge_into(dest: Any, restored: Any) -> Any:
 
 
 def load_object(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Any,
     state_dict: Any = None,
     *,
     map_location: Any = None,
@@ -289,8 +289,11 @@ def load_object(
     checked before any byte is copied. Checksums are verified as the bytes arrive;
     on damage a CorruptCheckpointError names the tensor and chunk (destination
     tensors may then hold partial data; the checkpoint itself is untouched).
+    ``path`` may also be an open reader, e.g. a peer's object
+    (``memckpt.transport.client.RemoteObjectReader``).
     """
-    with ObjectReader(path) as reader:
+    source = path if hasattr(path, "read_all") else ObjectReader(path)
+    with source as reader:
         dest: dict[str, torch.Tensor] = {}
         if state_dict is not None:
             seen: set[int] = set()

@@ -32,7 +32,7 @@ from memckpt.replication import (
     strategy_from_spec,
 )
 from memckpt.store import CheckpointStore
-from memckpt.transport.client import TransferClient
+from memckpt.transport.client import RemoteObjectReader, TransferClient
 from memckpt.transport.protocol import ObjectRef, generate_secret, secret_from_env
 from memckpt.transport.server import TransferServer, format_address
 
@@ -238,6 +238,14 @@ class Replicator:
         log.info("rank %d: fetched %s (%.1f MB) from rank %d in %.3fs", self.rank, ref.relpath,
                  n / 1e6, source, time.perf_counter() - t0)  # fmt: skip
         return n
+
+    def open_remote(self, step: int, rank: int, source: int) -> RemoteObjectReader:
+        """``rank``'s object of ``step`` on ``source``'s node, readable without a local copy."""
+        ref = ObjectRef(self.store.job_id, step, rank)
+        try:
+            return self.client.open_remote(self._addr(source), ref)
+        except TransferError as e:
+            raise TransferError(f"rank {self.rank}: cannot recover from rank {source}: {e}") from e
 
     def rereplicate(
         self, step: int, inventories: Sequence[Mapping[int, Sequence[int]]]

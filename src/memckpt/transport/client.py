@@ -33,9 +33,18 @@ from memckpt.errors import (
     TransferError,
 )
 from memckpt.faults import fault_point
-from memckpt.format import read_header
+from memckpt.format import (
+    HEADER_SIZE,
+    ObjectHeader,
+    ObjectIndex,
+    TensorEntry,
+    checksum,
+    decode_header,
+    decode_index,
+    read_header,
+)
 from memckpt.pool import Buffer
-from memckpt.reader import verify_object_bytes
+from memckpt.reader import TensorDamage, verify_object_bytes
 from memckpt.store import CheckpointStore
 from memckpt.transport.protocol import (
     MAX_DATA_LENGTH,
@@ -54,7 +63,7 @@ from memckpt.transport.protocol import (
     validate_secret,
 )
 
-__all__ = ["Address", "TransferClient", "parse_address"]
+__all__ = ["Address", "RemoteObjectReader", "TransferClient", "parse_address"]
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +357,37 @@ class TransferClient:
             raise
         return path, total
 
+    def _get_range(
+        self, addr: Address, ref: ObjectRef, offset: int, nbytes: int, into: memoryview | None
+    ) -> tuple[int, bytes]:
+        """GET bytes ``[offset, offset+nbytes)`` of an object; returns (object total, bytes).
+
+        With ``into`` the bytes land there (``recv_into``) and b"" is returned.
+        """
+
+        def req(c: _Connection) -> tuple[int, bytes]:
+            send_frame(c.sock, MessageType.GET,
+                       {**ref.to_payload(), "offset": offset, "nbytes": nbytes},
+                       peer=c.peer)  # fmt: skip
+            total = parse_int_field(c.expect(MessageType.OK).payload, "total", peer=c.peer,
+                                    maximum=MAX_DATA_LENGTH)  # fmt: skip
+            head = c.expect(MessageType.DATA, max_data=nbytes)
+            if head.length != nbytes:
+                raise ProtocolError(f"{c.peer} sent {head.length} bytes, asked {nbytes}")
+            if into is not None:
+                recv_exact_into(c.sock, into, peer=c.peer)
+                return total, b""
+            raw = bytearray(nbytes)
+            recv_exact_into(c.sock, memoryview(raw), peer=c.peer)
+            return total, bytes(raw)
+
+        return self._call(addr, req)
+
+    def open_remote(self, addr: Address, ref: ObjectRef) -> RemoteObjectReader:
+        """Read an object on a peer without storing it here (see RemoteObjectReader)."""
+        what = f"opening {ref.relpath}"
+        return self._retrying(what, addr, lambda: RemoteObjectReader(self, addr, ref))
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, {}
@@ -357,6 +397,85 @@ class TransferClient:
         self._executor.shutdown(wait=True)
 
     def __enter__(self) -> TransferClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteObjectReader:
+    """An object on a peer, read like ``memckpt.reader.ObjectReader`` (for ``load_object``).
+
+    Opening fetches and checks the header, index and non-tensor part. ``read_all``
+    then receives each tensor's bytes straight into its destination (the caller's
+    tensors, for an in-place load) with ``recv_into``, spread over the client's
+    connections, and checks every chunk's checksum: recovery needs no local copy
+    of the object first, so no fresh pages are allocated on the critical path.
+    """
+
+    def __init__(self, client: TransferClient, addr: Address, ref: ObjectRef) -> None:
+        self.client, self.addr, self.ref = client, addr, ref
+        self.where = f"{ref.relpath} on peer {_fmt(addr)}"
+        self.bytes_received = 0
+        total, raw = client._get_range(addr, ref, 0, 0, None)
+        _, raw = client._get_range(addr, ref, 0, min(HEADER_SIZE, total), None)
+        self.header: ObjectHeader = decode_header(raw, self.where, total)
+        h = self.header
+        self.index: ObjectIndex = decode_index(
+            self._section(h.index_offset, h.index_length, h.index_checksum, "index"),
+            self.where,
+            h.data_offset,
+            h.data_offset + h.data_length,
+        )
+        if (self.index.job_id, self.index.step, self.index.rank) != (ref.job_id, ref.step,
+                                                                     ref.rank):  # fmt: skip
+            raise CorruptCheckpointError(f"{self.where}: holds another object")
+        self.skeleton = self._section(
+            h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part"
+        )
+
+    def _section(self, offset: int, length: int, expected: int, what: str) -> bytes:
+        _, raw = self.client._get_range(self.addr, self.ref, offset, length, None)
+        self.bytes_received += len(raw)
+        if checksum(raw) != expected:
+            raise CorruptCheckpointError(f"{self.where}: {what} checksum mismatch")
+        return raw
+
+    def read_all(
+        self, targets: list[tuple[TensorEntry, memoryview]], threads: int
+    ) -> list[TensorDamage]:
+        """Receive every target's bytes into it and verify them; returns the damaged chunks."""
+        n = max(1, min(self.client.connections, len(targets)))
+        groups: list[list[tuple[TensorEntry, memoryview]]] = [[] for _ in range(n)]
+        loads = [0] * n
+        for e, out in sorted(targets, key=lambda t: -t[0].nbytes):
+            i = loads.index(min(loads))
+            groups[i].append((e, out))
+            loads[i] += e.nbytes
+        cs = self.index.chunk_size
+
+        def receive(group: list[tuple[TensorEntry, memoryview]]) -> list[TensorDamage]:
+            damage = []
+            for e, out in group:
+                if e.nbytes:
+                    self.client._get_range(self.addr, self.ref, e.offset, e.nbytes, out)
+                for i, c in enumerate(range(0, max(e.nbytes, 1), cs)):
+                    if checksum(out[c : c + cs]) != e.checksums[i]:
+                        damage.append(TensorDamage(e.name, i, c))
+            return damage
+
+        try:
+            found = self.client._run_parts(lambda g, _: receive(groups[g]),
+                                           [(g, 0) for g in range(n)])  # fmt: skip
+        except (OSError, MemckptError) as e:
+            raise TransferError(f"reading {self.where} failed: {e}") from e
+        self.bytes_received += sum(loads)
+        return [d for ds in found for d in ds]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RemoteObjectReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
