@@ -288,3 +288,36 @@ def test_many_clients_at_once(node):
     assert not errors
     assert os.path.exists(node["src"])
     assert struct.calcsize("!4sBBHQ") == 16
+
+
+def test_streaming_load_from_a_peer_fills_tensors_in_place_and_checks_chunks(shm_dir):
+    with memckpt.CheckpointManager(shm_dir / "a", "job", prefault=False) as m:
+        sd = {"w": torch.randn(3 << 20), "b": torch.randn(7), "step": 4}
+        m.save(4, sd, blocking=True)
+    src = shm_dir / "a" / "job" / "step-4" / "rank-0.mck"
+    store_a = CheckpointStore(shm_dir / "a", "job", rank=1)
+    with TransferServer(store_a, SECRET) as server, TransferClient("job", SECRET) as c:
+        addr = ("127.0.0.1", server.port)
+        dest = {"w": torch.zeros(3 << 20), "b": torch.zeros(7), "step": 0}
+        w_before = dest["w"].data_ptr()
+        with c.open_remote(addr, ObjectRef("job", 4, 0)) as remote:
+            load_object(remote, dest)
+            assert remote.bytes_received >= sd["w"].numel() * 4
+        assert dest["w"].data_ptr() == w_before and torch.equal(dest["w"], sd["w"])
+        assert dest["step"] == 4
+        # a flipped byte on the peer is caught on arrival, naming the tensor
+        with memckpt.reader.ObjectReader(src) as r:
+            off = next(e for e in r.index.tensors if e.name == "w").offset + 12345
+        with open(src, "r+b") as f:
+            f.seek(off)
+            byte = f.read(1)
+            f.seek(off)
+            f.write(bytes([byte[0] ^ 0x01]))
+        with (
+            c.open_remote(addr, ObjectRef("job", 4, 0)) as remote,
+            pytest.raises(memckpt.CorruptCheckpointError, match="'w' chunk 0"),
+        ):
+            load_object(remote, dest)
+        with pytest.raises(TransferError, match="no object"):
+            c.open_remote(addr, ObjectRef("job", 5, 0))
+    store_a.close()
