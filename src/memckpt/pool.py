@@ -169,6 +169,15 @@ class BufferPool:
             )
 
     # -- acquire / release -------------------------------------------------------------
+    def _take_fitting(self, nbytes: int) -> Buffer | None:
+        """The smallest free buffer of at least ``nbytes``, removed from the free list (locked)."""
+        fitting = [b for b in self._free if b.capacity >= nbytes]
+        if not fitting:
+            return None
+        buf = min(fitting, key=lambda b: b.capacity)
+        self._free.remove(buf)
+        return buf
+
     def acquire(self, nbytes: int, *, _wait_prefault: bool = True) -> Buffer:
         """A free buffer of at least ``nbytes``, grown or created if none fits.
 
@@ -178,10 +187,8 @@ class BufferPool:
         if _wait_prefault:
             self._prefaulting.wait()
         with self._lock:
-            fitting = [b for b in self._free if b.capacity >= nbytes]
-            if fitting:
-                buf = min(fitting, key=lambda b: b.capacity)
-                self._free.remove(buf)
+            buf = self._take_fitting(nbytes)
+            if buf is not None:
                 return buf
             grow = max(self._free, key=lambda b: b.capacity) if self._free else None
             target = _round_up(nbytes)
@@ -206,10 +213,8 @@ class BufferPool:
         allocation runs in parallel and overlaps the network instead of preceding it.
         """
         with self._lock:
-            fitting = [b for b in self._free if b.capacity >= nbytes]
-            if fitting:
-                buf = min(fitting, key=lambda b: b.capacity)
-                self._free.remove(buf)
+            buf = self._take_fitting(nbytes)
+            if buf is not None:
                 return buf
             capacity = _round_up(nbytes)
             self._check_budget(capacity, self.dir)

@@ -51,6 +51,7 @@ from memckpt.transport.protocol import (
     MessageType,
     ObjectRef,
     client_tag,
+    format_address,
     make_nonce,
     parse_hex_field,
     parse_int_field,
@@ -83,7 +84,7 @@ def parse_address(text: str) -> Address:
 
 
 def _fmt(addr: Address) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    return format_address(*addr)
 
 
 class _Connection:

@@ -108,6 +108,7 @@ __all__ = [
     "encode_data_header",
     "encode_frame",
     "encode_header",
+    "format_address",
     "generate_secret",
     "make_nonce",
     "object_relpath",
@@ -405,6 +406,11 @@ def resolve_object_path(root: str | os.PathLike[str], job_id: str, step: int, ra
 
 
 # ---------------------------------------------------------------- authentication
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def make_nonce() -> bytes:

@@ -44,6 +44,7 @@ from memckpt.transport.protocol import (
     MessageType,
     ObjectRef,
     client_tag,
+    format_address,
     make_nonce,
     parse_hex_field,
     parse_int_field,
@@ -63,11 +64,6 @@ log = logging.getLogger(__name__)
 
 _MAX_CONNECTIONS = 64
 _TRANSFER_ID_BYTES = 16
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(eq=False)
