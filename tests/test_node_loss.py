@@ -51,6 +51,7 @@ def test_node_loss_recovers_bit_exact_and_fetches_only_what_is_missing(
     # Given a job that saved and replicated steps 1..3
     first = run_ranks(save_steps, world, str(shm_dir), rpn, strategy, [1, 2, 3], timeout=90)
     assert all(r["results"][s][0] for r in first.values() for s in (1, 2, 3)), first
+    assert all(r["results"][s][1] > 0 for r in first.values() for s in (1, 2, 3)), first
     # When one node dies: its processes are gone and its memory is wiped
     shutil.rmtree(shm_dir / f"node{lost}")
     # memckpt status, from the surviving nodes' directories, predicts the recovery

@@ -142,8 +142,7 @@ class Replicator:
         retries: int = 2,
     ) -> Replicator | None:
         """Start the server and meet the peers (collective). None when there is one node."""
-        if isinstance(strategy, str):
-            strategy = strategy_from_spec(strategy)
+        strategy = check_strategy(strategy)
         rank = coll.rank
         node_id = node_id or default_node_id(rank)
         secret = secret if secret is not None else secret_from_env()
