@@ -121,3 +121,21 @@ def test_peer_killed_mid_transfer_leaves_no_partial_replica(shm_dir, point, vict
         assert not (shm_dir / f"node{node}" / "job" / "step-2" / ".committed").exists()
     # step 1 is still complete and replicated on both nodes
     assert _held(shm_dir, 0, 1) == [0, 1] and _held(shm_dir, 1, 1) == [0, 1]
+
+
+def test_a_damaged_copy_on_the_planned_source_falls_over_to_another_holder(shm_dir):
+    # ring:2 over 3 nodes: rank 0's data lives on nodes 1 and 2 as well
+    run_ranks(save_steps, 3, str(shm_dir), 1, "ring:2", [1, 2, 3], timeout=90)
+    shutil.rmtree(shm_dir / "node0")
+    replica = shm_dir / "node1" / "job" / "step-3" / "rank-0.mck"
+    with ObjectReader(replica) as r:
+        off = r.index.tensors[0].offset + 100
+    with open(replica, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0xFF]))
+    out = run_ranks(recover, 3, str(shm_dir), 1, "ring:2", timeout=90)
+    # the plan said node 1; its copy failed its checksums; node 2's copy was used
+    assert out[0]["fetches"] == [(0, 1)]
+    assert out[0]["source"] == 2 and out[0]["latest"] == 3

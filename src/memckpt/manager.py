@@ -271,14 +271,10 @@ class CheckpointManager:
                     result = load_object(path, state_dict, map_location=map_location,
                                          strict=strict, safe_globals=safe_globals)  # fmt: skip
                 else:
-                    # this node lost its copy: stream it from the peer straight into the
-                    # destination tensors, verifying every chunk on arrival
-                    assert self.replicator is not None
                     t_fetch = time.perf_counter()
-                    with self.replicator.open_remote(plan.step, self.rank, source) as remote:
-                        result = load_object(remote, state_dict, map_location=map_location,
-                                             strict=strict, safe_globals=safe_globals)  # fmt: skip
-                    fetched = remote.bytes_received
+                    source, fetched, result = self._load_remote(
+                        plan.step, source, state_dict, map_location, strict, safe_globals
+                    )
                     fetch_s = time.perf_counter() - t_fetch
             except MemckptError as e:
                 error = e
@@ -294,7 +290,7 @@ class CheckpointManager:
                     time.perf_counter() - t0,
                     tuple(excluded),
                     source_rank=source,
-                    sources=dict(plan.sources),
+                    sources={**plan.sources, self.rank: source},
                     fetched_bytes=fetched,
                     fetch_s=fetch_s,
                 )
@@ -318,6 +314,38 @@ class CheckpointManager:
                 raise error
             r, kind, msg = failed[0]
             raise MemckptError(f"step {plan.step} failed to load on rank {r}: {kind}: {msg}")
+
+    def _load_remote(
+        self,
+        step: int,
+        source: int,
+        state_dict: Any,
+        map_location: Any,
+        strict: bool,
+        safe_globals: Iterable[Any],
+    ) -> tuple[int, int, Any]:
+        """This node lost its copy: stream it from a peer straight into the destination
+        tensors, verifying every chunk on arrival. The planned source first, then every
+        other holder; returns (source used, bytes received, loaded state)."""
+        rep = self.replicator
+        assert rep is not None
+        others = [
+            h
+            for h, inv in enumerate(self._inventories)
+            if h not in (source, self.rank) and self.rank in inv.get(step, ())
+        ]
+        for i, src in enumerate([source, *others]):
+            try:
+                with rep.open_remote(step, self.rank, src) as remote:
+                    result = load_object(remote, state_dict, map_location=map_location,
+                                         strict=strict, safe_globals=safe_globals)  # fmt: skip
+                return src, remote.bytes_received, result
+            except (TransferError, CorruptCheckpointError) as e:
+                if i == len(others):
+                    raise
+                log.warning("rank %d: step %d from rank %d failed (%s); trying rank %d",
+                            self.rank, step, src, e, others[i])  # fmt: skip
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _after_load(self, step: int, fetch_from: int | None = None) -> None:
         """The loaded step is the job's again: mark it, and restore every copy of it.
