@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import memckpt.errors
 from memckpt.recipes.checkpointing import (
     COMPLETE_MARKER,
     choose_resume_tier,
@@ -181,3 +182,23 @@ def test_learning_rate_warms_up_linearly_then_decays_to_min_lr() -> None:
     assert lr_at(55, opt, 100) == pytest.approx((opt.lr + opt.min_lr) / 2)
     assert lr_at(100, opt, 100) == pytest.approx(opt.min_lr)
     assert lr_at(500, opt, 100) == pytest.approx(opt.min_lr)
+
+
+def test_prune_persistent_keeps_the_newest_complete_steps_and_skips_partial_ones(tmp_path):
+    from memckpt.recipes.checkpointing import (
+        COMPLETE_MARKER,
+        latest_persistent_step,
+        prune_persistent,
+    )
+
+    for step in (10, 20, 30, 40):
+        d = tmp_path / f"step-{step}"
+        d.mkdir()
+        (d / "data.distcp").write_bytes(b"x")
+        if step != 40:  # step 40 is still being written
+            (d / COMPLETE_MARKER).write_text("{}")
+    assert prune_persistent(tmp_path, 2) == [10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-20", "step-30", "step-40"]
+    assert latest_persistent_step(tmp_path) == 30
+    with pytest.raises(memckpt.errors.ConfigError, match="keep_last must be >= 1"):
+        prune_persistent(tmp_path, 0)

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 import memckpt
+from memckpt.errors import ConfigError
 
 try:
     import numpy as np
@@ -38,6 +40,7 @@ __all__ = [
     "TrainingState",
     "choose_resume_tier",
     "latest_persistent_step",
+    "prune_persistent",
     "rng_state",
     "seed_process",
     "set_rng_state",
@@ -65,6 +68,31 @@ def latest_persistent_step(directory: str | os.PathLike[str]) -> int | None:
         if m and (entry / COMPLETE_MARKER).is_file():
             steps.append(int(m.group(1)))
     return max(steps, default=None)
+
+
+def prune_persistent(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
+    """Delete complete ``step-<N>`` directories older than the newest ``keep_last``.
+
+    The marker goes first, so a directory being deleted never looks complete;
+    directories without a marker (a save in progress) are left alone. Returns the
+    deleted steps.
+    """
+    if keep_last < 1:
+        raise ConfigError(f"checkpoint.persistent.keep_last must be >= 1, got {keep_last}")
+    root = Path(directory)
+    complete = sorted(
+        int(m.group(1))
+        for entry in (root.iterdir() if root.is_dir() else ())
+        if (m := _STEP_DIR.match(entry.name)) and (entry / COMPLETE_MARKER).is_file()
+    )
+    doomed = complete[:-keep_last]
+    for step in doomed:
+        path = root / f"step-{step}"
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    if doomed:
+        log.info("deleted persistent steps %s under %s", doomed, root)
+    return doomed
 
 
 def choose_resume_tier(memory_step: int | None, persistent_step: int | None) -> str | None:

@@ -102,6 +102,7 @@ class PersistentTierConfig:
     enabled: bool = True
     dir: str = "checkpoints"
     interval: int = 50
+    keep_last: int | None = None  # complete steps kept on disk; None keeps all
 
 
 @dataclass

@@ -43,6 +43,7 @@ from memckpt.recipes.checkpointing import (
     TrainingState,
     choose_resume_tier,
     latest_persistent_step,
+    prune_persistent,
     seed_process,
     weights_sha256,
 )
@@ -304,7 +305,10 @@ class _Run:
         if self._last_persistent_step == step or not self.cfg.checkpoint.persistent.enabled:
             return
         assert step == self.state.step
-        self.state.save_persistent(self.cfg.checkpoint.persistent.dir)
+        persistent = self.cfg.checkpoint.persistent
+        self.state.save_persistent(persistent.dir)
+        if persistent.keep_last is not None and self.rank == 0:
+            prune_persistent(persistent.dir, persistent.keep_last)
         self._last_persistent_step = step
         self.persistent_saves += 1
 
