@@ -575,12 +575,13 @@ def run_command(
                 proc.wait(timeout=max(wait, 0.0))
         # 2. SIGTERM: at the deadline, or to members left behind by a leader that exited
         if proc.poll() is None or group.alive():
-            if proc.poll() is not None:
+            leader_alive = proc.poll() is None  # read before the signal: it may die at once
+            if not leader_alive:
                 log.warning(
                     "run %d: the command exited and left processes behind; sending them SIGTERM",
                     index,
                 )
-            if group.signal(signal.SIGTERM) and proc.poll() is None:
+            if group.signal(signal.SIGTERM) and leader_alive:
                 sigterm_unix = time.time()
                 log.info(
                     "run %d: deadline reached, SIGTERM sent to process group %d", index, group.pgid
