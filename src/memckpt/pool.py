@@ -13,7 +13,6 @@ SIGBUS, whereas a failed allocation is a clean ``InsufficientSpaceError``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
@@ -31,7 +30,6 @@ __all__ = ["Buffer", "BufferPool", "free_bytes"]
 log = logging.getLogger(__name__)
 
 _GROW_QUANTUM = 2 << 20
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _ZERO_BLOCK = bytes(16 << 20)
 
 
@@ -82,18 +80,23 @@ class Buffer:
             self.fd = -1
 
 
-def _allocate(fd: int, start: int, end: int, path: Path) -> None:
+def _fallocate(fd: int, start: int, end: int, path: Path) -> None:
+    """Reserve ``[start, end)`` of the file; a full filesystem is InsufficientSpaceError."""
     try:
         os.posix_fallocate(fd, start, end - start)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientSpaceError(
-                f"no space for a {end - start}-byte buffer at {path} "
+                f"no space for {end - start} bytes of {path} "
                 f"({free_bytes(path.parent)} bytes free); free space in that filesystem, "
                 "lower keep_last, or point base_dir at a larger tmpfs"
             ) from e
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
+
+
+def _allocate(fd: int, start: int, end: int, path: Path) -> None:
+    _fallocate(fd, start, end, path)
     # Writing zeros through write(2) faults the pages in far faster than touching a
     # mapping page by page; on tmpfs it also turns fallocate's reservations into pages.
     pos = start
@@ -236,24 +239,8 @@ class BufferPool:
         Writing into an unallocated range of a mapping on a full tmpfs would kill the
         process with SIGBUS; an allocation failure here is a clean error instead.
         """
-        if not buf.sparse:
-            return
-        try:
-            os.posix_fallocate(buf.fd, start, end - start)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientSpaceError(
-                    f"no space for {end - start} bytes of {buf.path} "
-                    f"({free_bytes(buf.path.parent)} bytes free)"
-                ) from e
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        if buf.mapping is not None:
-            # map the range's pages in one call instead of one fault per page
-            with contextlib.suppress(OSError, ValueError):
-                page = mmap.PAGESIZE
-                lo = start // page * page
-                buf.mapping.madvise(_MADV_POPULATE_WRITE, lo, min(end, buf.capacity) - lo)
+        if buf.sparse:
+            _fallocate(buf.fd, start, end, buf.path)
 
     def _create(self, capacity: int) -> Buffer:
         path = self._next_path()

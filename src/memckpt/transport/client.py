@@ -316,15 +316,7 @@ class TransferClient:
         return self._retrying(what, addr, lambda: self._get_once(addr, ref, store))
 
     def _get_once(self, addr: Address, ref: ObjectRef, store: CheckpointStore) -> tuple[Path, int]:
-        def size(c: _Connection) -> int:
-            send_frame(c.sock, MessageType.GET, {**ref.to_payload(), "offset": 0, "nbytes": 0},
-                       peer=c.peer)  # fmt: skip
-            total = parse_int_field(c.expect(MessageType.OK).payload, "total", peer=c.peer,
-                                    maximum=MAX_DATA_LENGTH)  # fmt: skip
-            c.expect(MessageType.DATA)
-            return total
-
-        total = self._call(addr, size)
+        total, _ = self._get_range(addr, ref, 0, 0, None)
         try:
             buf: Buffer = store.pool.acquire_sparse(total)
         except InsufficientSpaceError as e:
@@ -334,18 +326,7 @@ class TransferClient:
 
             def get_part(offset: int, nbytes: int) -> None:
                 store.pool.reserve(buf, offset, offset + nbytes)
-
-                def req(c: _Connection) -> None:
-                    send_frame(c.sock, MessageType.GET,
-                               {**ref.to_payload(), "offset": offset, "nbytes": nbytes},
-                               peer=c.peer)  # fmt: skip
-                    c.expect(MessageType.OK)
-                    head = c.expect(MessageType.DATA, max_data=nbytes)
-                    if head.length != nbytes:
-                        raise ProtocolError(f"{c.peer} sent {head.length} bytes, asked {nbytes}")
-                    recv_exact_into(c.sock, view[offset : offset + nbytes], peer=c.peer)
-
-                self._call(addr, req)
+                self._get_range(addr, ref, offset, nbytes, view[offset : offset + nbytes])
 
             self._run_parts(get_part, self._parts(total))
             where = f"{ref.relpath} fetched from {_fmt(addr)}"
@@ -418,8 +399,7 @@ class RemoteObjectReader:
         self.client, self.addr, self.ref = client, addr, ref
         self.where = f"{ref.relpath} on peer {_fmt(addr)}"
         self.bytes_received = 0
-        total, raw = client._get_range(addr, ref, 0, 0, None)
-        _, raw = client._get_range(addr, ref, 0, min(HEADER_SIZE, total), None)
+        total, raw = client._get_range(addr, ref, 0, HEADER_SIZE, None)
         self.header: ObjectHeader = decode_header(raw, self.where, total)
         h = self.header
         self.index: ObjectIndex = decode_index(
