@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.cli import main as cli_main
-from memckpt.reader import ObjectReader
+from memckpt.core.reader import ObjectReader
+from memckpt.tools.cli import main as cli_main
 
 
 def _save_two_steps(base: Path) -> Path:
@@ -110,7 +110,7 @@ def test_cli_human_tables_render(shm_dir):
     _save_two_steps(shm_dir)
     env = dict(os.environ, COLUMNS="200")
     out = subprocess.run(
-        [sys.executable, "-m", "memckpt.cli", "ls", str(shm_dir)],
+        [sys.executable, "-m", "memckpt.tools.cli", "ls", str(shm_dir)],
         capture_output=True, text=True, timeout=60, env=env, check=True,
     ).stdout  # fmt: skip
     assert "step" in out and "complete" in out and "yes" in out

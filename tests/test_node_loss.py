@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from memckpt.cli import main
-from memckpt.reader import ObjectReader
+from memckpt.core.reader import ObjectReader
 from memckpt.replication import NodeTopology, strategy_from_spec
+from memckpt.tools.cli import main
 from multiproc import run_ranks
 from replication_workers import (
     die_mid_transfer,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.coordination import LocalCollectives
+from memckpt.core.coordination import LocalCollectives
 from memckpt.replication import RingReplicationStrategy
-from memckpt.replicator import check_strategy, default_host, default_node_id
+from memckpt.replication.replicator import check_strategy, default_host, default_node_id
 
 
 @pytest.fixture

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 import memckpt
-from memckpt.cli import main as cli_main
-from memckpt.commands.simulate_preemption import handle
-from memckpt.events import EVENTS_FILE_ENV, read_events
-from memckpt.simulate import End, SimulationConfig, run_command, simulate
+from memckpt.core.events import EVENTS_FILE_ENV, read_events
+from memckpt.tools.cli import main as cli_main
+from memckpt.tools.commands.simulate_preemption import handle
+from memckpt.tools.simulate import End, SimulationConfig, run_command, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "preemptible_train.py"

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from memckpt.core.events import EVENTS_FILE_ENV, read_events
 from memckpt.errors import ScheduleConfigError
-from memckpt.events import EVENTS_FILE_ENV, read_events
 from memckpt.schedule import IterManager
-from memckpt.simulate import (
+from memckpt.tools.simulate import (
     End,
     RunOutcome,
     SimulationConfig,

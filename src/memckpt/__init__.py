@@ -1,6 +1,8 @@
 """memckpt: memory-first checkpoints for distributed PyTorch training."""
 
-from memckpt.coordination import Collectives, LocalCollectives, RecoveryPlan, plan_recovery
+from memckpt.core.coordination import Collectives, LocalCollectives, RecoveryPlan, plan_recovery
+from memckpt.core.handle import SaveHandle, SaveResult
+from memckpt.core.reader import ObjectReader, load_object
 from memckpt.errors import (
     AuthenticationError,
     CheckpointNotFoundError,
@@ -19,9 +21,7 @@ from memckpt.errors import (
     StateDictMismatchError,
     UnsupportedValueError,
 )
-from memckpt.handle import SaveHandle, SaveResult
 from memckpt.manager import CheckpointManager, LoadInfo
-from memckpt.reader import ObjectReader, load_object
 
 __version__ = "0.1.0"
 

@@ -10,28 +10,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from memckpt import events
-from memckpt.coordination import (
+from memckpt.core import events
+from memckpt.core.coordination import (
     Collectives,
     LocalCollectives,
     RecoveryPlan,
     TorchCollectives,
     plan_recovery,
 )
-from memckpt.engine import SaveEngine
+from memckpt.core.engine import SaveEngine
+from memckpt.core.format import DEFAULT_CHUNK_SIZE
+from memckpt.core.handle import SaveHandle
+from memckpt.core.reader import load_object
+from memckpt.core.store import CheckpointStore
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     MemckptError,
     TransferError,
 )
-from memckpt.format import DEFAULT_CHUNK_SIZE
-from memckpt.handle import SaveHandle
 from memckpt.ids import validate_step
-from memckpt.reader import load_object
 from memckpt.replication import ReplicationStrategy
-from memckpt.replicator import Replicator
-from memckpt.store import CheckpointStore
+from memckpt.replication.replicator import Replicator
 
 __all__ = ["CheckpointManager", "LoadInfo"]
 

@@ -1,4 +1,4 @@
-"""``memckpt config show`` and ``memckpt config list`` through ``memckpt.cli.main``."""
+"""``memckpt config show`` and ``memckpt config list`` through ``memckpt.tools.cli.main``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from memckpt.cli import main
 from memckpt.recipes import ConfigContainer, build_config, from_yaml, to_yaml
+from memckpt.tools.cli import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from memckpt.cli import main
 from memckpt.errors import ConfigError
-from memckpt.launch import (
+from memckpt.recipes import build_config
+from memckpt.tools.cli import main
+from memckpt.tools.launch import (
     FaultInjectionPlugin,
     LaunchSpec,
     ProfilerPlugin,
     plugin_from_spec,
     sbatch_script,
 )
-from memckpt.recipes import build_config
 
 
 def test_plugin_specs_parse_and_reject_bad_input():
@@ -109,7 +109,7 @@ def test_run_mlp_on_two_simulated_nodes_end_to_end(shm_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_short_recovers_from_the_peer_with_identical_weights(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "memckpt.cli", "demo", "--out", str(tmp_path / "demo"),
+        [sys.executable, "-m", "memckpt.tools.cli", "demo", "--out", str(tmp_path / "demo"),
          "--steps", "40", "--interval", "5", "--kill-step", "28", "--json"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip

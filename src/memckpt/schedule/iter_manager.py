@@ -12,7 +12,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal
 
-from memckpt import events
+from memckpt.core import events
 from memckpt.errors import ScheduleConfigError
 from memckpt.schedule.agreement import AllReduceMax, default_all_reduce_max
 from memckpt.schedule.deadline import Deadline, coerce_deadline, deadline_from_env, earliest

@@ -24,16 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from memckpt.errors import (
-    AuthenticationError,
-    CorruptCheckpointError,
-    InsufficientSpaceError,
-    MemckptError,
-    ProtocolError,
-    TransferError,
-)
-from memckpt.faults import fault_point
-from memckpt.format import (
+from memckpt.core.faults import fault_point
+from memckpt.core.format import (
     HEADER_SIZE,
     ObjectHeader,
     ObjectIndex,
@@ -43,9 +35,17 @@ from memckpt.format import (
     decode_index,
     read_header,
 )
-from memckpt.pool import Buffer
-from memckpt.reader import TensorDamage, verify_object_bytes
-from memckpt.store import CheckpointStore
+from memckpt.core.pool import Buffer
+from memckpt.core.reader import TensorDamage, verify_object_bytes
+from memckpt.core.store import CheckpointStore
+from memckpt.errors import (
+    AuthenticationError,
+    CorruptCheckpointError,
+    InsufficientSpaceError,
+    MemckptError,
+    ProtocolError,
+    TransferError,
+)
 from memckpt.transport.protocol import (
     MAX_DATA_LENGTH,
     MessageType,
@@ -386,7 +386,7 @@ class TransferClient:
 
 
 class RemoteObjectReader:
-    """An object on a peer, read like ``memckpt.reader.ObjectReader`` (for ``load_object``).
+    """An object on a peer, read like ``memckpt.core.reader.ObjectReader`` (for ``load_object``).
 
     Opening fetches and checks the header, index and non-tensor part. ``read_all``
     then receives each tensor's bytes straight into its destination (the caller's

@@ -25,6 +25,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from memckpt.core.faults import fault_point
+from memckpt.core.format import HEADER_SIZE, read_header
+from memckpt.core.pool import Buffer
+from memckpt.core.reader import verify_object_bytes
+from memckpt.core.store import CheckpointStore
 from memckpt.errors import (
     CorruptCheckpointError,
     InsufficientSpaceError,
@@ -33,11 +38,6 @@ from memckpt.errors import (
     PeerClosedError,
     ProtocolError,
 )
-from memckpt.faults import fault_point
-from memckpt.format import HEADER_SIZE, read_header
-from memckpt.pool import Buffer
-from memckpt.reader import verify_object_bytes
-from memckpt.store import CheckpointStore
 from memckpt.transport.protocol import (
     MAX_DATA_LENGTH,
     NONCE_BYTES,

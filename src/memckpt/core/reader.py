@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from memckpt.errors import CorruptCheckpointError, StateDictMismatchError
-from memckpt.format import (
+from memckpt.core.format import (
     HEADER_SIZE,
     ObjectHeader,
     ObjectIndex,
@@ -28,8 +27,9 @@ from memckpt.format import (
     decode_index,
     read_header,
 )
-from memckpt.statedict import iter_named_tensors, restore_state_dict
-from memckpt.tensorbytes import is_plain_cpu, tensor_memoryview
+from memckpt.core.statedict import iter_named_tensors, restore_state_dict
+from memckpt.core.tensorbytes import is_plain_cpu, tensor_memoryview
+from memckpt.errors import CorruptCheckpointError, StateDictMismatchError
 
 __all__ = ["ObjectReader", "TensorDamage", "load_object", "verify_object_bytes"]
 

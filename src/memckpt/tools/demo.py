@@ -136,8 +136,8 @@ def run_demo(
     quiet: bool = True,
 ) -> DemoReport:
     """Run the three launches described in the module docstring; return the report."""
-    from memckpt.launch import FaultInjectionPlugin, LaunchSpec, launch_local
     from memckpt.recipes import build_config
+    from memckpt.tools.launch import FaultInjectionPlugin, LaunchSpec, launch_local
 
     if steps < 3 * memory_interval:
         raise MemckptError(f"steps ({steps}) must be at least 3 memory intervals")

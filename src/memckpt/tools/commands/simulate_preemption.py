@@ -14,7 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from memckpt.simulate import SimulationReport
+    from memckpt.tools.simulate import SimulationReport
 
 __all__ = ["handle", "register"]
 
@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from memckpt.simulate import SimulationConfig, simulate
+    from memckpt.tools.simulate import SimulationConfig, simulate
 
     config = SimulationConfig(
         command=args.cmd,
@@ -86,7 +86,7 @@ def handle(args: argparse.Namespace) -> int:
         final_timeout_s=args.final_timeout,
         announce_deadline=not args.no_deadline_env,
     )
-    sim_log = logging.getLogger("memckpt.simulate")
+    sim_log = logging.getLogger("memckpt.tools.simulate")
     if sim_log.getEffectiveLevel() > logging.INFO:
         sim_log.setLevel(logging.INFO)  # progress of the runs on stderr
     # With --json the command's output goes to stderr, so stdout holds the report only.
@@ -131,8 +131,8 @@ def _show(value: Any) -> str:
 
 
 def _print_report(report: SimulationReport) -> None:
-    from memckpt.cli import _table
-    from memckpt.simulate import end_label
+    from memckpt.tools.simulate import end_label
+    from memckpt.tools.tables import print_table
 
     rows = [
         (
@@ -148,7 +148,7 @@ def _print_report(report: SimulationReport) -> None:
         )
         for r in report.runs
     ]
-    _table(f"simulate-preemption: {report.command}", _COLUMNS, rows)
+    print_table(f"simulate-preemption: {report.command}", _COLUMNS, rows)
     lost = report.steps_lost
     steps = "unknown (pass the step to IterManager.iter)" if lost is None else str(lost)
     print(

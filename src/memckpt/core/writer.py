@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from memckpt.faults import fault_point
-from memckpt.format import (
+from memckpt.core.faults import fault_point
+from memckpt.core.format import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
     ObjectHeader,
@@ -33,9 +33,9 @@ from memckpt.format import (
     encode_index,
     layout_offsets,
 )
-from memckpt.pool import Buffer
-from memckpt.statedict import FlatStateDict
-from memckpt.tensorbytes import is_plain_cpu, typed_view
+from memckpt.core.pool import Buffer
+from memckpt.core.statedict import FlatStateDict
+from memckpt.core.tensorbytes import is_plain_cpu, typed_view
 
 __all__ = ["ObjectLayout", "StagedObject", "finalize", "plan_layout", "stage"]
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memckpt.catalog import find_jobs, scan_job
-from memckpt.coordination import RecoveryPlan, plan_recovery
+from memckpt.core.coordination import RecoveryPlan, plan_recovery
 from memckpt.errors import MemckptError
+from memckpt.tools.catalog import find_jobs, scan_job
 
 __all__ = ["JobStatus", "job_status"]
 

@@ -22,12 +22,12 @@ def register(sub: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from memckpt.demo import print_report, run_demo
+    from memckpt.tools.demo import print_report, run_demo
 
     logging.getLogger("memckpt").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(message)s")
-    logging.getLogger("memckpt.demo").setLevel(logging.INFO)
+    logging.getLogger("memckpt.tools.demo").setLevel(logging.INFO)
     report = run_demo(args.out, steps=args.steps, kill_step=args.kill_step,
                       memory_interval=args.interval)  # fmt: skip
     if args.json:

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memckpt import ids
+from memckpt.core.format import read_header
+from memckpt.core.pool import Buffer, BufferPool
 from memckpt.errors import CorruptCheckpointError
-from memckpt.format import read_header
-from memckpt.pool import Buffer, BufferPool
 
 __all__ = ["CheckpointStore", "ObjectInfo"]
 

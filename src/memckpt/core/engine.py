@@ -22,16 +22,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from memckpt import events
-from memckpt.coordination import Collectives
-from memckpt.errors import CommitError, InsufficientSpaceError, MemckptError
-from memckpt.faults import fault_point
-from memckpt.format import DEFAULT_CHUNK_SIZE
-from memckpt.handle import SaveHandle, SaveResult
-from memckpt.ids import validate_step
-from memckpt.statedict import flatten_state_dict
-from memckpt.store import CheckpointStore
-from memckpt.writer import (
+from memckpt.core import events
+from memckpt.core.coordination import Collectives
+from memckpt.core.faults import fault_point
+from memckpt.core.format import DEFAULT_CHUNK_SIZE
+from memckpt.core.handle import SaveHandle, SaveResult
+from memckpt.core.statedict import flatten_state_dict
+from memckpt.core.store import CheckpointStore
+from memckpt.core.writer import (
     ObjectLayout,
     StagedObject,
     finalize,
@@ -39,9 +37,11 @@ from memckpt.writer import (
     plan_layout,
     stage,
 )
+from memckpt.errors import CommitError, InsufficientSpaceError, MemckptError
+from memckpt.ids import validate_step
 
 if TYPE_CHECKING:
-    from memckpt.replicator import Replicator
+    from memckpt.replication.replicator import Replicator
 
 __all__ = ["SaveEngine"]
 

@@ -45,14 +45,14 @@ def register(sub: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from memckpt.launch import (
+    from memckpt.recipes import build_config
+    from memckpt.tools.launch import (
         LaunchSpec,
         launch_local,
         plugin_from_spec,
         sbatch_script,
         write_config,
     )
-    from memckpt.recipes import build_config
 
     rest = argparse.ArgumentParser(prog=args.run_parser.prog, add_help=False)
     _options(rest)

@@ -3,42 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memckpt.catalog import find_jobs, gc_job, scan_job, verify_job
+from memckpt.core.reader import ObjectReader
 from memckpt.errors import MemckptError
-from memckpt.reader import ObjectReader
+from memckpt.tools.catalog import find_jobs, gc_job, scan_job, verify_job
+from memckpt.tools.tables import emit_json, human_bytes, print_table
 
 __all__ = ["main"]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
-def _table(title: str, columns: Sequence[str], rows: list[Sequence[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*[str(x) for x in r])
-    Console().print(t)
-
-
-def _emit(args: argparse.Namespace, doc: Any) -> None:
-    print(json.dumps(doc, indent=2, default=str))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -64,7 +40,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        _emit(args, docs)
+        emit_json(docs)
         return 0
     for d in docs:
         rows = [
@@ -75,11 +51,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 f"{len(s['ranks'])}/{s['world_size'] or '?'}",
                 ",".join(map(str, s["damaged"])) or "-",
                 ",".join(map(str, s["writing"])) or "-",
-                _human(s["bytes"]),
+                human_bytes(s["bytes"]),
             )
             for s in d["steps"]
         ]
-        _table(
+        print_table(
             d["job"],
             ["step", "complete", "committed", "ranks", "damaged", "writing", "size"],
             rows,
@@ -108,18 +84,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 ]  # fmt: skip
         doc["objects"].append(entry)
     if args.json:
-        _emit(args, doc)
+        emit_json(doc)
         return 0
     for o in doc["objects"]:
         if "error" in o:
-            _table(f"step {step} rank {o['rank']}: DAMAGED", ["error"], [(o["error"],)])
+            print_table(f"step {step} rank {o['rank']}: DAMAGED", ["error"], [(o["error"],)])
             continue
         rows = [
-            (t["name"], t["dtype"], tuple(t["shape"]), _human(t["bytes"]), t["device"])
+            (t["name"], t["dtype"], tuple(t["shape"]), human_bytes(t["bytes"]), t["device"])
             for t in o["tensors"]
         ]
-        _table(
-            f"step {step} rank {o['rank']} ({_human(o['size'])}, {o['path']})",
+        print_table(
+            f"step {step} rank {o['rank']} ({human_bytes(o['size'])}, {o['path']})",
             ["tensor", "dtype", "shape", "size", "device"],
             rows,
         )
@@ -133,11 +109,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             results[str(path)] = dmg if isinstance(dmg, str) else [str(d) for d in dmg]
     bad = {p: d for p, d in results.items() if d}
     if args.json:
-        _emit(args, {"objects": len(results), "damaged": bad})
+        emit_json({"objects": len(results), "damaged": bad})
     else:
         rows = [(p, "OK" if not d else (d if isinstance(d, str) else "; ".join(d))) for p, d in
                 results.items()]  # fmt: skip
-        _table("verify", ["object", "result"], rows)
+        print_table("verify", ["object", "result"], rows)
     if not results:
         logging.getLogger("memckpt").error("nothing to verify under %s", args.path)
         return 2
@@ -148,7 +124,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     job = _single_job(args.path)
     deleted = gc_job(job, args.keep, dry_run=args.dry_run)
     if args.json:
-        _emit(args, {"job": str(job), "deleted": deleted, "dry_run": args.dry_run})
+        emit_json({"job": str(job), "deleted": deleted, "dry_run": args.dry_run})
     else:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{verb} steps: {deleted or 'none'}")
@@ -192,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_command_modules(sub: Any) -> None:
-    """Add the subcommands defined in ``memckpt.commands.*`` (each has ``register(sub)``).
+    """Add the subcommands defined in ``memckpt.tools.commands.*`` (each has ``register(sub)``).
 
     Modules import their heavy dependencies inside their handlers, so ``memckpt --help``
     stays fast and works with torch alone.
@@ -200,12 +176,12 @@ def _register_command_modules(sub: Any) -> None:
     import importlib
     import pkgutil
 
-    import memckpt.commands as commands
+    import memckpt.tools.commands as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"memckpt.commands.{info.name}")
+        module = importlib.import_module(f"memckpt.tools.commands.{info.name}")
         module.register(sub)
 
 

@@ -22,8 +22,8 @@ def register(sub: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from memckpt.cli import _table
-    from memckpt.status import job_status
+    from memckpt.tools.status import job_status
+    from memckpt.tools.tables import print_table
 
     st = job_status(args.paths, args.job)
     if args.json:
@@ -46,15 +46,15 @@ def handle(args: argparse.Namespace) -> int:
             rows.append((step, r, st.nodes[st.rank_node[r]] if r in st.rank_node else "?",
                          ", ".join(st.nodes[n] for n in on) or "-",
                          ", ".join(st.nodes[n] for n in want) or "-", state))  # fmt: skip
-    _table(header, ["step", "rank", "node", "held on", "should be on", "state"], rows)
+    print_table(header, ["step", "rank", "node", "held on", "should be on", "state"], rows)
     plan = st.plan
     if plan.step is None:
         why = "; ".join(f"step {s}: {w}" for s, w in sorted(plan.skipped.items(), reverse=True))
-        _table("recovery plan", ["result"], [(f"nothing to recover ({why or 'no steps'})",)])
+        print_table("recovery plan", ["result"], [(f"nothing to recover ({why or 'no steps'})",)])
         return 1
     prow = [
         (r, "local" if s == r else f"fetch from rank {s} ({st.nodes[st.rank_node[s]]})")
         for r, s in sorted(plan.sources.items())
     ]
-    _table(f"recovery plan: load step {plan.step}", ["rank", "source"], prow)
+    print_table(f"recovery plan: load step {plan.step}", ["rank", "source"], prow)
     return 0

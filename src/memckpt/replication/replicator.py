@@ -23,7 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from memckpt.coordination import Collectives
+from memckpt.core.coordination import Collectives
+from memckpt.core.store import CheckpointStore
 from memckpt.errors import MemckptError, ReplicationConfigError, TransferError
 from memckpt.replication import (
     NodeTopology,
@@ -31,7 +32,6 @@ from memckpt.replication import (
     ReplicationStrategy,
     strategy_from_spec,
 )
-from memckpt.store import CheckpointStore
 from memckpt.transport.client import RemoteObjectReader, TransferClient
 from memckpt.transport.protocol import ObjectRef, generate_secret, secret_from_env
 from memckpt.transport.server import TransferServer, format_address

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memckpt import ids
+from memckpt.core.reader import ObjectReader, TensorDamage
 from memckpt.errors import CorruptCheckpointError, MemckptError
-from memckpt.reader import ObjectReader, TensorDamage
 
 __all__ = ["ObjectSummary", "StepSummary", "find_jobs", "gc_job", "scan_job", "verify_job"]
 

@@ -1,0 +1,2 @@
+"""Framework APIs, each a thin client of the engine (``memckpt.core``). An adapter imports its
+framework only when used."""
