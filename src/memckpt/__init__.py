@@ -1,8 +1,20 @@
 """memckpt: memory-first checkpoints for distributed PyTorch training."""
 
-from memckpt.core.coordination import Collectives, LocalCollectives, RecoveryPlan, plan_recovery
+from memckpt.core.coordination import (
+    Collectives,
+    LocalCollectives,
+    ManifestInfo,
+    RecoveryPlan,
+    StepHoldings,
+    plan_recovery,
+)
 from memckpt.core.handle import SaveHandle, SaveResult
+from memckpt.core.manifest import ObjectDigest, StepManifest
 from memckpt.core.reader import ObjectReader, load_object
+from memckpt.core.retention import RetentionPlan, plan_retention
+from memckpt.core.runtime import NodeRuntime
+from memckpt.core.sources import ObjectLocator, ObjectSource
+from memckpt.core.transaction import Ballot, SaveTransaction, Vote, collective_vote
 from memckpt.errors import (
     AuthenticationError,
     CheckpointNotFoundError,
@@ -19,7 +31,9 @@ from memckpt.errors import (
     ScheduleConfigError,
     SignalInstallError,
     StateDictMismatchError,
+    StateModifiedError,
     UnsupportedValueError,
+    WorldSizeMismatchError,
 )
 from memckpt.manager import CheckpointManager, LoadInfo
 
@@ -27,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "Ballot",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CollectiveError",
@@ -38,19 +53,33 @@ __all__ = [
     "InvalidNameError",
     "LoadInfo",
     "LocalCollectives",
+    "ManifestInfo",
     "MemckptError",
+    "NodeRuntime",
+    "ObjectDigest",
+    "ObjectLocator",
     "ObjectReader",
+    "ObjectSource",
     "PeerClosedError",
     "ProtocolError",
     "RecoveryPlan",
     "ReplicationConfigError",
+    "RetentionPlan",
     "SaveHandle",
     "SaveResult",
+    "SaveTransaction",
     "ScheduleConfigError",
     "SignalInstallError",
     "StateDictMismatchError",
+    "StateModifiedError",
+    "StepHoldings",
+    "StepManifest",
     "UnsupportedValueError",
+    "Vote",
+    "WorldSizeMismatchError",
     "__version__",
+    "collective_vote",
     "load_object",
     "plan_recovery",
+    "plan_retention",
 ]

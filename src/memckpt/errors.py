@@ -19,8 +19,10 @@ __all__ = [
     "ScheduleConfigError",
     "SignalInstallError",
     "StateDictMismatchError",
+    "StateModifiedError",
     "TransferError",
     "UnsupportedValueError",
+    "WorldSizeMismatchError",
 ]
 
 
@@ -42,6 +44,21 @@ class CorruptCheckpointError(MemckptError):
 
 class StateDictMismatchError(MemckptError, ValueError):
     """Loading in place failed because keys, shapes or dtypes differ; nothing was overwritten."""
+
+
+class StateModifiedError(MemckptError):
+    """A load failed after writing into the caller's tensors and no other step rewrote them.
+
+    The state dict holds partly loaded values: rebuild it before training from it.
+    """
+
+
+class WorldSizeMismatchError(MemckptError):
+    """A checkpoint was saved by another number of ranks than the job has now.
+
+    A memory checkpoint loads only into the world size that saved it; reshard through
+    ``torch.distributed.checkpoint`` to change the number of ranks.
+    """
 
 
 class InsufficientSpaceError(MemckptError, OSError):

@@ -2,20 +2,35 @@
 
 Every name that becomes a path component passes through here. Names follow a
 strict pattern so that no name can contain ``/``, ``..`` or anything else that
-would let it escape the job's directory.
+would let it escape the job's directory. The on-disk layout of a job is encoded
+once, in :class:`JobLayout`::
+
+    <base_dir>/<job_id>/
+      .pool/rank-<r>.<n>.buf       free, pre-faulted buffers of rank r
+      .peers/rank-<r>.json         rank r's node, address and replication plan
+      step-<N>.writing.<r>         present while rank r writes step N
+      step-<N>/rank-<r>.mck        rank r's object of step N (appears atomically)
+      step-<N>/rank-<r>.mck.prev   the committed object a re-save of step N replaces,
+                                   kept until the re-save commits or rolls back
+      step-<N>/manifest.json       the step manifest, written at the global commit
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Final
 
 from memckpt.errors import InvalidNameError
 
 __all__ = [
-    "COMMITTED_MARKER",
+    "MANIFEST_NAME",
     "OBJECT_SUFFIX",
+    "PEERS_DIR",
     "POOL_DIR",
+    "PREV_SUFFIX",
+    "JobLayout",
     "object_name",
     "parse_object_name",
     "parse_step_dir",
@@ -28,7 +43,9 @@ __all__ = [
 ]
 
 POOL_DIR: Final = ".pool"
-COMMITTED_MARKER: Final = ".committed"
+PEERS_DIR: Final = ".peers"
+MANIFEST_NAME: Final = "manifest.json"
+PREV_SUFFIX: Final = ".prev"
 OBJECT_SUFFIX: Final = ".mck"
 
 _JOB_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -103,3 +120,54 @@ def parse_object_name(name: str) -> int | None:
     """Return the source rank of an object file name, or None if it is not one."""
     m = _OBJECT_RE.fullmatch(name)
     return int(m.group(1)) if m else None
+
+
+class JobLayout:
+    """Where everything of one job lives under a base directory (see the module docstring)."""
+
+    def __init__(self, base_dir: str | os.PathLike[str], job_id: str) -> None:
+        self.base_dir = Path(base_dir)
+        self.job_id = validate_job_id(job_id)
+        self.root = self.base_dir / self.job_id
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.root / POOL_DIR
+
+    @property
+    def peers_dir(self) -> Path:
+        return self.root / PEERS_DIR
+
+    def peer_file(self, rank: int) -> Path:
+        return self.peers_dir / f"rank-{validate_rank(rank)}.json"
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / step_dir_name(step)
+
+    def object_path(self, step: int, rank: int) -> Path:
+        return self.step_dir(step) / object_name(rank)
+
+    def prev_object_path(self, step: int, rank: int) -> Path:
+        return self.step_dir(step) / (object_name(rank) + PREV_SUFFIX)
+
+    def manifest_path(self, step: int) -> Path:
+        return self.step_dir(step) / MANIFEST_NAME
+
+    def marker_path(self, step: int, rank: int) -> Path:
+        return self.root / writing_marker_name(step, rank)
+
+    @staticmethod
+    def relpath(job_id: str, step: int, rank: int) -> str:
+        """``<job_id>/step-<N>/rank-<R>.mck``, relative to the base directory."""
+        return f"{validate_job_id(job_id)}/{step_dir_name(step)}/{object_name(rank)}"
+
+    def resolve_object(self, step: int, rank: int) -> Path:
+        """Real path of an object; raises if it resolves (symlinks too) outside the base dir."""
+        base = Path(os.path.realpath(self.base_dir))
+        path = Path(os.path.realpath(base / self.relpath(self.job_id, step, rank)))
+        if not path.is_relative_to(base) or path == base:
+            raise InvalidNameError(
+                f"object (job {self.job_id!r}, step {step}, rank {rank}) resolves to {path}, "
+                f"outside the store root {base}; check for symlinks under the root"
+            )
+        return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -11,23 +10,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from memckpt.core import events
-from memckpt.core.coordination import (
-    Collectives,
-    LocalCollectives,
-    RecoveryPlan,
-    TorchCollectives,
-    plan_recovery,
-)
-from memckpt.core.engine import SaveEngine
+from memckpt.core.coordination import Collectives, Inventory, RecoveryPlan, plan_recovery
 from memckpt.core.format import DEFAULT_CHUNK_SIZE
 from memckpt.core.handle import SaveHandle
 from memckpt.core.reader import load_object
-from memckpt.core.store import CheckpointStore
+from memckpt.core.runtime import NodeRuntime, RuntimeOptions
+from memckpt.core.sources import ObjectLocator, ObjectSource
+from memckpt.core.transaction import Vote
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     MemckptError,
+    StateModifiedError,
     TransferError,
+    WorldSizeMismatchError,
 )
 from memckpt.ids import validate_step
 from memckpt.replication import ReplicationStrategy
@@ -55,16 +51,6 @@ class LoadInfo:
     def fetched(self) -> bool:
         """Whether this rank's data came from a peer's node."""
         return self.fetched_bytes > 0
-
-
-def _dist_rank_world() -> tuple[int, int] | None:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return None
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return None
 
 
 class CheckpointManager:
@@ -97,6 +83,14 @@ class CheckpointManager:
             generated on rank 0 and shared through the process group).
         connections: parallel connections per object transfer.
         transfer_timeout_s: limit for each socket operation of a transfer.
+        size_hint: bytes of one rank's checkpoint, if known: a buffer this size is
+            pre-faulted in the background at start so the first save is warm (default:
+            the size of the newest object this rank finds on its node).
+        vote: how a step's completion is decided (default: an all-gather of every rank's
+            ballot on a gloo group); see ``memckpt.core.transaction``.
+
+    Managers (and other savers) of the same job in one process share one node runtime
+    (``memckpt.core.runtime``): one store, buffer pool, transfer server and process group.
     """
 
     def __init__(
@@ -119,46 +113,47 @@ class CheckpointManager:
         secret: bytes | None = None,
         connections: int = 2,
         transfer_timeout_s: float = 30.0,
+        size_hint: int | None = None,
+        vote: Vote | None = None,
     ) -> None:
-        if collectives is None:
-            dist_info = _dist_rank_world()
-            if dist_info is not None and dist_info[1] > 1:
-                collectives = TorchCollectives(timeout_s)
-                commit_collectives = commit_collectives or TorchCollectives(timeout_s)
-            else:
-                collectives = LocalCollectives()
-        self.coll = collectives
-        self.commit_coll = commit_collectives or collectives
-        self.rank = collectives.rank
-        self.world_size = collectives.world_size
-        self.store = CheckpointStore(base_dir, job_id, self.rank, limit_bytes)
-        self.store.remove_stale_markers()
-        self.replicator: Replicator | None = None
-        if replication is not None:
-            self.replicator = Replicator.setup(
-                self.store,
-                collectives,
-                replication,
-                node_id=node_id,
-                host=transfer_host,
-                port=transfer_port,
-                secret=secret,
-                connections=connections,
-                timeout_s=transfer_timeout_s,
-            )
-            if self.replicator is not None:
-                self._write_peer_file()
-        self.engine = SaveEngine(
-            self.store,
-            self.commit_coll,
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        spec = replication.spec if isinstance(replication, ReplicationStrategy) else replication
+        options = RuntimeOptions(
             keep_last=keep_last,
+            limit_bytes=limit_bytes,
             chunk_size=chunk_size,
             durable=durable,
             prefault=prefault,
-            replicator=self.replicator,
+            replication=spec,
+            node_id=node_id,
+            connections=connections,
+            transfer_timeout_s=transfer_timeout_s,
+            timeout_s=timeout_s,
+            size_hint=size_hint,
         )
+        self.runtime = NodeRuntime.acquire(
+            base_dir,
+            job_id,
+            options,
+            collectives=collectives,
+            commit_collectives=commit_collectives,
+            strategy=replication,
+            transfer_host=transfer_host,
+            transfer_port=transfer_port,
+            secret=secret,
+            vote=vote,
+        )
+        rt = self.runtime
+        self.coll = rt.coll
+        self.commit_coll = rt.commit_coll
+        self.rank = rt.rank
+        self.world_size = rt.world_size
+        self.store = rt.store
+        self.replicator: Replicator | None = rt.replicator
+        self.engine = rt.engine
         self.last_load: LoadInfo | None = None
-        self._inventories: list[Any] = []
+        self._inventories: list[Inventory] = []
         self._closed = False
 
     @property
@@ -168,27 +163,6 @@ class CheckpointManager:
     @property
     def root(self) -> str:
         return str(self.store.root)
-
-    def _write_peer_file(self) -> None:
-        """Record this rank's node, address and replication plan for ``memckpt status``."""
-        rep = self.replicator
-        assert rep is not None
-        d = self.store.root / ".peers"
-        d.mkdir(exist_ok=True)
-        doc = {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "node_id": rep.peers[self.rank].node_id,
-            "address": rep.server.address,
-            "strategy": rep.strategy.spec,
-            "node_of": list(rep.topology.node_of),
-            "node_ids": [p.node_id for p in rep.peers],
-            "holders": {str(r): list(rep.plan.holders_of(r)) for r in range(self.world_size)},
-            "time": time.time(),
-        }
-        tmp = d / f".rank-{self.rank}.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, d / f"rank-{self.rank}.json")
 
     def save(self, step: int, state_dict: Any, *, blocking: bool = False) -> SaveHandle:
         """Checkpoint ``state_dict`` as ``step``; returns once its tensors are copied.
@@ -204,7 +178,9 @@ class CheckpointManager:
         """Wait for the save in flight (if any) to finish."""
         self.engine.wait_idle()
 
-    def _plan(self, step: int | None, exclude: Iterable[int] = ()) -> RecoveryPlan:
+    def _plan(
+        self, step: int | None, exclude: Iterable[int] = (), on_world_size_mismatch: str = "raise"
+    ) -> RecoveryPlan:
         self.engine.wait_idle()
         self._inventories = self.coll.all_gather_object(
             self.store.inventory(), "inventory exchange"
@@ -215,20 +191,39 @@ class CheckpointManager:
             allow_fetch=self.replicator is not None,
             step=step,
             exclude_steps=tuple(exclude),
+            on_world_size_mismatch=on_world_size_mismatch,
         )
 
-    def latest(self) -> int | None:
-        """The newest step whose every rank's data exists, valid, on a live rank, or None.
+    def _world_size_error(self, plan: RecoveryPlan) -> WorldSizeMismatchError:
+        assert plan.world_size_mismatch is not None
+        step, saved = plan.world_size_mismatch
+        return WorldSizeMismatchError(
+            f"step {step} of job {self.job_id!r} was saved by {saved} ranks; this job runs "
+            f"{self.world_size}. A memory checkpoint loads only into the world size that "
+            "saved it (loading a subset would drop other ranks' shards). To change the "
+            "number of ranks, reshard through torch.distributed.checkpoint (the DCP "
+            "adapter) or load your persistent checkpoint; to ignore such steps pass "
+            "on_world_size_mismatch='skip'."
+        )
 
-        Collective. Without replication each rank must hold its own data; with it a
-        copy on any peer counts (``load`` fetches it). Decided from the inventories the
-        ranks exchange, so it answers in one round trip even when nothing survives.
+    def latest(self, *, on_world_size_mismatch: str = "raise") -> int | None:
+        """The newest complete step, or None (collective).
+
+        Complete: its manifest exists on a live node and every rank's object it names
+        exists, valid, on a live node (without replication: on the rank's own node).
+        A newer complete step saved by another world size raises WorldSizeMismatchError
+        (``on_world_size_mismatch="skip"`` passes over it instead). Decided from the
+        inventories the ranks exchange, so it answers in one round trip even when
+        nothing survives.
         """
-        return self._plan(None).step
+        plan = self._plan(None, on_world_size_mismatch=on_world_size_mismatch)
+        if plan.world_size_mismatch is not None:
+            raise self._world_size_error(plan)
+        return plan.step
 
     def recovery_plan(self, step: int | None = None) -> RecoveryPlan:
         """Which step ``load`` would take and where each rank's data would come from."""
-        return self._plan(step)
+        return self._plan(step, on_world_size_mismatch="skip")
 
     def load(
         self,
@@ -238,6 +233,7 @@ class CheckpointManager:
         map_location: Any = None,
         strict: bool = True,
         safe_globals: Iterable[Any] = (),
+        on_world_size_mismatch: str = "raise",
     ) -> Any:
         """Load a checkpoint (collective). Returns the state dict, or None if none exists.
 
@@ -246,14 +242,31 @@ class CheckpointManager:
         tensors are copied into it in place after checking every key's shape and dtype
         (a mismatch raises before anything is written) and its non-tensor values are
         updated. ``safe_globals`` lists classes the non-tensor part may construct.
+
+        A step saved by another world size is never loaded: WorldSizeMismatchError
+        (see ``latest``). Once damaged bytes have reached ``state_dict``'s tensors, load
+        returns only a step that rewrote every one of them; otherwise it raises
+        StateModifiedError instead of returning None.
         """
         if step is not None:
             step = validate_step(step)
         excluded: list[int] = []
+        touched: set[str] = set()  # this rank's tensors a failed attempt wrote into
+        any_touched = False
         while True:
             t0 = time.perf_counter()
-            plan = self._plan(step, excluded)
+            plan = self._plan(step, excluded, on_world_size_mismatch)
+            if plan.world_size_mismatch is not None:
+                raise self._world_size_error(plan)
             if plan.step is None:
+                if any_touched:
+                    raise StateModifiedError(
+                        f"no complete step of job {self.job_id!r} could be loaded "
+                        f"(tried {excluded}), and a failed attempt had already written into "
+                        f"the state dict's tensors on some rank ({sorted(touched)[:5]} here): "
+                        "they hold partly loaded values. Rebuild the model and optimizer "
+                        "state (or load your persistent checkpoint) before training"
+                    )
                 if step is not None:
                     why = plan.skipped.get(step, "no rank holds it")
                     raise CheckpointNotFoundError(
@@ -261,29 +274,51 @@ class CheckpointManager:
                     )
                 log.info("rank %d: no complete memory checkpoint of job %s", self.rank, self.job_id)
                 return None
-            path = self.store.object_path(plan.step, self.rank)
+            assert plan.manifest is not None
+            locator = ObjectLocator(self.store, self.replicator, self._inventories, plan.step,
+                                    dict(enumerate(plan.manifest.digests)))  # fmt: skip
             error: BaseException | None = None
             result = None
-            source = plan.sources[self.rank]
-            fetched, fetch_s = 0, 0.0
+            written: set[str] = set()
+            planned = plan.sources[self.rank]
+            source, fetched, fetch_s = self.rank, 0, 0.0
+            t_read = time.perf_counter()
             try:
-                if source == self.rank:
-                    result = load_object(path, state_dict, map_location=map_location,
-                                         strict=strict, safe_globals=safe_globals)  # fmt: skip
-                else:
-                    t_fetch = time.perf_counter()
-                    source, fetched, result = self._load_remote(
-                        plan.step, source, state_dict, map_location, strict, safe_globals
-                    )
-                    fetch_s = time.perf_counter() - t_fetch
+                received = [0]
+
+                def read(
+                    src: ObjectSource, _w: set[str] = written, _r: list[int] = received
+                ) -> Any:
+                    out = load_object(src, state_dict, map_location=map_location, strict=strict,
+                                      safe_globals=safe_globals, written=_w)  # fmt: skip
+                    _r[0] = getattr(src, "bytes_received", 0)
+                    return out
+
+                result, holder = locator.read(
+                    self.rank, read, first=None if planned == self.rank else planned
+                )
+                if holder is not None:
+                    source, fetched = holder, received[0]
+                    fetch_s = time.perf_counter() - t_read
             except MemckptError as e:
                 error = e
+            if error is None:
+                missing = touched - written
+                if missing:
+                    error = StateModifiedError(
+                        f"step {plan.step} does not rewrite tensors {sorted(missing)[:5]} that "
+                        "a failed load of a newer step had written into"
+                    )
+            else:
+                touched |= written
             votes = self.coll.all_gather_object(
-                (error is None, type(error).__name__, str(error) if error else ""),
+                (error is None, type(error).__name__, str(error) if error else "", bool(touched)),
                 f"load vote for step {plan.step}",
             )
-            failed = [(r, kind, msg) for r, (ok, kind, msg) in enumerate(votes) if not ok]
+            any_touched = any(t for *_, t in votes)
+            failed = [(r, kind, msg) for r, (ok, kind, msg, _) in enumerate(votes) if not ok]
             if not failed:
+                path = self.store.object_path(plan.step, self.rank)
                 self.last_load = LoadInfo(
                     plan.step,
                     str(path),
@@ -295,11 +330,15 @@ class CheckpointManager:
                     fetch_s=fetch_s,
                 )
                 log.info("rank %d: loaded step %d from %s%s", self.rank, plan.step, path,
-                         f" (fetched from rank {source})" if fetched else "")  # fmt: skip
+                         f" (read from rank {source}'s node)" if fetched else "")  # fmt: skip
                 events.emit("loaded", step=plan.step, rank=self.rank, source=source)
-                self._after_load(plan.step, fetch_from=source if fetched else None)
+                self._after_load(plan, fetch_from=source if fetched else None)
                 return result
-            retryable = (CorruptCheckpointError.__name__, TransferError.__name__)
+            retryable = (
+                CorruptCheckpointError.__name__,
+                TransferError.__name__,
+                StateModifiedError.__name__,
+            )
             corrupt_only = all(kind in retryable for _, kind, _ in failed)
             if step is None and corrupt_only:
                 log.warning(
@@ -310,52 +349,40 @@ class CheckpointManager:
                 )
                 excluded.append(plan.step)
                 continue
+            if any_touched and not isinstance(error, StateModifiedError):
+                r, kind, msg = failed[0]
+                raise StateModifiedError(
+                    f"step {plan.step} failed to load on rank {r} ({kind}: {msg}) after "
+                    "damaged bytes had reached the state dict's tensors on some rank; "
+                    "rebuild the state before training"
+                )
             if error is not None:
                 raise error
             r, kind, msg = failed[0]
             raise MemckptError(f"step {plan.step} failed to load on rank {r}: {kind}: {msg}")
 
-    def _load_remote(
-        self,
-        step: int,
-        source: int,
-        state_dict: Any,
-        map_location: Any,
-        strict: bool,
-        safe_globals: Iterable[Any],
-    ) -> tuple[int, int, Any]:
-        """This node lost its copy: stream it from a peer straight into the destination
-        tensors, verifying every chunk on arrival. The planned source first, then every
-        other holder; returns (source used, bytes received, loaded state)."""
-        rep = self.replicator
-        assert rep is not None
-        others = [
-            h
-            for h, inv in enumerate(self._inventories)
-            if h not in (source, self.rank) and self.rank in inv.get(step, ())
-        ]
-        for i, src in enumerate([source, *others]):
-            try:
-                with rep.open_remote(step, self.rank, src) as remote:
-                    result = load_object(remote, state_dict, map_location=map_location,
-                                         strict=strict, safe_globals=safe_globals)  # fmt: skip
-                return src, remote.bytes_received, result
-            except (TransferError, CorruptCheckpointError) as e:
-                if i == len(others):
-                    raise
-                log.warning("rank %d: step %d from rank %d failed (%s); trying rank %d",
-                            self.rank, step, src, e, others[i])  # fmt: skip
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _after_load(self, plan: RecoveryPlan, fetch_from: int | None = None) -> None:
+        """The loaded step is the job's again: its manifest and every copy are restored.
 
-    def _after_load(self, step: int, fetch_from: int | None = None) -> None:
-        """The loaded step is the job's again: mark it, and restore every copy of it.
-
-        In the background: a rank that streamed its data from a peer also keeps a local
-        copy again (so a second failure before the next save still finds it here), and
-        every rank pushes its object to holder nodes that lost theirs.
+        Ranks whose node lacks the step's manifest get it from a rank that has it (one
+        all-gather). In the background a rank that read its data from a peer keeps a
+        local copy again (so a second failure before the next save still finds it
+        here), and every rank pushes its object to holder nodes that lost theirs.
         """
-        if not self.store.is_committed(step):
-            self.store.mark_committed(step, self.world_size)
+        step = plan.step
+        assert step is not None and plan.manifest is not None
+        digest = plan.manifest.digests[self.rank]
+        giver = plan.manifest_holders[0] if plan.manifest_holders else None
+        need = self.store.manifest(step) is None or (
+            self.store.manifest(step).checksum != plan.manifest.checksum  # type: ignore[union-attr]
+        )
+        needs = self.coll.all_gather_object(need, f"manifest check for step {step}")
+        if any(needs):
+            mine = self.store.manifest(step) if self.rank == giver else None
+            got = self.coll.all_gather_object(mine, f"manifest exchange for step {step}")
+            m = got[giver] if giver is not None else None
+            if need and m is not None:
+                self.store.write_manifest(m)
         rep = self.replicator
         self.engine.note_loaded(step, replicated=False)
         if rep is not None:
@@ -367,7 +394,7 @@ class CheckpointManager:
                         rep.fetch(step, self.rank, fetch_from)
                     except MemckptError as e:
                         log.warning("rank %d: no local copy of step %d: %s", self.rank, step, e)
-                outcome = rep.rereplicate(step, invs)
+                outcome = rep.rereplicate(step, invs, digest)
                 if outcome.ok and outcome.holders:
                     log.info("rank %d: step %d replicated again to ranks %s (%.1f MB, %.3fs)",
                              self.rank, step, outcome.holders, outcome.nbytes / 1e6,
@@ -380,10 +407,7 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
-        self.engine.close()
-        if self.replicator is not None:
-            self.replicator.close()
-        self.store.close()
+        self.runtime.release()
 
     def __enter__(self) -> CheckpointManager:
         return self

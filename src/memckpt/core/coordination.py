@@ -14,12 +14,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from memckpt.core.manifest import StepManifest
 from memckpt.errors import CollectiveError
 
 __all__ = [
     "Collectives",
+    "Inventory",
     "LocalCollectives",
+    "ManifestInfo",
     "RecoveryPlan",
+    "StepHoldings",
     "TorchCollectives",
     "plan_recovery",
 ]
@@ -90,69 +94,138 @@ class TorchCollectives:
 
 
 @dataclass(frozen=True)
+class ManifestInfo:
+    """A step manifest as ranks exchange it: enough to decide completeness, no blobs."""
+
+    world_size: int
+    digests: tuple[int, ...]
+    checksum: int
+    created_unix: float = 0.0
+
+    @classmethod
+    def of(cls, manifest: StepManifest) -> ManifestInfo:
+        return cls(
+            manifest.world_size,
+            tuple(manifest.objects[r].digest for r in range(manifest.world_size)),
+            manifest.checksum,
+            manifest.created_unix,
+        )
+
+
+@dataclass(frozen=True)
+class StepHoldings:
+    """What one node holds of one step: valid objects (rank -> digest) and its manifest."""
+
+    objects: Mapping[int, int] = field(default_factory=dict)
+    manifest: ManifestInfo | None = None
+
+
+Inventory = Mapping[int, StepHoldings]
+"""step -> holdings, as one rank reports its node's tree."""
+
+
+@dataclass(frozen=True)
 class RecoveryPlan:
     """Which step to load and, for each rank, where its data comes from.
 
     ``sources[r]`` is the rank whose node holds rank r's object (r itself when its
     own node still has it); ``fetches`` lists (rank, source) pairs for data a rank
-    must fetch from a peer.
+    must fetch from a peer. ``manifest`` is the chosen step's manifest and
+    ``manifest_holders`` the ranks whose node has it. ``world_size_mismatch`` is
+    (step, saved world size) when the newest complete step was saved by another
+    world size and the plan was asked to stop there rather than skip it.
     """
 
     step: int | None
     sources: Mapping[int, int] = field(default_factory=dict)
     skipped: Mapping[int, str] = field(default_factory=dict)
+    manifest: ManifestInfo | None = None
+    manifest_holders: tuple[int, ...] = ()
+    world_size_mismatch: tuple[int, int] | None = None
 
     @property
     def fetches(self) -> list[tuple[int, int]]:
         return [(r, s) for r, s in sorted(self.sources.items()) if s != r]
 
 
+def _spread_sources(by_rank: Mapping[int, Sequence[int]], world_size: int) -> dict[int, int]:
+    sources: dict[int, int] = {}
+    load: dict[int, int] = {}
+    for r in range(world_size):
+        hs = by_rank[r]
+        if r in hs:
+            sources[r] = r
+            continue
+        # spread: least-loaded holder, ties broken by distance from r for determinism
+        src = min(hs, key=lambda h: (load.get(h, 0), (h - r) % world_size))
+        load[src] = load.get(src, 0) + 1
+        sources[r] = src
+    return sources
+
+
 def plan_recovery(
-    inventories: Sequence[Mapping[int, Sequence[int]]],
+    inventories: Sequence[Inventory],
     world_size: int,
     *,
     allow_fetch: bool = False,
     step: int | None = None,
     exclude_steps: Sequence[int] = (),
+    on_world_size_mismatch: str = "raise",
 ) -> RecoveryPlan:
-    """Pick the newest step whose every rank's object is held somewhere (pure).
+    """Pick the newest complete step and a source for every rank's object (pure).
 
-    ``inventories[h]`` maps step -> source ranks whose objects rank h's node holds.
-    Without ``allow_fetch`` each rank must hold its own object. With it, a missing
-    object is fetched from a holder; sources are spread so that no holder serves
-    more ranks than needed. ``skipped`` says why each newer step was passed over.
+    ``inventories[h]`` is what rank h's node holds. A step is complete when some node
+    has its manifest and, for every rank of the world that saved it, some node holds
+    an object whose digest the manifest names. Without ``allow_fetch`` each rank must
+    hold its own object. With it, a missing object is fetched from a holder; sources
+    are spread so that no holder serves more ranks than needed.
+
+    A complete step saved by another world size is never loaded: with
+    ``on_world_size_mismatch="raise"`` the plan stops there (``step`` None,
+    ``world_size_mismatch`` set); with ``"skip"`` older steps are considered.
+    ``skipped`` says why each newer step was passed over.
     """
-    holders: dict[int, dict[int, list[int]]] = {}
-    for h, inv in enumerate(inventories):
-        for s, ranks in inv.items():
-            for r in ranks:
-                holders.setdefault(s, {}).setdefault(r, []).append(h)
-    candidates = sorted(holders, reverse=True) if step is None else [step]
+    if on_world_size_mismatch not in ("raise", "skip"):
+        raise ValueError(
+            f"on_world_size_mismatch must be 'raise' or 'skip', got {on_world_size_mismatch!r}"
+        )
+    steps = {s for inv in inventories for s in inv}
+    candidates = sorted(steps, reverse=True) if step is None else [step]
     skipped: dict[int, str] = {}
     for s in candidates:
         if s in exclude_steps:
             skipped[s] = "excluded (failed to load)"
             continue
-        by_rank = holders.get(s, {})
-        missing = [r for r in range(world_size) if r not in by_rank]
-        if missing:
-            skipped[s] = f"no live copy of rank(s) {missing}"
+        held = [inv.get(s) or StepHoldings() for inv in inventories]
+        variants = {h.manifest.checksum: h.manifest for h in held if h.manifest is not None}
+        if not variants:
+            skipped[s] = "not committed (no node has its step manifest)"
             continue
-        if not allow_fetch:
-            remote = [r for r in range(world_size) if r not in by_rank[r]]
-            if remote:
-                skipped[s] = f"rank(s) {remote} do not hold their own data and fetching is off"
+        reasons = []
+        for m in sorted(variants.values(), key=lambda m: -m.created_unix):
+            by_rank = {
+                r: [h for h, hold in enumerate(held) if hold.objects.get(r) == m.digests[r]]
+                for r in range(m.world_size)
+            }
+            missing = [r for r, hs in by_rank.items() if not hs]
+            if missing:
+                reasons.append(f"no live copy of rank(s) {missing}")
                 continue
-        sources: dict[int, int] = {}
-        load: dict[int, int] = {}
-        for r in range(world_size):
-            hs = by_rank[r]
-            if r in hs:
-                sources[r] = r
+            if m.world_size != world_size:
+                if on_world_size_mismatch == "raise":
+                    return RecoveryPlan(
+                        None, skipped=skipped, world_size_mismatch=(s, m.world_size)
+                    )
+                reasons.append(f"saved by {m.world_size} ranks, this job has {world_size}")
                 continue
-            # spread: least-loaded holder, ties broken by distance from r for determinism
-            src = min(hs, key=lambda h: (load.get(h, 0), (h - r) % world_size))
-            load[src] = load.get(src, 0) + 1
-            sources[r] = src
-        return RecoveryPlan(step=s, sources=sources, skipped=skipped)
+            if not allow_fetch:
+                remote = [r for r in range(world_size) if r not in by_rank[r]]
+                if remote:
+                    reasons.append(
+                        f"rank(s) {remote} do not hold their own data and fetching is off"
+                    )
+                    continue
+            holders = tuple(h for h, hold in enumerate(held) if hold.manifest == m)
+            return RecoveryPlan(s, _spread_sources(by_rank, world_size), skipped, m, holders)
+        skipped[s] = "; ".join(reasons)
     return RecoveryPlan(step=None, skipped=skipped)

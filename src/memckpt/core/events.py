@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import time
-from typing import Any, Final
+from typing import Any
+
+from memckpt.settings import EVENTS_FILE_ENV
 
 __all__ = ["EVENTS_FILE_ENV", "emit", "read_events"]
-
-EVENTS_FILE_ENV: Final = "MEMCKPT_EVENTS_FILE"
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ import os
 import signal
 from typing import Final
 
+from memckpt.settings import FAULT_POINT_ENV, FAULT_STEP_ENV
+
 __all__ = ["FAULT_POINTS", "REPLICATION_FAULT_POINTS", "fault_point"]
 
 FAULT_POINTS: Final = (
@@ -22,7 +24,7 @@ FAULT_POINTS: Final = (
     "before_local_commit",
     "after_local_commit",
     "after_vote",
-    "after_mark_committed",
+    "after_manifest",
     "mid_retention",
 )
 
@@ -31,8 +33,8 @@ REPLICATION_FAULT_POINTS: Final = ("mid_replica_send", "mid_replica_recv", "afte
 
 
 def fault_point(name: str, step: int) -> None:
-    if os.environ.get("MEMCKPT_FAULT_POINT") != name:
+    if os.environ.get(FAULT_POINT_ENV) != name:
         return
-    want = os.environ.get("MEMCKPT_FAULT_STEP")
+    want = os.environ.get(FAULT_STEP_ENV)
     if want is None or want == str(step):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -108,6 +108,7 @@ class ObjectHeader:
     objects_length: int
     objects_checksum: int
     version: int = FORMAT_VERSION
+    digest: int = 0  # checksum of the header fields as stored; identifies the whole object
 
     @property
     def end(self) -> int:
@@ -151,7 +152,7 @@ def decode_header(raw: bytes, where: str, file_size: int | None = None) -> Objec
         )
     if checksum(body) != stored:
         raise CorruptCheckpointError(f"{where}: header checksum mismatch")
-    h = ObjectHeader(*fields[3:], version=fields[1])
+    h = ObjectHeader(*fields[3:], version=fields[1], digest=stored)
     if fields[2] != HEADER_SIZE or h.data_offset < HEADER_SIZE or h.index_length > MAX_INDEX_BYTES:
         raise CorruptCheckpointError(f"{where}: header fields out of range")
     if file_size is not None and h.end > file_size:

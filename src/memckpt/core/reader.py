@@ -25,7 +25,6 @@ from memckpt.core.format import (
     checksum,
     decode_header,
     decode_index,
-    read_header,
 )
 from memckpt.core.statedict import iter_named_tensors, restore_state_dict
 from memckpt.core.tensorbytes import is_plain_cpu, tensor_memoryview
@@ -46,6 +45,48 @@ class TensorDamage:
         return f"tensor {self.tensor!r} chunk {self.chunk} (bytes from {self.offset})"
 
 
+def pread_exact(fd: int, offset: int, length: int, where: str, what: str) -> bytes:
+    """``length`` bytes at ``offset``, looping: Linux returns at most ~2 GiB per call."""
+    out = bytearray(length)
+    view = memoryview(out)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got : got + (1 << 30)]], offset + got)
+        if n == 0:
+            raise CorruptCheckpointError(f"{where}: {what} truncated")
+        got += n
+    return bytes(out)
+
+
+def read_sections(
+    read: Callable[[int, int, str], bytes], size: int, where: str
+) -> tuple[ObjectHeader, ObjectIndex, bytes]:
+    """Validate an object's header, index and non-tensor part, wherever its bytes are.
+
+    ``read(offset, length, what)`` returns exactly ``length`` bytes (or raises); ``size``
+    is the object's length. The one validation used for local files, peers' objects
+    and replicas held in memory.
+    """
+    h = decode_header(read(0, min(HEADER_SIZE, size), "header"), where, size)
+
+    def section(offset: int, length: int, expected: int, what: str) -> bytes:
+        raw = read(offset, length, what)
+        if len(raw) != length:
+            raise CorruptCheckpointError(f"{where}: {what} truncated")
+        if checksum(raw) != expected:
+            raise CorruptCheckpointError(f"{where}: {what} checksum mismatch")
+        return raw
+
+    index = decode_index(
+        section(h.index_offset, h.index_length, h.index_checksum, "index"),
+        where,
+        h.data_offset,
+        h.data_offset + h.data_length,
+    )
+    skeleton = section(h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part")
+    return h, index, skeleton
+
+
 class ObjectReader:
     """An open object file with its header, index and skeleton validated."""
 
@@ -54,16 +95,11 @@ class ObjectReader:
         self.where = str(self.path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.header: ObjectHeader = read_header(self.fd, self.where)
-            h = self.header
-            raw_index = self._pread_checked(
-                h.index_offset, h.index_length, h.index_checksum, "index"
-            )
-            self.index: ObjectIndex = decode_index(
-                raw_index, self.where, h.data_offset, h.data_offset + h.data_length
-            )
-            self.skeleton = self._pread_checked(
-                h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part"
+            size = os.fstat(self.fd).st_size
+            self.header, self.index, self.skeleton = read_sections(
+                lambda off, n, what: pread_exact(self.fd, off, n, self.where, what),
+                size,
+                self.where,
             )
         except BaseException:
             os.close(self.fd)
@@ -79,14 +115,6 @@ class ObjectReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def _pread_checked(self, offset: int, length: int, expected: int, what: str) -> bytes:
-        raw = os.pread(self.fd, length, offset)
-        if len(raw) != length:
-            raise CorruptCheckpointError(f"{self.where}: {what} truncated")
-        if checksum(raw) != expected:
-            raise CorruptCheckpointError(f"{self.where}: {what} checksum mismatch")
-        return raw
 
     # -- reading tensor bytes ----------------------------------------------------------
     def verify(self) -> list[TensorDamage]:
@@ -148,21 +176,7 @@ def verify_object_bytes(
     chunk, spread over ``threads`` threads (xxhash releases the GIL). Raises
     CorruptCheckpointError naming ``where`` and the damaged tensors.
     """
-    h = decode_header(bytes(view[:HEADER_SIZE]), where, len(view))
-
-    def section(offset: int, length: int, expected: int, what: str) -> bytes:
-        raw = bytes(view[offset : offset + length])
-        if checksum(raw) != expected:
-            raise CorruptCheckpointError(f"{where}: {what} checksum mismatch")
-        return raw
-
-    index = decode_index(
-        section(h.index_offset, h.index_length, h.index_checksum, "index"),
-        where,
-        h.data_offset,
-        h.data_offset + h.data_length,
-    )
-    section(h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part")
+    h, index, _ = read_sections(lambda off, n, what: bytes(view[off : off + n]), len(view), where)
     cs = index.chunk_size
     jobs = [
         (e, i, e.offset + c, min(cs, e.nbytes - c))
@@ -280,6 +294,7 @@ def load_object(
     map_location: Any = None,
     strict: bool = True,
     safe_globals: Iterable[Any] = (),
+    written: set[str] | None = None,
 ) -> Any:
     """Load an object file; with ``state_dict``, copy into its tensors in place.
 
@@ -289,6 +304,9 @@ def load_object(
     checked before any byte is copied. Checksums are verified as the bytes arrive;
     on damage a CorruptCheckpointError names the tensor and chunk (destination
     tensors may then hold partial data; the checkpoint itself is untouched).
+    ``written``, when given, receives the names of ``state_dict``'s tensors this call
+    wrote into, fully or (on damage) partly: a caller uses it to know what a failed
+    load left modified.
     ``path`` may also be an open reader, e.g. a peer's object
     (``memckpt.transport.client.RemoteObjectReader``).
     """
@@ -324,9 +342,13 @@ def load_object(
             loaded.append(host)
             hosts.append(staging)
             targets.append((e, tensor_memoryview(host)))
+            if written is not None and into is not None and staging is None:
+                written.add(e.name)
         damage = reader.read_all(targets, _load_threads())
         if not damage:
             for i, (e, staging) in enumerate(zip(entries, hosts)):
+                if written is not None and e.name in dest:
+                    written.add(e.name)
                 loaded[i] = _finish_tensor(e, staging, dest.get(e.name), map_location, reader.where)
         if damage:
             raise CorruptCheckpointError(

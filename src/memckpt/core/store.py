@@ -1,35 +1,35 @@
-"""One node-local checkpoint tree: layout, save lifecycle, inventory, retention.
+"""One node-local checkpoint tree: save lifecycle, publish-over, manifests, inventory, delete.
 
-Layout under ``<base_dir>/<job_id>/``::
+The layout is :class:`memckpt.ids.JobLayout`. A save: ``begin`` (marker) -> write into a
+pool buffer -> ``commit_local`` (rename into the step directory, remove the marker)
+-> global vote -> ``write_manifest`` + ``settle``, or ``rollback`` when the vote fails.
 
-    .pool/rank-<r>.<n>.buf   free, pre-faulted buffers of rank r
-    step-<N>.writing.<r>     present while rank r writes step N
-    step-<N>/rank-<r>.mck    rank r's data for step N (appears atomically, by rename)
-    step-<N>/.committed      written once every rank committed step N
-
-A save: ``begin`` (marker) -> write into a pool buffer -> ``commit_local`` (rename
-into the step directory, remove the marker) -> global vote -> ``mark_committed``.
 A crash at any instant leaves either no object or a complete one; an object file
-exists under its final name only after its header (written last) is in place.
+exists under its final name only after its header (written last) is in place. A
+re-save of a step whose object is committed publishes the new object over the old
+one atomically and keeps the old one as ``rank-<r>.mck.prev`` until the new save is
+globally committed (``settle``) or fails (``rollback``); a process that finds a
+``.prev`` at start restores or drops it by the step's manifest. So a crash in the
+middle of a re-save never loses the committed copy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from memckpt import ids
+from memckpt.core.coordination import ManifestInfo, StepHoldings
 from memckpt.core.format import read_header
+from memckpt.core.manifest import StepManifest, read_manifest, write_manifest
 from memckpt.core.pool import Buffer, BufferPool
 from memckpt.errors import CorruptCheckpointError
 
-__all__ = ["CheckpointStore", "ObjectInfo"]
+__all__ = ["CheckpointStore", "ObjectInfo", "node_inventory", "object_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,80 @@ class ObjectInfo:
     rank: int
     path: Path
     size: int
+    digest: int = 0
+
+
+def object_digest(path: Path) -> tuple[int, int] | None:
+    """(file size, header digest) of an object file; None if absent. Raises on a bad header."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        h = read_header(fd, str(path))
+        return os.fstat(fd).st_size, h.digest
+    finally:
+        os.close(fd)
+
+
+def _step_dirs(layout: ids.JobLayout) -> list[int]:
+    try:
+        entries = list(os.scandir(layout.root))
+    except FileNotFoundError:
+        return []
+    return sorted(
+        s for e in entries if (s := ids.parse_step_dir(e.name)) is not None and e.is_dir()
+    )
+
+
+def _objects(layout: ids.JobLayout, step: int, validate: bool = True) -> list[ObjectInfo]:
+    try:
+        entries = list(os.scandir(layout.step_dir(step)))
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        rank = ids.parse_object_name(entry.name)
+        if rank is None:
+            continue
+        path = Path(entry.path)
+        try:
+            if validate:
+                found = object_digest(path)
+                if found is None:
+                    continue
+                out.append(ObjectInfo(step, rank, path, found[0], found[1]))
+            else:
+                out.append(ObjectInfo(step, rank, path, entry.stat().st_size))
+        except FileNotFoundError:
+            continue
+        except CorruptCheckpointError as e:
+            log.warning("ignoring damaged object: %s", e)
+    return sorted(out, key=lambda o: o.rank)
+
+
+def _manifest(layout: ids.JobLayout, step: int) -> StepManifest | None:
+    try:
+        m = read_manifest(layout.manifest_path(step))
+    except CorruptCheckpointError as e:
+        log.warning("ignoring %s", e)
+        return None
+    if m is not None and (m.step != step or m.job_id != layout.job_id):
+        log.warning("ignoring %s: it describes job %r step %d", layout.manifest_path(step),
+                    m.job_id, m.step)  # fmt: skip
+        return None
+    return m
+
+
+def node_inventory(layout: ids.JobLayout) -> dict[int, StepHoldings]:
+    """What one node's tree holds: per step, valid objects by digest and the manifest."""
+    inv: dict[int, StepHoldings] = {}
+    for step in _step_dirs(layout):
+        objects = {o.rank: o.digest for o in _objects(layout, step)}
+        m = _manifest(layout, step)
+        if objects or m is not None:
+            inv[step] = StepHoldings(objects, ManifestInfo.of(m) if m is not None else None)
+    return inv
 
 
 class CheckpointStore:
@@ -54,64 +128,91 @@ class CheckpointStore:
         rank: int,
         limit_bytes: int | None = None,
     ) -> None:
-        self.base_dir = Path(base_dir)
-        self.job_id = ids.validate_job_id(job_id)
+        self.layout = ids.JobLayout(base_dir, job_id)
+        self.base_dir = self.layout.base_dir
+        self.job_id = self.layout.job_id
         self.rank = ids.validate_rank(rank)
-        self.root = self.base_dir / self.job_id
+        self.root = self.layout.root
         self.root.mkdir(parents=True, exist_ok=True)
-        self.pool = BufferPool(self.root / ids.POOL_DIR, rank, limit_bytes)
+        self.pool = BufferPool(self.layout.pool_dir, rank, limit_bytes)
 
     # -- paths ---------------------------------------------------------------------------
     def step_dir(self, step: int) -> Path:
-        return self.root / ids.step_dir_name(step)
+        return self.layout.step_dir(step)
 
     def object_path(self, step: int, rank: int) -> Path:
-        return self.step_dir(step) / ids.object_name(rank)
+        return self.layout.object_path(step, rank)
 
     def marker_path(self, step: int, rank: int) -> Path:
-        return self.root / ids.writing_marker_name(step, rank)
+        return self.layout.marker_path(step, rank)
 
-    # -- save lifecycle ----------------------------------------------------------------
+    # -- start of a process --------------------------------------------------------------
     def remove_stale_markers(self) -> list[int]:
         """Remove this rank's writing markers left by a crashed process; return their steps."""
         steps = []
         for entry in os.scandir(self.root):
             parsed = ids.parse_writing_marker(entry.name)
             if parsed and parsed[1] == self.rank:
-                os.unlink(entry.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
                 steps.append(parsed[0])
         if steps:
             log.info("rank %d: removed markers of interrupted saves of steps %s", self.rank, steps)
         return steps
 
-    def begin(self, step: int) -> None:
-        """Mark that this rank writes ``step``; drop an older object of the same step."""
-        self.marker_path(step, self.rank).touch()
-        committed = self.step_dir(step) / ids.COMMITTED_MARKER
-        committed.unlink(missing_ok=True)
-        old = self.object_path(step, self.rank)
-        if old.exists():
-            self.pool.release(old)
+    def settle_interrupted_resaves(self) -> list[tuple[int, int]]:
+        """Finish re-saves a crash interrupted: keep whichever copy the manifest names.
 
-    def commit_local(self, step: int, buf: Buffer) -> Path:
-        """Atomically publish a fully written buffer as this rank's object for ``step``."""
-        d = self.step_dir(step)
-        d.mkdir(exist_ok=True)
-        final = d / ids.object_name(self.rank)
-        os.rename(buf.path, final)
-        buf.path = final
-        self.pool.track_in_use(buf)
-        self.marker_path(step, self.rank).unlink(missing_ok=True)
-        return final
-
-    def adopt(self, step: int, rank: int, buf: Buffer) -> Path:
-        """Publish a verified object of ``rank`` (a replica, or a copy fetched from a peer).
-
-        The buffer's file is renamed to its final name in one step, so a partial copy is
-        never visible; an older copy under that name is replaced.
+        Returns the (step, rank) pairs whose committed copy was put back.
         """
+        restored = []
+        for step in _step_dirs(self.layout):
+            d = self.step_dir(step)
+            prevs = [e.name for e in os.scandir(d) if e.name.endswith(ids.PREV_SUFFIX)]
+            if not prevs:
+                continue
+            m = _manifest(self.layout, step)
+            for name in prevs:
+                rank = ids.parse_object_name(name.removesuffix(ids.PREV_SUFFIX))
+                if rank is None:
+                    continue
+                if self._matches(m, rank, d / name) and not self._matches(
+                    m, rank, self.object_path(step, rank)
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(d / name, self.object_path(step, rank))
+                        restored.append((step, rank))
+                else:
+                    (d / name).unlink(missing_ok=True)
+        if restored:
+            log.warning("rank %d: an interrupted re-save left its previous copies; restored %s",
+                        self.rank, restored)  # fmt: skip
+        return restored
+
+    # -- save lifecycle ------------------------------------------------------------------
+    def begin(self, step: int) -> None:
+        """Mark that this rank writes ``step``; nothing committed is touched."""
+        self.marker_path(step, self.rank).touch()
+
+    def _matches(self, m: StepManifest | None, rank: int, path: Path) -> bool:
+        if m is None or rank not in m.objects:
+            return False
+        try:
+            found = object_digest(path)
+        except CorruptCheckpointError:
+            return False
+        return found is not None and found[1] == m.objects[rank].digest
+
+    def _publish(self, step: int, rank: int, buf: Buffer) -> Path:
         final = self.object_path(step, rank)
-        self.pool.forget(final)
+        prev = self.layout.prev_object_path(step, rank)
+        if final.exists():
+            if self._matches(_manifest(self.layout, step), rank, final):
+                # committed: keep it reachable until the new copy is committed or rolled back
+                self.pool.release(prev)
+                os.link(final, prev)
+            else:
+                self.pool.release(final)  # uncommitted leftovers: reuse their pages
         for attempt in range(3):
             final.parent.mkdir(exist_ok=True)
             try:
@@ -124,107 +225,114 @@ class CheckpointStore:
         self.pool.track_in_use(buf)
         return final
 
+    def commit_local(self, step: int, buf: Buffer) -> Path:
+        """Atomically publish a fully written buffer as this rank's object for ``step``."""
+        final = self._publish(step, self.rank, buf)
+        self.marker_path(step, self.rank).unlink(missing_ok=True)
+        return final
+
+    def adopt(self, step: int, rank: int, buf: Buffer) -> Path:
+        """Publish a verified object of ``rank`` (a replica, or a copy fetched from a peer).
+
+        The buffer's file is renamed to its final name in one step, so a partial copy is
+        never visible; a committed copy it replaces is kept until ``settle``.
+        """
+        return self._publish(step, rank, buf)
+
     def abort(self, step: int, buf: Buffer | None) -> None:
-        """Undo a failed save: free its buffer, remove the marker; nothing else is touched."""
+        """Undo a failed save before its local commit: free its buffer, remove the marker."""
         if buf is not None:
             self.pool.give_back(buf)
         self.marker_path(step, self.rank).unlink(missing_ok=True)
 
-    def mark_committed(self, step: int, world_size: int) -> None:
-        """Record that every rank committed ``step`` (idempotent, atomic)."""
-        d = self.step_dir(step)
+    def write_manifest(self, manifest: StepManifest) -> None:
+        """Record the global commit of ``manifest.step`` in this node's tree (atomic)."""
+        d = self.step_dir(manifest.step)
         d.mkdir(exist_ok=True)
-        tmp = d / f"{ids.COMMITTED_MARKER}.tmp.{self.rank}.{os.getpid()}"
-        tmp.write_text(json.dumps({"step": step, "world_size": world_size, "time": time.time()}))
-        os.rename(tmp, d / ids.COMMITTED_MARKER)
+        write_manifest(self.layout.manifest_path(manifest.step), manifest, tag=f"{self.rank}.")
 
-    def is_committed(self, step: int) -> bool:
-        return (self.step_dir(step) / ids.COMMITTED_MARKER).exists()
+    def manifest(self, step: int) -> StepManifest | None:
+        """The step's manifest in this tree; None when absent or damaged (logged)."""
+        return _manifest(self.layout, step)
 
-    # -- inventory ---------------------------------------------------------------------
+    def settle(self, step: int, ranks: Iterable[int]) -> None:
+        """After the global commit of a re-save: retire the replaced copies of ``ranks``."""
+        for r in ranks:
+            self.pool.release(self.layout.prev_object_path(step, r))
+
+    def rollback(self, step: int, ranks: Iterable[int]) -> None:
+        """A save of ``step`` failed its vote: put back what the manifest names, drop the rest.
+
+        For each of ``ranks`` (this rank and the replicas it holds): a replaced committed
+        copy comes back; an object the manifest does not name is deleted.
+        """
+        m = _manifest(self.layout, step)
+        for r in ranks:
+            final = self.object_path(step, r)
+            prev = self.layout.prev_object_path(step, r)
+            if prev.exists():
+                self.pool.forget(final)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(prev, final)
+            elif final.exists() and not self._matches(m, r, final):
+                self.pool.release(final)
+        self.marker_path(step, self.rank).unlink(missing_ok=True)
+        self._remove_if_empty(self.step_dir(step))
+
+    # -- inventory -----------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Steps that have a directory in this tree, oldest first."""
-        out = []
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            step = ids.parse_step_dir(entry.name)
-            if step is not None and entry.is_dir():
-                out.append(step)
-        return sorted(out)
+        return _step_dirs(self.layout)
 
     def objects(self, step: int, validate: bool = True) -> list[ObjectInfo]:
         """Objects of ``step`` in this tree; with ``validate``, only those whose header checks."""
-        d = self.step_dir(step)
+        return _objects(self.layout, step, validate)
+
+    def committed_steps(self, rank: int | None = None) -> list[int]:
+        """Steps with a manifest whose object of ``rank`` (default: this rank) is here, valid."""
+        rank = self.rank if rank is None else rank
         out = []
-        try:
-            entries = list(os.scandir(d))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            rank = ids.parse_object_name(entry.name)
-            if rank is None:
-                continue
-            path = Path(entry.path)
+        for step in self.steps():
+            m = _manifest(self.layout, step)
+            if m is not None and self._matches(m, rank, self.object_path(step, rank)):
+                out.append(step)
+        return out
+
+    def inventory(self) -> dict[int, StepHoldings]:
+        """Per step: the objects this tree holds (rank -> digest) and its manifest."""
+        return node_inventory(self.layout)
+
+    def newest_object_size(self) -> int | None:
+        """Size of this rank's newest object in the tree (a hint for pre-faulting)."""
+        for step in reversed(self.steps()):
             try:
-                if validate:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        read_header(fd, str(path))
-                    finally:
-                        os.close(fd)
-                out.append(ObjectInfo(step, rank, path, entry.stat().st_size))
+                return self.object_path(step, self.rank).stat().st_size
             except FileNotFoundError:
                 continue
-            except CorruptCheckpointError as e:
-                log.warning("rank %d: ignoring damaged object: %s", self.rank, e)
-        return sorted(out, key=lambda o: o.rank)
+        return None
 
-    def inventory(self) -> dict[int, list[int]]:
-        """For each step, the source ranks whose objects this tree holds with a valid header."""
-        inv: dict[int, list[int]] = {}
-        for step in self.steps():
-            ranks = [o.rank for o in self.objects(step)]
-            if ranks:
-                inv[step] = ranks
-        return inv
+    # -- retention -----------------------------------------------------------------------
+    def delete_step(self, step: int, ranks: Iterable[int] = ()) -> None:
+        """Retire ``step``: its manifest first, then this rank's object and those of ``ranks``.
 
-    # -- retention ---------------------------------------------------------------------
-    def delete_step(self, step: int) -> None:
-        """Retire this rank's object of ``step`` (its buffer goes back to the pool).
-
-        The ``.committed`` marker goes first so the step never looks complete while
-        it is being taken apart; the directory goes when its last object has.
+        The manifest goes first so the step never looks complete while it is being taken
+        apart; buffers go back to the pool; the directory goes with its last object.
         """
         d = self.step_dir(step)
-        (d / ids.COMMITTED_MARKER).unlink(missing_ok=True)
-        own = self.object_path(step, self.rank)
-        if own.exists():
-            self.pool.release(own)
-        self._remove_if_empty(d)
-
-    def delete_objects(self, step: int, ranks: Iterable[int]) -> None:
-        """Retire the objects of other ranks (replicas) that this rank is responsible for."""
-        d = self.step_dir(step)
-        (d / ids.COMMITTED_MARKER).unlink(missing_ok=True)
-        for r in ranks:
-            p = self.object_path(step, r)
-            if p.exists():
-                self.pool.release(p)
+        self.layout.manifest_path(step).unlink(missing_ok=True)
+        for r in {self.rank, *ranks}:
+            self.pool.release(self.layout.prev_object_path(step, r))
+            self.pool.release(self.object_path(step, r))
         self._remove_if_empty(d)
 
     def _remove_if_empty(self, d: Path) -> None:
         try:
-            leftovers = [e.name for e in os.scandir(d)]
+            names = [e.name for e in os.scandir(d)]
         except FileNotFoundError:
             return
-        for name in leftovers:
-            if name.startswith(f"{ids.COMMITTED_MARKER}.tmp."):
-                continue
+        if any(ids.parse_object_name(n.removesuffix(ids.PREV_SUFFIX)) is not None for n in names):
             return
-        for name in leftovers:
+        for name in names:
             (d / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             d.rmdir()

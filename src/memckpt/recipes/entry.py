@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     from memckpt.recipes.config import ConfigContainer
     from memckpt.recipes.overrides import from_yaml
     from memckpt.recipes.train import train
+    from memckpt.settings import RESULT_DIR_ENV
 
     cfg = from_yaml(ConfigContainer, args.config)
     result = train(cfg)
-    out_dir = os.environ.get("MEMCKPT_RESULT_DIR")
+    out_dir = os.environ.get(RESULT_DIR_ENV)
     if out_dir:
         path = Path(out_dir) / f"rank{result.rank}.json"
         tmp = path.with_name(f".{path.name}.tmp")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from memckpt.errors import ConfigError
+from memckpt.settings import PROFILE_DIR_ENV, PROFILE_STEPS_ENV
 
 __all__ = ["StepProfiler"]
 
@@ -27,20 +28,18 @@ class StepProfiler:
     def __init__(self, rank: int, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.rank = rank
-        self.dir = env.get("MEMCKPT_PROFILE_DIR") or None
+        self.dir = env.get(PROFILE_DIR_ENV) or None
         self._prof: Any = None
         self.start = self.end = 0
         self.trace: str | None = None
         if self.dir:
-            raw = env.get("MEMCKPT_PROFILE_STEPS", "5:3")
+            raw = env.get(PROFILE_STEPS_ENV, "5:3")
             try:
                 start, count = (int(x) for x in raw.split(":"))
             except ValueError:
-                raise ConfigError(
-                    f"MEMCKPT_PROFILE_STEPS must be START:COUNT, got {raw!r}"
-                ) from None
+                raise ConfigError(f"{PROFILE_STEPS_ENV} must be START:COUNT, got {raw!r}") from None
             if start < 1 or count < 1:
-                raise ConfigError(f"MEMCKPT_PROFILE_STEPS needs START, COUNT >= 1, got {raw!r}")
+                raise ConfigError(f"{PROFILE_STEPS_ENV} needs START, COUNT >= 1, got {raw!r}")
             self.start, self.end = start, start + count - 1
 
     def before(self, step: int) -> None:

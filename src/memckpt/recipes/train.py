@@ -52,6 +52,13 @@ from memckpt.recipes.data import build_data
 from memckpt.recipes.models import build_model, loss_function
 from memckpt.recipes.profiling import StepProfiler
 from memckpt.recipes.reporting import TrainingReporter
+from memckpt.settings import (
+    BASE_DIR_ENV,
+    KILL_AT_STEP_ENV,
+    KILL_NODE_ENV,
+    NODE_ID_ENV,
+    RESTART_COUNT_ENV,
+)
 
 __all__ = [
     "BASE_DIR_ENV",
@@ -70,16 +77,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BASE_DIR_ENV: Final = "MEMCKPT_BASE_DIR"
-"""Overrides ``checkpoint.memory.base_dir`` (a launcher gives each simulated node its own)."""
-NODE_ID_ENV: Final = "MEMCKPT_NODE_ID"
-"""This process's node; default: the host name (replication), ``GROUP_RANK`` (fault hook)."""
-KILL_AT_STEP_ENV: Final = "MEMCKPT_KILL_AT_STEP"
-"""Fault hook: SIGKILL this process right before it runs step N."""
-KILL_NODE_ENV: Final = "MEMCKPT_KILL_NODE"
-"""Fault hook: only on this node (compared with ``MEMCKPT_NODE_ID``, else ``GROUP_RANK``)."""
-RESTART_COUNT_ENV: Final = "MEMCKPT_RESTART_COUNT"
-"""The fault hook is armed only while this (else ``TORCHELASTIC_RESTART_COUNT``) is 0."""
+# BASE_DIR_ENV overrides checkpoint.memory.base_dir; NODE_ID_ENV names this node (default: the
+# host name for replication, GROUP_RANK for the fault hook); the KILL_* and RESTART_COUNT_ENV
+# variables drive the fault hook (see fault_kill_step). Names: memckpt.settings.
 TORCHELASTIC_RESTART_COUNT_ENV: Final = "TORCHELASTIC_RESTART_COUNT"
 GROUP_RANK_ENV: Final = "GROUP_RANK"
 

@@ -16,14 +16,16 @@ what the strategy says.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from memckpt.core.coordination import Collectives
+from memckpt import settings
+from memckpt.core.coordination import Collectives, Inventory
 from memckpt.core.store import CheckpointStore
 from memckpt.errors import MemckptError, ReplicationConfigError, TransferError
 from memckpt.replication import (
@@ -40,9 +42,9 @@ __all__ = ["PeerInfo", "ReplicationOutcome", "Replicator", "default_node_id"]
 
 log = logging.getLogger(__name__)
 
-NODE_ID_ENV = "MEMCKPT_NODE_ID"
-HOST_ENV = "MEMCKPT_TRANSFER_HOST"
-PORT_ENV = "MEMCKPT_TRANSFER_PORT"
+NODE_ID_ENV = settings.NODE_ID_ENV
+HOST_ENV = settings.TRANSFER_HOST_ENV
+PORT_ENV = settings.TRANSFER_PORT_ENV
 
 
 def default_node_id(rank: int) -> str:
@@ -247,13 +249,41 @@ class Replicator:
             raise TransferError(f"rank {self.rank}: cannot recover from rank {source}: {e}") from e
 
     def rereplicate(
-        self, step: int, inventories: Sequence[Mapping[int, Sequence[int]]]
+        self, step: int, inventories: Sequence[Inventory], digest: int | None = None
     ) -> ReplicationOutcome:
-        """Push this rank's ``step`` object to every holder node that lacks it."""
-        missing = [h for h in self.holders() if self.rank not in inventories[h].get(step, ())]
+        """Push this rank's ``step`` object to every holder node that lacks it (or holds
+        a copy whose digest is not ``digest``)."""
+
+        def has(h: int) -> bool:
+            held = inventories[h].get(step)
+            if held is None or self.rank not in held.objects:
+                return False
+            return digest is None or held.objects[self.rank] == digest
+
+        missing = [h for h in self.holders() if not has(h)]
         if missing:
             log.info("rank %d: re-replicating step %d to ranks %s", self.rank, step, missing)
         return self._push(step, missing)
+
+    def write_peer_file(self, world_size: int) -> None:
+        """Record this rank's node, address and replication plan for ``memckpt status``."""
+        layout = self.store.layout
+        layout.peers_dir.mkdir(exist_ok=True)
+        doc = {
+            "rank": self.rank,
+            "world_size": world_size,
+            "node_id": self.peers[self.rank].node_id,
+            "address": self.server.address,
+            "strategy": self.strategy.spec,
+            "node_of": list(self.topology.node_of),
+            "node_ids": [p.node_id for p in self.peers],
+            "holders": {str(r): list(self.plan.holders_of(r)) for r in range(world_size)},
+            "time": time.time(),
+        }
+        final = layout.peer_file(self.rank)
+        tmp = final.with_name(f".{final.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, final)
 
     def close(self) -> None:
         self.client.close()

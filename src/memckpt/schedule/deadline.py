@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+from memckpt import settings
 from memckpt.errors import DeadlineFormatError
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
 
 MLP_DEADLINE_ENV: Final = "MLP_CURRENT_CAPACITY_BLOCK_EXPIRATION_TIMESTAMP"
 """Set by the platform velastic targets: unix seconds at which the capacity block expires."""
-MEMCKPT_DEADLINE_ENV: Final = "MEMCKPT_DEADLINE"
+MEMCKPT_DEADLINE_ENV: Final = settings.DEADLINE_ENV
 """memckpt's own: unix seconds, unix milliseconds or ISO-8601 with a UTC offset."""
 DEADLINE_ENV_VARS: Final = (MLP_DEADLINE_ENV, MEMCKPT_DEADLINE_ENV)
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memckpt import ids
+from memckpt.core.manifest import StepManifest, read_manifest
 from memckpt.core.reader import ObjectReader, TensorDamage
+from memckpt.core.retention import plan_retention
 from memckpt.errors import CorruptCheckpointError, MemckptError
 
 __all__ = ["ObjectSummary", "StepSummary", "find_jobs", "gc_job", "scan_job", "verify_job"]
@@ -23,26 +25,55 @@ class ObjectSummary:
     data_bytes: int = 0
     world_size: int | None = None
     error: str | None = None
+    digest: int | None = None
 
 
 @dataclass(frozen=True)
 class StepSummary:
+    """One step as the scanned trees show it, judged by its manifest.
+
+    ``committed``: a valid manifest exists (the step was globally committed).
+    ``complete``: committed, and every rank's object the manifest names lies, valid, in
+    the scanned trees; the same rule recovery applies to the live nodes. A node's own
+    tree holds only its ranks and replicas, so scan every node's directory to judge a
+    multi-node job (``memckpt ls node0/ node1/``), or see ``memckpt status``.
+    """
+
     step: int
     committed: bool
     objects: tuple[ObjectSummary, ...] = field(default_factory=tuple)
     writing_ranks: tuple[int, ...] = ()
+    manifest: StepManifest | None = None
+    manifest_error: str | None = None
 
     @property
     def world_size(self) -> int | None:
+        if self.manifest is not None:
+            return self.manifest.world_size
         sizes = {o.world_size for o in self.objects if o.world_size is not None}
         return sizes.pop() if len(sizes) == 1 else None
 
     @property
-    def complete(self) -> bool:
-        """Every rank of the saved world has a readable object here."""
+    def present_ranks(self) -> list[int]:
+        """Ranks whose object here is the one the manifest names (any valid one without it)."""
+        m = self.manifest
+        return sorted(
+            {
+                o.rank
+                for o in self.objects
+                if o.error is None
+                and (m is None or (o.rank in m.objects and m.objects[o.rank].digest == o.digest))
+            }
+        )
+
+    @property
+    def missing_ranks(self) -> list[int]:
         ws = self.world_size
-        good = {o.rank for o in self.objects if o.error is None}
-        return ws is not None and good >= set(range(ws))
+        return [] if ws is None else sorted(set(range(ws)) - set(self.present_ranks))
+
+    @property
+    def complete(self) -> bool:
+        return self.committed and not self.missing_ranks
 
     @property
     def size(self) -> int:
@@ -70,41 +101,73 @@ def _summarize_object(rank: int, path: Path) -> ObjectSummary:
     try:
         with ObjectReader(path) as r:
             idx = r.index
-            return ObjectSummary(rank, path, size, len(idx.tensors), idx.data_bytes, idx.world_size)
+            return ObjectSummary(rank, path, size, len(idx.tensors), idx.data_bytes,
+                                 idx.world_size, digest=r.header.digest)  # fmt: skip
     except (CorruptCheckpointError, OSError) as e:
         return ObjectSummary(rank, path, size, error=str(e))
 
 
-def scan_job(job_dir: str | os.PathLike[str]) -> list[StepSummary]:
-    """Every step of a job directory, oldest first, with its objects read and checked."""
-    root = Path(job_dir)
+def _scan_one(root: Path) -> tuple[dict[int, list[ObjectSummary]], dict[int, list[int]], set[int]]:
     writing: dict[int, list[int]] = {}
-    steps: list[int] = []
+    steps: set[int] = set()
     for e in os.scandir(root):
         m = ids.parse_writing_marker(e.name)
         if m:
             writing.setdefault(m[0], []).append(m[1])
         s = ids.parse_step_dir(e.name)
         if s is not None and e.is_dir():
-            steps.append(s)
-    out = []
-    for s in sorted(set(steps) | set(writing)):
+            steps.add(s)
+    objs: dict[int, list[ObjectSummary]] = {}
+    for s in steps:
         d = root / ids.step_dir_name(s)
-        objs = []
-        if d.is_dir():
-            for e in sorted(os.scandir(d), key=lambda e: e.name):
-                r = ids.parse_object_name(e.name)
-                if r is not None:
-                    objs.append(_summarize_object(r, Path(e.path)))
-        out.append(
-            StepSummary(
-                step=s,
-                committed=(d / ids.COMMITTED_MARKER).exists(),
-                objects=tuple(sorted(objs, key=lambda o: o.rank)),
-                writing_ranks=tuple(sorted(writing.get(s, []))),
-            )
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            r = ids.parse_object_name(e.name)
+            if r is not None:
+                objs.setdefault(s, []).append(_summarize_object(r, Path(e.path)))
+    return objs, writing, steps
+
+
+def scan_job(*job_dirs: str | os.PathLike[str]) -> list[StepSummary]:
+    """Every step of one job, oldest first, over one or more node trees of it.
+
+    Objects are read and checked; the manifest (from any tree that has a valid one)
+    decides ``committed`` and ``complete``.
+    """
+    if not job_dirs:
+        raise MemckptError("give at least one job directory")
+    per_step: dict[int, list[ObjectSummary]] = {}
+    writing: dict[int, list[int]] = {}
+    steps: set[int] = set()
+    manifests: dict[int, StepManifest] = {}
+    errors: dict[int, str] = {}
+    for jd in job_dirs:
+        root = Path(jd)
+        objs, wr, st = _scan_one(root)
+        for s, lst in objs.items():
+            per_step.setdefault(s, []).extend(lst)
+        for s, ranks in wr.items():
+            writing.setdefault(s, []).extend(ranks)
+        steps |= st | set(wr)
+        for s in st:
+            path = root / ids.step_dir_name(s) / ids.MANIFEST_NAME
+            try:
+                m = read_manifest(path)
+            except CorruptCheckpointError as e:
+                errors.setdefault(s, str(e))
+                continue
+            if m is not None and (s not in manifests or m.created_unix > manifests[s].created_unix):
+                manifests[s] = m
+    return [
+        StepSummary(
+            step=s,
+            committed=s in manifests,
+            objects=tuple(sorted(per_step.get(s, []), key=lambda o: (o.rank, str(o.path)))),
+            writing_ranks=tuple(sorted(set(writing.get(s, [])))),
+            manifest=manifests.get(s),
+            manifest_error=None if s in manifests else errors.get(s),
         )
-    return out
+        for s in sorted(steps)
+    ]
 
 
 def verify_job(
@@ -115,6 +178,8 @@ def verify_job(
     for s in scan_job(job_dir):
         if step is not None and s.step != step:
             continue
+        if s.manifest_error is not None:
+            result[Path(job_dir) / ids.step_dir_name(s.step) / ids.MANIFEST_NAME] = s.manifest_error
         for o in s.objects:
             try:
                 with ObjectReader(o.path) as r:
@@ -125,22 +190,21 @@ def verify_job(
 
 
 def gc_job(job_dir: str | os.PathLike[str], keep: int, dry_run: bool = False) -> list[int]:
-    """Delete all but the newest ``keep`` complete steps; return the deleted steps.
+    """Delete all but the newest ``keep`` committed steps of one node's tree; return them.
 
-    Steps newer than the newest complete one are left alone (a save may be running).
-    Do not run it on a job whose saves are in flight on this node.
+    The same retention policy the engine runs: nothing newer than the newest committed
+    step is touched (a save may be running). Do not run it on a job whose saves are in
+    flight on this node.
     """
     if keep < 1:
         raise MemckptError(f"--keep must be >= 1, got {keep}")
     steps = scan_job(job_dir)
-    complete = [s.step for s in steps if s.complete]
-    keep_set = set(complete[-keep:])
-    newest = max(complete, default=-1)
-    doomed = [s.step for s in steps if s.step not in keep_set and s.step < newest]
+    plan = plan_retention(
+        [s.step for s in steps], [s.step for s in steps if s.committed], keep_last=keep
+    )
     if not dry_run:
-        root = Path(job_dir)
-        for s in doomed:
-            d = root / ids.step_dir_name(s)
-            (d / ids.COMMITTED_MARKER).unlink(missing_ok=True)
-            shutil.rmtree(d, ignore_errors=True)
-    return doomed
+        layout = ids.JobLayout(Path(job_dir).parent, Path(job_dir).name)
+        for s in plan.delete:
+            layout.manifest_path(s).unlink(missing_ok=True)
+            shutil.rmtree(layout.step_dir(s), ignore_errors=True)
+    return list(plan.delete)

@@ -17,23 +17,35 @@ from memckpt.tools.tables import emit_json, human_bytes, print_table
 __all__ = ["main"]
 
 
+def _jobs_across(paths: Sequence[str]) -> dict[str, list[Path]]:
+    """Job name -> its directories under each given path (one path per node)."""
+    jobs: dict[str, list[Path]] = {}
+    for p in paths:
+        for job in find_jobs(p):
+            jobs.setdefault(job.name, []).append(job)
+    return jobs
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     docs = []
-    for job in find_jobs(args.path):
-        steps = scan_job(job)
+    for name, dirs in sorted(_jobs_across(args.path).items()):
+        steps = scan_job(*dirs)
         docs.append(
             {
-                "job": str(job),
+                "job": name if len(dirs) > 1 else str(dirs[0]),
+                "dirs": [str(d) for d in dirs],
                 "steps": [
                     {
                         "step": s.step,
                         "complete": s.complete,
                         "committed": s.committed,
-                        "ranks": [o.rank for o in s.objects if o.error is None],
-                        "damaged": [o.rank for o in s.objects if o.error is not None],
+                        "ranks": s.present_ranks,
+                        "missing": s.missing_ranks,
+                        "damaged": sorted({o.rank for o in s.objects if o.error is not None}),
                         "writing": list(s.writing_ranks),
                         "world_size": s.world_size,
                         "bytes": s.size,
+                        **({"manifest_error": s.manifest_error} if s.manifest_error else {}),
                     }
                     for s in steps
                 ],
@@ -47,8 +59,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
             (
                 s["step"],
                 "yes" if s["complete"] else "no",
-                "yes" if s["committed"] else "no",
+                "yes" if s["committed"] else ("DAMAGED" if "manifest_error" in s else "no"),
                 f"{len(s['ranks'])}/{s['world_size'] or '?'}",
+                ",".join(map(str, s["missing"])) or "-",
                 ",".join(map(str, s["damaged"])) or "-",
                 ",".join(map(str, s["writing"])) or "-",
                 human_bytes(s["bytes"]),
@@ -57,9 +70,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ]
         print_table(
             d["job"],
-            ["step", "complete", "committed", "ranks", "damaged", "writing", "size"],
+            ["step", "complete", "committed", "ranks", "not here", "damaged", "writing", "size"],
             rows,
         )
+        if any(s["committed"] and s["missing"] for s in d["steps"]):
+            print(
+                "committed steps whose ranks are 'not here' are complete only if other nodes "
+                "hold those ranks: list every node's directory (memckpt ls NODE0 NODE1 ...) "
+                "or run memckpt status"
+            )
     return 0
 
 
@@ -152,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    add("ls", "list checkpoints and their completeness").set_defaults(fn=cmd_ls)
+    sp = sub.add_parser("ls", help="list checkpoints and their completeness")
+    sp.add_argument("path", nargs="+", help="job or base directories, one per node")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_ls)
     sp = add("inspect", "show the tensors of a step")
     sp.add_argument("--step", type=int, help="default: newest")
     sp.set_defaults(fn=cmd_inspect)

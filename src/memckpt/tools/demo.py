@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from memckpt.errors import MemckptError
+from memckpt.settings import RESTART_COUNT_ENV
 
 __all__ = ["DemoReport", "run_demo"]
 
@@ -189,7 +190,7 @@ def run_demo(
         shutil.rmtree(mem_root / "job" / "node1", ignore_errors=True)
         cfg = config("job")
         second = launch("restart", cfg, out / "job" / "attempt2", [],
-                        {"MEMCKPT_RESTART_COUNT": "1"})  # fmt: skip
+                        {RESTART_COUNT_ENV: "1"})  # fmt: skip
         if not second.ok:
             raise MemckptError(f"the restarted run failed ({second.returncodes}); see {out}/job")
         r_ref = json.loads((out / "reference" / "results" / "rank0.json").read_text())

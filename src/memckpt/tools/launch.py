@@ -31,6 +31,17 @@ from typing import Protocol
 
 from memckpt.errors import ConfigError, MemckptError
 from memckpt.recipes.config import ConfigContainer
+from memckpt.settings import (
+    BASE_DIR_ENV,
+    KILL_AT_STEP_ENV,
+    KILL_NODE_ENV,
+    NODE_ID_ENV,
+    PROFILE_DIR_ENV,
+    PROFILE_STEPS_ENV,
+    RESULT_DIR_ENV,
+    SECRET_ENV,
+    TRANSFER_HOST_ENV,
+)
 
 __all__ = [
     "FaultInjectionPlugin",
@@ -45,10 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-RESULT_DIR_ENV = "MEMCKPT_RESULT_DIR"
-PROFILE_DIR_ENV = "MEMCKPT_PROFILE_DIR"
-PROFILE_STEPS_ENV = "MEMCKPT_PROFILE_STEPS"
 
 
 @dataclass
@@ -114,8 +121,8 @@ class FaultInjectionPlugin:
             raise ConfigError(f"fault plugin: node {self.node} is not one of 0..{spec.nnodes - 1}")
         if not 1 <= self.step <= cfg.train.steps:
             raise ConfigError(f"fault plugin: step {self.step} is outside 1..{cfg.train.steps}")
-        spec.env["MEMCKPT_KILL_AT_STEP"] = str(self.step)
-        spec.env["MEMCKPT_KILL_NODE"] = f"node{self.node}"
+        spec.env[KILL_AT_STEP_ENV] = str(self.step)
+        spec.env[KILL_NODE_ENV] = f"node{self.node}"
 
 
 _PLUGINS = {"profiler": ProfilerPlugin, "fault": FaultInjectionPlugin}
@@ -215,11 +222,13 @@ def launch_local(
         for node in range(spec.nnodes):
             env = dict(os.environ)
             env.update(
-                MEMCKPT_NODE_ID=f"node{node}",
-                MEMCKPT_BASE_DIR=str(node_base_dir(cfg, node)),
-                MEMCKPT_TRANSFER_HOST="127.0.0.1",
-                OMP_NUM_THREADS=str(spec.threads_per_proc),
-                **{RESULT_DIR_ENV: str(result_dir)},
+                {
+                    NODE_ID_ENV: f"node{node}",
+                    BASE_DIR_ENV: str(node_base_dir(cfg, node)),
+                    TRANSFER_HOST_ENV: "127.0.0.1",
+                    "OMP_NUM_THREADS": str(spec.threads_per_proc),
+                    RESULT_DIR_ENV: str(result_dir),
+                }
             )
             env.update(spec.env)
             env.update(spec.node_env.get(node, {}))
@@ -315,11 +324,11 @@ def sbatch_script(
         "# the first node hosts the rendezvous; every rank reaches the others through it",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         "# replicas go to other nodes: the node id must differ per node",
-        "export MEMCKPT_SECRET=\"${MEMCKPT_SECRET:-$(python -c 'import secrets; "
+        f"export {SECRET_ENV}=\"${{{SECRET_ENV}:-$(python -c 'import secrets; "
         "print(secrets.token_hex(32))')}\"",
         "",
         "srun --kill-on-bad-exit=1 bash -c "
-        + shlex.quote(f'MEMCKPT_NODE_ID="$(hostname)/$SLURM_NODEID" exec {inner}'),
+        + shlex.quote(f'{NODE_ID_ENV}="$(hostname)/$SLURM_NODEID" exec {inner}'),
         "",
     ]
     return "\n".join(lines)

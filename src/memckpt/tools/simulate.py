@@ -46,9 +46,9 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Final
 
-from memckpt.core.events import EVENTS_FILE_ENV, read_events
+from memckpt.core.events import read_events
 from memckpt.errors import ScheduleConfigError
-from memckpt.schedule.deadline import MEMCKPT_DEADLINE_ENV
+from memckpt.settings import DEADLINE_ENV, EVENTS_FILE_ENV
 
 __all__ = [
     "End",
@@ -540,12 +540,12 @@ def run_command(
     stderr (default: this process's).
     """
     run_env = dict(os.environ if env is None else env)
-    run_env.pop(MEMCKPT_DEADLINE_ENV, None)
+    run_env.pop(DEADLINE_ENV, None)
     started = time.time()
     t0 = time.monotonic()
     deadline_unix = None if timeout_s is None else started + timeout_s
     if deadline_unix is not None and announce_deadline:
-        run_env[MEMCKPT_DEADLINE_ENV] = f"{deadline_unix:.3f}"
+        run_env[DEADLINE_ENV] = f"{deadline_unix:.3f}"
     term_at = None if timeout_s is None else t0 + timeout_s
     proc = subprocess.Popen(
         shell_command(command),

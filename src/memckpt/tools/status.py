@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memckpt.core.coordination import RecoveryPlan, plan_recovery
+from memckpt import ids
+from memckpt.core.coordination import RecoveryPlan, StepHoldings, plan_recovery
+from memckpt.core.store import node_inventory
 from memckpt.errors import MemckptError
-from memckpt.tools.catalog import find_jobs, scan_job
+from memckpt.tools.catalog import find_jobs
 
 __all__ = ["JobStatus", "job_status"]
 
@@ -84,6 +86,19 @@ def _job_dir(path: str | os.PathLike[str], job_id: str | None) -> Path:
     return jobs[0]
 
 
+def _own_holdings(inventories: list[dict[int, StepHoldings]], r: int) -> dict[int, StepHoldings]:
+    """Rank r's own objects wherever they are, with each step's manifest."""
+    out: dict[int, StepHoldings] = {}
+    for inv in inventories:
+        for s, holding in inv.items():
+            cur = out.get(s, StepHoldings())
+            objects = dict(cur.objects)
+            if r in holding.objects:
+                objects[r] = holding.objects[r]
+            out[s] = StepHoldings(objects, cur.manifest or holding.manifest)
+    return out
+
+
 def job_status(paths: list[str], job_id: str | None = None) -> JobStatus:
     """Status of one job whose node directories are ``paths`` (one path per node)."""
     if not paths:
@@ -112,17 +127,11 @@ def job_status(paths: list[str], job_id: str | None = None) -> JobStatus:
             strategy = doc.get("strategy") or strategy
             holders = {int(k): [int(h) for h in v] for k, v in doc.get("holders", {}).items()}
             node_label_of_rank.update(enumerate(doc.get("node_ids", [])))
-    inventories: list[dict[int, list[int]]] = []
+    inventories = [node_inventory(ids.JobLayout(jd.parent, jd.name)) for jd in job_dirs]
     held: dict[int, dict[int, list[int]]] = {}
-    for i, jd in enumerate(job_dirs):
-        inv = {
-            st.step: [o.rank for o in st.objects if o.error is None]
-            for st in scan_job(jd)
-            if any(o.error is None for o in st.objects)
-        }
-        inventories.append(inv)
-        for s, ranks in inv.items():
-            for r in ranks:
+    for i, inv in enumerate(inventories):
+        for s, holding in inv.items():
+            for r in holding.objects:
                 held.setdefault(s, {}).setdefault(r, []).append(i)
     if world_size is None:
         world_size = 1 + max((r for by_rank in held.values() for r in by_rank), default=-1)
@@ -136,9 +145,8 @@ def job_status(paths: list[str], job_id: str | None = None) -> JobStatus:
         per_rank = [inventories[rank_node[r]] if r in rank_node else {} for r in range(world_size)]
     else:
         # no replication record: each rank counts as holding its own data wherever it is
-        per_rank = [
-            {s: [r] for s, by_rank in held.items() if r in by_rank} for r in range(world_size)
-        ]
-    plan = plan_recovery(per_rank, max(world_size, 1), allow_fetch=bool(rank_node))
+        per_rank = [_own_holdings(inventories, r) for r in range(world_size)]
+    plan = plan_recovery(per_rank, max(world_size, 1), allow_fetch=bool(rank_node),
+                         on_world_size_mismatch="skip")  # fmt: skip
     return JobStatus(job, nodes, [str(j) for j in job_dirs], world_size, strategy, rank_node,
                      expected, held, plan, addresses)  # fmt: skip

@@ -27,16 +27,12 @@ from typing import Any, TypeVar
 from memckpt.core.faults import fault_point
 from memckpt.core.format import (
     HEADER_SIZE,
-    ObjectHeader,
-    ObjectIndex,
     TensorEntry,
     checksum,
-    decode_header,
-    decode_index,
     read_header,
 )
 from memckpt.core.pool import Buffer
-from memckpt.core.reader import TensorDamage, verify_object_bytes
+from memckpt.core.reader import TensorDamage, read_sections, verify_object_bytes
 from memckpt.core.store import CheckpointStore
 from memckpt.errors import (
     AuthenticationError,
@@ -399,28 +395,20 @@ class RemoteObjectReader:
         self.client, self.addr, self.ref = client, addr, ref
         self.where = f"{ref.relpath} on peer {_fmt(addr)}"
         self.bytes_received = 0
-        total, raw = client._get_range(addr, ref, 0, HEADER_SIZE, None)
-        self.header: ObjectHeader = decode_header(raw, self.where, total)
-        h = self.header
-        self.index: ObjectIndex = decode_index(
-            self._section(h.index_offset, h.index_length, h.index_checksum, "index"),
-            self.where,
-            h.data_offset,
-            h.data_offset + h.data_length,
-        )
+        total, head = client._get_range(addr, ref, 0, HEADER_SIZE, None)
+        self.bytes_received += len(head)
+
+        def read(offset: int, length: int, what: str) -> bytes:
+            if offset == 0 and length <= len(head):
+                return head[:length]
+            _, raw = client._get_range(addr, ref, offset, length, None)
+            self.bytes_received += len(raw)
+            return raw
+
+        self.header, self.index, self.skeleton = read_sections(read, total, self.where)
         if (self.index.job_id, self.index.step, self.index.rank) != (ref.job_id, ref.step,
                                                                      ref.rank):  # fmt: skip
             raise CorruptCheckpointError(f"{self.where}: holds another object")
-        self.skeleton = self._section(
-            h.objects_offset, h.objects_length, h.objects_checksum, "non-tensor part"
-        )
-
-    def _section(self, offset: int, length: int, expected: int, what: str) -> bytes:
-        _, raw = self.client._get_range(self.addr, self.ref, offset, length, None)
-        self.bytes_received += len(raw)
-        if checksum(raw) != expected:
-            raise CorruptCheckpointError(f"{self.where}: {what} checksum mismatch")
-        return raw
 
     def read_all(
         self, targets: list[tuple[TensorEntry, memoryview]], threads: int

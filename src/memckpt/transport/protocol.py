@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from memckpt import settings
 from memckpt.errors import (
     AuthenticationError,
     InvalidNameError,
@@ -74,12 +75,12 @@ from memckpt.errors import (
     ProtocolError,
 )
 from memckpt.ids import (
-    object_name,
-    step_dir_name,
+    JobLayout,
     validate_job_id,
     validate_rank,
     validate_step,
 )
+from memckpt.settings import SECRET_ENV
 
 __all__ = [
     "CLIENT_ROLE",
@@ -136,7 +137,6 @@ MAX_CONTROL_PAYLOAD: Final = 1 << 20
 MAX_DATA_LENGTH: Final = 1 << 48
 NONCE_BYTES: Final = 32
 MIN_SECRET_BYTES: Final = 16
-SECRET_ENV: Final = "MEMCKPT_SECRET"
 SERVER_ROLE: Final = b"memckpt-server-v1"
 CLIENT_ROLE: Final = b"memckpt-client-v1"
 _KNOWN_FLAGS: Final = 0
@@ -387,22 +387,12 @@ def _validate_object_rank(rank: object) -> int:
 
 def object_relpath(job_id: str, step: int, rank: int) -> str:
     """``<job_id>/step-<N>/rank-<R>.mck``, relative to a store's base directory."""
-    return (
-        f"{validate_job_id(job_id)}/{step_dir_name(step)}/"
-        f"{object_name(_validate_object_rank(rank))}"
-    )
+    return JobLayout.relpath(job_id, step, _validate_object_rank(rank))
 
 
 def resolve_object_path(root: str | os.PathLike[str], job_id: str, step: int, rank: int) -> Path:
     """Absolute path of an object under ``root``; raises if it resolves (symlinks too) outside."""
-    base = Path(os.path.realpath(root))
-    path = Path(os.path.realpath(base / object_relpath(job_id, step, rank)))
-    if not path.is_relative_to(base) or path == base:
-        raise InvalidNameError(
-            f"object (job {job_id!r}, step {step}, rank {rank}) resolves to {path}, "
-            f"outside the store root {base}; check for symlinks under the root"
-        )
-    return path
+    return JobLayout(root, job_id).resolve_object(step, _validate_object_rank(rank))
 
 
 # ---------------------------------------------------------------- authentication
@@ -436,13 +426,13 @@ def validate_secret(secret: bytes) -> bytes:
 
 
 def secret_from_env(environ: Mapping[str, str] | None = None) -> bytes | None:
-    """The job secret from ``MEMCKPT_SECRET``, or None if unset or empty.
+    """The job secret from ``MEMCKPT_SECRET`` (``SECRET_ENV``), or None if unset or empty.
 
     A value made only of hex digit pairs is decoded as hex; any other value is used
     as its UTF-8 bytes. Either way the result must be at least 16 bytes.
     """
-    value = (os.environ if environ is None else environ).get(SECRET_ENV, "")
-    if not value:
+    value = settings.get(SECRET_ENV, environ)
+    if value is None:
         return None
     secret = bytes.fromhex(value) if _HEX_RE.fullmatch(value) else value.encode("utf-8")
     return validate_secret(secret)

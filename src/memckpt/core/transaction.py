@@ -1,0 +1,208 @@
+"""One rank's save of one step, as a transaction with an injectable completion vote.
+
+Call sequence, on every rank that saves the step::
+
+    txn = SaveTransaction(store, step)       # begin: writing marker; nothing committed touched
+    txn.stage(flat, layout, hash_inline=..)  # caller thread: the only blocking part
+    ---- background ----
+    txn.finalize(world_size)                 # checksums, index, header -> ObjectDigest
+    txn.commit_local()                       # atomic rename into step-<N>/
+    txn.replicate(replicator)                # push to holder nodes; reports, never raises
+    manifest = txn.complete(vote, blobs)     # vote -> manifest on this node, or rollback +
+                                             # CommitError naming the failed ranks
+    (or txn.fail(vote, error) at any point before complete: votes no, rolls back)
+
+The vote is any ``Vote``: ``collective_vote(coll)`` all-gathers every rank's
+``Ballot`` on a gloo group (the default); a framework can supply its own (DCP's
+finish, NVRx's finalize) as long as it returns every saving rank's ballot, indexed
+by rank. The manifest is built from the ballots, so every node that took part in
+the vote writes the same manifest without another round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memckpt.core.coordination import Collectives
+from memckpt.core.faults import fault_point
+from memckpt.core.manifest import ObjectDigest, StepManifest, new_manifest
+from memckpt.core.pool import Buffer
+from memckpt.core.statedict import FlatStateDict
+from memckpt.core.store import CheckpointStore, object_digest
+from memckpt.core.writer import (
+    ObjectLayout,
+    StagedObject,
+    finalize,
+    meta_estimate,
+    stage,
+)
+from memckpt.errors import CommitError
+
+if TYPE_CHECKING:
+    from memckpt.replication.replicator import ReplicationOutcome, Replicator
+
+__all__ = ["Ballot", "SaveTransaction", "Vote", "collective_vote", "single_rank_vote"]
+
+
+@dataclass(frozen=True)
+class Ballot:
+    """One rank's word on a step: did its part commit locally, and what it wrote."""
+
+    rank: int
+    ok: bool
+    error: str = ""
+    replicated: bool = False
+    object: ObjectDigest | None = None
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+Vote = Callable[[int, Ballot], Sequence[Ballot]]
+"""(step, this rank's ballot) -> every saving rank's ballot, indexed by rank."""
+
+
+def collective_vote(coll: Collectives) -> Vote:
+    """The default vote: all-gather the ballots on ``coll`` (times out into CollectiveError)."""
+
+    def vote(step: int, ballot: Ballot) -> Sequence[Ballot]:
+        return coll.all_gather_object(ballot, f"commit vote for step {step}")
+
+    return vote
+
+
+def single_rank_vote(step: int, ballot: Ballot) -> Sequence[Ballot]:
+    """A world of one: this rank's ballot is the result."""
+    return [ballot]
+
+
+class SaveTransaction:
+    """See the module docstring for the call sequence. Not thread-safe; one thread at a time."""
+
+    def __init__(self, store: CheckpointStore, step: int, *, held: Sequence[int] = ()) -> None:
+        self.store = store
+        self.step = step
+        self.held = tuple(held)  # ranks whose replicas of this step this rank receives
+        self.buf: Buffer | None = None
+        self.staged: StagedObject | None = None
+        self.digest: ObjectDigest | None = None
+        self.path: Path | None = None
+        self.outcome: ReplicationOutcome | None = None
+        self.hash_s = 0.0
+        self.file_bytes = 0
+        self._committed_locally = False
+        store.begin(step)
+        fault_point("after_begin", step)
+
+    # -- caller thread -------------------------------------------------------------------
+    def stage(
+        self, flat: FlatStateDict, layout: ObjectLayout, *, hash_inline: bool, chunk_size: int
+    ) -> StagedObject:
+        """Copy the tensors into a pool buffer; the caller may change them afterwards."""
+        self.buf = self.store.pool.acquire(layout.data_end + meta_estimate(flat, chunk_size))
+        self.staged = stage(
+            flat, layout, self.buf, hash_inline=hash_inline, chunk_size=chunk_size, step=self.step
+        )
+        fault_point("after_stage", self.step)
+        return self.staged
+
+    # -- background ----------------------------------------------------------------------
+    def finalize(self, world_size: int, *, durable: bool = False) -> ObjectDigest:
+        """Checksums, index and header; returns the object's digest."""
+        assert self.staged is not None and self.buf is not None, "stage() first"
+        store = self.store
+        self.file_bytes, self.hash_s = finalize(
+            self.staged,
+            job_id=store.job_id,
+            step=self.step,
+            rank=store.rank,
+            world_size=world_size,
+            durable=durable,
+        )
+        found = object_digest(self.buf.path)
+        assert found is not None
+        self.digest = ObjectDigest(found[0], found[1])
+        return self.digest
+
+    def commit_local(self) -> Path:
+        """Publish the object in this node's tree (atomic rename)."""
+        assert self.buf is not None and self.digest is not None, "finalize() first"
+        fault_point("before_local_commit", self.step)
+        self.path = self.store.commit_local(self.step, self.buf)
+        self._committed_locally = True
+        fault_point("after_local_commit", self.step)
+        return self.path
+
+    def replicate(self, replicator: Replicator | None) -> ReplicationOutcome | None:
+        """Push the object to its holder nodes; reports, never raises."""
+        if replicator is None:
+            return None
+        self.outcome = replicator.replicate(self.step)
+        fault_point("after_replicate", self.step)
+        return self.outcome
+
+    def complete(
+        self, vote: Vote, blobs: Mapping[str, bytes] | None = None
+    ) -> tuple[StepManifest, bool]:
+        """Vote; on success write the manifest here and return (manifest, all replicated).
+
+        On a failed vote this rank's object and the replicas it holds of the step are
+        rolled back (a replaced committed copy comes back) and CommitError names the
+        ranks that failed and why.
+        """
+        replicated = self.outcome is not None and self.outcome.ok
+        ballot = Ballot(self.store.rank, True, "", replicated, self.digest, dict(blobs or {}))
+        try:
+            ballots = list(vote(self.step, ballot))
+        except BaseException:
+            self.rollback()
+            raise
+        failed = [b for b in ballots if not b.ok]
+        if failed:
+            self.rollback()
+            detail = "; ".join(f"rank {b.rank}: {b.error}" for b in failed)
+            raise CommitError(
+                f"step {self.step} was not committed because other ranks failed ({detail}); "
+                "the previous checkpoint is kept"
+            )
+        fault_point("after_vote", self.step)
+        merged: dict[str, bytes] = {}
+        for b in ballots:
+            merged.update(b.blobs)
+        digests = {b.rank: b.object for b in ballots if b.object is not None}
+        manifest = new_manifest(self.store.job_id, self.step, len(ballots), digests, merged)
+        self.store.write_manifest(manifest)
+        fault_point("after_manifest", self.step)
+        self.store.settle(self.step, (self.store.rank, *self.held))
+        return manifest, all(b.replicated for b in ballots)
+
+    def fail(self, vote: Vote, error: BaseException) -> None:
+        """Vote no (the other ranks learn why instead of timing out), then roll back."""
+        try:
+            vote(self.step, Ballot(self.store.rank, False, f"{type(error).__name__}: {error}"))
+        finally:
+            self.rollback()
+
+    def rollback(self) -> None:
+        """Undo this rank's part: before the local commit free the buffer, after it restore."""
+        if self._committed_locally:
+            self.store.rollback(self.step, (self.store.rank, *self.held))
+        else:
+            self.store.abort(self.step, self.buf)
+            self.store.rollback(self.step, self.held)
+        self.buf = None
+
+    def result_fields(self) -> dict[str, Any]:
+        """Figures for SaveResult."""
+        staged = self.staged
+        return {
+            "nbytes": staged.layout.data_bytes if staged else 0,
+            "file_bytes": self.file_bytes,
+            "num_tensors": len(staged.flat_names) if staged else 0,
+            "stage_s": staged.stage_s if staged else 0.0,
+            "checksum_s": self.hash_s,
+            "path": str(self.path),
+            "replication_bytes": self.outcome.nbytes if self.outcome else 0,
+            "replication_s": self.outcome.seconds if self.outcome else 0.0,
+        }
