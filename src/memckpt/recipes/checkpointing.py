@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -28,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 import memckpt
+from memckpt import ids
+from memckpt.core.retention import plan_retention
 from memckpt.errors import ConfigError
 
 try:
@@ -51,43 +52,46 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER: Final = ".memckpt-complete"
 """Written last into ``<persistent.dir>/step-<N>``; a directory without it is never loaded."""
-_STEP_DIR: Final = re.compile(r"^step-(\d+)$")
 
 
 # ---- pure decisions and fingerprints
 
 
+def _persistent_steps(root: Path) -> tuple[list[int], list[int]]:
+    """(every ``step-<N>`` directory, those holding the completion marker), sorted."""
+    present, complete = [], []
+    for entry in root.iterdir() if root.is_dir() else ():
+        step = ids.parse_step_dir(entry.name)
+        if step is None or not entry.is_dir():
+            continue
+        present.append(step)
+        if (entry / COMPLETE_MARKER).is_file():
+            complete.append(step)
+    return sorted(present), sorted(complete)
+
+
 def latest_persistent_step(directory: str | os.PathLike[str]) -> int | None:
     """The newest ``step-<N>`` under ``directory`` that holds the completion marker."""
-    root = Path(directory)
-    if not root.is_dir():
-        return None
-    steps = []
-    for entry in root.iterdir():
-        m = _STEP_DIR.match(entry.name)
-        if m and (entry / COMPLETE_MARKER).is_file():
-            steps.append(int(m.group(1)))
-    return max(steps, default=None)
+    return max(_persistent_steps(Path(directory))[1], default=None)
 
 
 def prune_persistent(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
     """Delete complete ``step-<N>`` directories older than the newest ``keep_last``.
 
-    The marker goes first, so a directory being deleted never looks complete;
-    directories without a marker (a save in progress) are left alone. Returns the
-    deleted steps.
+    The retention policy is the engine's (``memckpt.core.retention``). The marker goes
+    first, so a directory being deleted never looks complete; directories newer than
+    the newest complete one (a save in progress) are left alone. Returns the deleted
+    steps.
     """
     if keep_last < 1:
         raise ConfigError(f"checkpoint.persistent.keep_last must be >= 1, got {keep_last}")
     root = Path(directory)
-    complete = sorted(
-        int(m.group(1))
-        for entry in (root.iterdir() if root.is_dir() else ())
-        if (m := _STEP_DIR.match(entry.name)) and (entry / COMPLETE_MARKER).is_file()
-    )
-    doomed = complete[:-keep_last]
+    present, complete = _persistent_steps(root)
+    # a step without the marker is an unfinished (or crashed) save: only complete ones go
+    doomed = [s for s in plan_retention(present, complete, keep_last=keep_last).delete
+              if s in complete]  # fmt: skip
     for step in doomed:
-        path = root / f"step-{step}"
+        path = root / ids.step_dir_name(step)
         (path / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
     if doomed:
@@ -252,7 +256,7 @@ class TrainingState:
         import torch.distributed.checkpoint as dcp
 
         t0 = time.perf_counter()
-        path = Path(directory) / f"step-{self.step}"
+        path = Path(directory) / ids.step_dir_name(self.step)
         if self.rank == 0:
             path.mkdir(parents=True, exist_ok=True)
             # A directory being written over must not look complete until this save is.
@@ -279,7 +283,7 @@ class TrainingState:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        path = Path(directory) / f"step-{step}"
+        path = Path(directory) / ids.step_dir_name(step)
         marker = json.loads((path / COMPLETE_MARKER).read_text())
         same_world = marker.get("world_size") == self.world_size
         if not same_world:

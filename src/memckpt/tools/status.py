@@ -68,7 +68,8 @@ class JobStatus:
 
 def _read_peers(job_dir: Path) -> list[dict[str, Any]]:
     out = []
-    for p in sorted((job_dir / ".peers").glob("rank-*.json")):
+    peers_dir = ids.JobLayout(job_dir.parent, job_dir.name).peers_dir
+    for p in sorted(peers_dir.glob("rank-*.json")):
         try:
             out.append(json.loads(p.read_text()))
         except (OSError, ValueError) as e:
