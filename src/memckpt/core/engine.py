@@ -27,6 +27,7 @@ from memckpt.core.coordination import Collectives
 from memckpt.core.faults import fault_point
 from memckpt.core.format import DEFAULT_CHUNK_SIZE
 from memckpt.core.handle import SaveHandle, SaveResult
+from memckpt.core.pool import free_bytes
 from memckpt.core.retention import plan_retention
 from memckpt.core.statedict import FlatStateDict, flatten_state_dict
 from memckpt.core.store import CheckpointStore
@@ -38,9 +39,19 @@ from memckpt.ids import validate_step
 if TYPE_CHECKING:
     from memckpt.replication.replicator import Replicator
 
-__all__ = ["SaveEngine"]
+__all__ = ["SaveEngine", "space_needed"]
 
 log = logging.getLogger(__name__)
+
+
+def space_needed(state_bytes: int, keep_last: int, replicas_held: int = 0) -> int:
+    """Bytes one rank needs in its tmpfs: (keep_last + 2) x (1 + replicas held) x state.
+
+    Per copy of a state: ``keep_last`` kept steps, one save in flight, and the newest
+    replicated step that retention pins beyond ``keep_last`` while newer ones are not
+    replicated. Replicas of other ranks share the rank's tmpfs and pool.
+    """
+    return (keep_last + 2) * (1 + replicas_held) * state_bytes
 
 
 class SaveEngine:
@@ -85,7 +96,49 @@ class SaveEngine:
         # steps found at start: a first save that is older abandons them (until a load says)
         self._abandoned: set[int] = set(store.steps())
         self._draining: set[int] = set()
+        self._checked_space = False
         self._closed = False
+
+    def _warn_if_short(self, nbytes: int) -> None:
+        """Before the first save: warn when the tmpfs cannot hold what the job will keep."""
+        rep = self.replicator
+        copies, ranks_here = 0, 1
+        if rep is not None:
+            copies = len(rep.held())
+            node = rep.topology.node_of[self.store.rank]
+            ranks_here = sum(1 for n in rep.topology.node_of if n == node)
+        need = space_needed(nbytes, self.keep_last, copies) * ranks_here
+        have = free_bytes(self.store.root) + self.store.pool.owned_bytes() * ranks_here
+        if need > have:
+            log.warning(
+                "rank %d: %s has about %.2f GB for this job on this node, but keeping %d "
+                "step(s) of %.2f GB per rank (%d rank(s) here, %d replica(s) held each) needs "
+                "about %.2f GB = (keep_last + 2) x (1 + replicas) x state x ranks; short by "
+                "%.2f GB. Saves will fail once it fills: use a larger tmpfs or lower keep_last",
+                self.store.rank, self.store.root, have / 1e9, self.keep_last, nbytes / 1e9,
+                ranks_here, copies, need / 1e9, (need - have) / 1e9,
+            )  # fmt: skip
+
+    def _retire_pinned(self, step: int) -> bool:
+        """Short of space: give up the pinned replicated step if newer steps are committed.
+
+        Retention keeps the newest replicated step beyond ``keep_last``; when nothing new
+        replicates (a dead peer) and space runs out, that pin would stop every later save.
+        """
+        with self._lock:
+            pinned = self._replicated
+            newest = self._committed[-self.keep_last :]
+            if pinned is None or pinned in newest or not newest or pinned >= step:
+                return False
+            self._replicated = None
+            self._committed = [s for s in self._committed if s != pinned]
+        log.warning(
+            "rank %d: out of space for step %d; retiring step %d, the newest replicated one "
+            "(steps %s are committed here but not replicated)",
+            self.store.rank, step, pinned, newest,
+        )  # fmt: skip
+        self.store.delete_step(pinned, self._held())
+        return True
 
     def _held(self) -> tuple[int, ...]:
         return self.replicator.held() if self.replicator is not None else ()
@@ -118,8 +171,17 @@ class SaveEngine:
         try:
             txn = SaveTransaction(self.store, step, held=self._held())
             has_cuda = any(t.is_cuda for t in flat.tensors)
-            txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
-                      chunk_size=self.chunk_size)  # fmt: skip
+            if not self._checked_space:
+                self._checked_space = True
+                self._warn_if_short(layout.data_end)
+            try:
+                txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
+                          chunk_size=self.chunk_size)  # fmt: skip
+            except InsufficientSpaceError:
+                if not self._retire_pinned(step):
+                    raise
+                txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
+                          chunk_size=self.chunk_size)  # fmt: skip
         except (InsufficientSpaceError, OSError) as e:
             log.error("rank %d: save of step %d failed: %s", self.store.rank, step, e)
             return SaveHandle(step, self._submit_failure(step, e, txn))

@@ -1,0 +1,87 @@
+"""Failed saves clean up after themselves: no leaked tensors, no stray replicas, no stuck pin."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import memckpt
+from memckpt.core.engine import space_needed
+from multiproc import run_ranks
+
+
+def test_failed_handles_do_not_keep_the_step_tensors_alive(shm_dir):
+    # Given a save that fails on its handle (over the byte limit)
+    with memckpt.CheckpointManager(shm_dir, "job", limit_bytes=8 << 20) as m:
+        handles, refs = [], []
+        for step in range(20):
+            big = torch.ones(4 << 20)  # 16 MiB > limit
+            refs.append(weakref.ref(big))
+            handles.append(m.save(step, {"t": big}))
+            del big
+        for h in handles:
+            with pytest.raises(memckpt.InsufficientSpaceError):
+                h.wait()
+        # When the caller keeps the failed handles and drops its tensors
+        gc.collect()
+        # Then no handle keeps a step's tensors alive through the error's traceback
+        assert [r for r in refs if r() is not None] == []
+
+
+def _vote_fails_after_peer_pushed(rank: int, world_size: int, base: str) -> list[str]:
+    os.environ["MEMCKPT_NODE_ID"] = f"node{rank}"
+    node = Path(base) / f"node{rank}"
+    with memckpt.CheckpointManager(
+        node, "job", keep_last=1, replication="pairwise", timeout_s=30,
+        limit_bytes=64 << 20 if rank == 1 else None,
+    ) as m:  # fmt: skip
+        m.save(1, {"x": torch.ones(1024)}).wait()
+        # rank 0's small object reaches node1 before the vote; rank 1's is over its limit
+        state = {"x": torch.ones(1024)} if rank == 0 else {"x": torch.ones(32 << 20)}
+        with pytest.raises((memckpt.CommitError, memckpt.InsufficientSpaceError)):
+            m.save(2, state).wait()
+        assert m.latest() == 1
+    return sorted(p.name for p in (node / "job").glob("step-2/*"))
+
+
+@pytest.mark.timeout(120)
+def test_replica_pushed_before_a_failed_vote_is_removed_from_the_peer(shm_dir):
+    out = run_ranks(_vote_fails_after_peer_pushed, 2, str(shm_dir), timeout=90)
+    assert out == {0: [], 1: []}
+
+
+def test_space_formula_counts_the_pinned_step_and_replicas():
+    assert space_needed(100, keep_last=1) == 300
+    assert space_needed(100, keep_last=2, replicas_held=1) == 800
+
+
+def test_first_save_warns_when_the_tmpfs_is_too_small(shm_dir, caplog, monkeypatch):
+    monkeypatch.setattr("memckpt.core.engine.free_bytes", lambda path: 1 << 20)
+    with (
+        caplog.at_level(logging.WARNING, logger="memckpt.core.engine"),
+        memckpt.CheckpointManager(shm_dir, "job", keep_last=2) as m,
+    ):
+        m.save(1, {"t": torch.ones(1 << 20)}).wait()  # 4 MiB state, 16 MiB needed
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "short by" in msg and "keep_last + 2" in msg
+
+
+def test_out_of_space_retires_a_pinned_replicated_step_and_commits_again(shm_dir):
+    # Given room for two 6 MiB buffers, and step 1 replicated (pinned beyond keep_last=1)
+    with memckpt.CheckpointManager(shm_dir, "job", keep_last=1, limit_bytes=14 << 20) as m:
+        state = {"t": torch.ones(1 << 20)}  # 4 MiB object in a 6 MiB buffer
+        m.save(1, state).wait()
+        m.engine._replicated = 1  # as if every rank had replicated step 1
+        m.save(2, state).wait()
+        assert (shm_dir / "job" / "step-1").exists()
+        # When the next save finds no room (one buffer kept, one pinned)
+        m.save(3, state).wait()
+        # Then the pinned step was given up and the job commits again by itself
+        assert m.latest() == 3
+        assert not (shm_dir / "job" / "step-1").exists()
