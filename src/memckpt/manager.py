@@ -181,10 +181,7 @@ class CheckpointManager:
     def _plan(
         self, step: int | None, exclude: Iterable[int] = (), on_world_size_mismatch: str = "raise"
     ) -> RecoveryPlan:
-        self.engine.wait_idle()
-        self._inventories = self.coll.all_gather_object(
-            self.store.inventory(), "inventory exchange"
-        )
+        self._inventories = self.runtime.exchange_inventories()
         return plan_recovery(
             self._inventories,
             self.world_size,
@@ -372,17 +369,7 @@ class CheckpointManager:
         step = plan.step
         assert step is not None and plan.manifest is not None
         digest = plan.manifest.digests[self.rank]
-        giver = plan.manifest_holders[0] if plan.manifest_holders else None
-        need = self.store.manifest(step) is None or (
-            self.store.manifest(step).checksum != plan.manifest.checksum  # type: ignore[union-attr]
-        )
-        needs = self.coll.all_gather_object(need, f"manifest check for step {step}")
-        if any(needs):
-            mine = self.store.manifest(step) if self.rank == giver else None
-            got = self.coll.all_gather_object(mine, f"manifest exchange for step {step}")
-            m = got[giver] if giver is not None else None
-            if need and m is not None:
-                self.store.write_manifest(m)
+        self.runtime.ensure_manifest(plan)
         rep = self.replicator
         self.engine.note_loaded(step, replicated=False)
         if rep is not None:

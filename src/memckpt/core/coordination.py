@@ -182,12 +182,15 @@ def plan_recovery(
 
     A complete step saved by another world size is never loaded: with
     ``on_world_size_mismatch="raise"`` the plan stops there (``step`` None,
-    ``world_size_mismatch`` set); with ``"skip"`` older steps are considered.
+    ``world_size_mismatch`` set); with ``"skip"`` older steps are considered; with
+    ``"allow"`` (a resharding reader that reads any rank's object) it counts as
+    complete, and ``sources`` covers the saved world's ranks.
     ``skipped`` says why each newer step was passed over.
     """
-    if on_world_size_mismatch not in ("raise", "skip"):
+    if on_world_size_mismatch not in ("raise", "skip", "allow"):
         raise ValueError(
-            f"on_world_size_mismatch must be 'raise' or 'skip', got {on_world_size_mismatch!r}"
+            "on_world_size_mismatch must be 'raise', 'skip' or 'allow', "
+            f"got {on_world_size_mismatch!r}"
         )
     steps = {s for inv in inventories for s in inv}
     candidates = sorted(steps, reverse=True) if step is None else [step]
@@ -211,14 +214,14 @@ def plan_recovery(
             if missing:
                 reasons.append(f"no live copy of rank(s) {missing}")
                 continue
-            if m.world_size != world_size:
+            if m.world_size != world_size and on_world_size_mismatch != "allow":
                 if on_world_size_mismatch == "raise":
                     return RecoveryPlan(
                         None, skipped=skipped, world_size_mismatch=(s, m.world_size)
                     )
                 reasons.append(f"saved by {m.world_size} ranks, this job has {world_size}")
                 continue
-            if not allow_fetch:
+            if not allow_fetch and m.world_size == world_size:
                 remote = [r for r in range(world_size) if r not in by_rank[r]]
                 if remote:
                     reasons.append(
@@ -226,6 +229,6 @@ def plan_recovery(
                     )
                     continue
             holders = tuple(h for h, hold in enumerate(held) if hold.manifest == m)
-            return RecoveryPlan(s, _spread_sources(by_rank, world_size), skipped, m, holders)
+            return RecoveryPlan(s, _spread_sources(by_rank, m.world_size), skipped, m, holders)
         skipped[s] = "; ".join(reasons)
     return RecoveryPlan(step=None, skipped=skipped)

@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memckpt.core.coordination import Collectives, LocalCollectives, TorchCollectives
+from memckpt.core.coordination import (
+    Collectives,
+    Inventory,
+    LocalCollectives,
+    RecoveryPlan,
+    TorchCollectives,
+)
 from memckpt.core.engine import SaveEngine
 from memckpt.core.format import DEFAULT_CHUNK_SIZE
+from memckpt.core.manifest import StepManifest
 from memckpt.core.store import CheckpointStore
 from memckpt.core.transaction import Vote
-from memckpt.errors import MemckptError
+from memckpt.errors import CheckpointNotFoundError, MemckptError
 
 if TYPE_CHECKING:
     from memckpt.replication.replicator import Replicator
@@ -214,6 +221,47 @@ class NodeRuntime:
     @property
     def root(self) -> Path:
         return self.store.root
+
+    @classmethod
+    def find(cls, base_dir: str | os.PathLike[str], job_id: str) -> NodeRuntime | None:
+        """The job's open runtime in this process, taking one more use of it; or None."""
+        key = (os.path.realpath(base_dir), str(job_id))
+        with cls._lock:
+            rt = cls._open.get(key)
+            if rt is not None:
+                rt._users += 1
+            return rt
+
+    def exchange_inventories(self) -> list[Inventory]:
+        """Every rank's inventory, indexed by rank (collective; waits for the save in flight)."""
+        self.engine.wait_idle()
+        return self.coll.all_gather_object(self.store.inventory(), "inventory exchange")
+
+    def ensure_manifest(self, plan: RecoveryPlan) -> StepManifest:
+        """The plan's manifest, written into this node's tree if it lacked it (collective).
+
+        Ranks whose node lacks it (a replaced node) get it from the first rank whose node
+        has it; every rank takes part in the exchange.
+        """
+        step = plan.step
+        assert step is not None and plan.manifest is not None
+        mine = self.store.manifest(step)
+        need = mine is None or mine.checksum != plan.manifest.checksum
+        needs = self.coll.all_gather_object(need, f"manifest check for step {step}")
+        if any(needs):
+            giver = plan.manifest_holders[0] if plan.manifest_holders else None
+            offer = mine if self.rank == giver and not need else None
+            got = self.coll.all_gather_object(offer, f"manifest exchange for step {step}")
+            m = got[giver] if giver is not None else None
+            if need:
+                if m is None:
+                    raise CheckpointNotFoundError(
+                        f"rank {self.rank}: no live node could share the manifest of step {step}"
+                    )
+                self.store.write_manifest(m)
+                mine = m
+        assert mine is not None
+        return mine
 
     def release(self) -> None:
         """Give back one use; the last one waits for the save in flight and closes everything."""

@@ -1,0 +1,676 @@
+"""PyTorch Distributed Checkpoint (DCP) on memckpt's memory tier.
+
+Pass ``MemoryStorageWriter`` / ``MemoryStorageReader`` to ``dcp.save``, ``dcp.async_save``
+and ``dcp.load``; the rest of a DCP training loop stays as it is::
+
+    cid = checkpoint_id("/dev/shm/memckpt", "job-7", step)       # "<base>/<job>/step-<N>"
+    dcp.save(state, checkpoint_id=cid, storage_writer=MemoryStorageWriter(replication="pairwise"))
+    latest = latest_checkpoint("/dev/shm/memckpt", "job-7", replication="pairwise")
+    if latest:
+        dcp.load(state, checkpoint_id=latest, storage_reader=MemoryStorageReader())
+
+Call sequence of a save (DCP drives it; see ``torch.distributed.checkpoint.StorageWriter``):
+
+    all ranks    reset(checkpoint_id) -> set_up_storage_writer: open the job's node
+                 runtime (collective the first time in a process; later saves reuse it)
+    coordinator  prepare_global_plan (unchanged)
+    all ranks    write_data: resolve every item, then one memckpt save transaction of the
+                 items (tensors by storage key, bytes items as blobs): stage into the
+                 tmpfs buffer, checksums, local commit, replication, then the commit vote
+                 on memckpt's gloo group, in which every rank's ballot carries the key map
+                 of its items and the coordinator's carries DCP's ``.metadata``. Every node
+                 writes the step manifest from the ballots: the step is complete, replicated
+                 and discoverable on every node when write_data returns.
+    coordinator  finish: schedules the drain to persistent storage (``persist_every``)
+
+A load: ``read_metadata`` exchanges inventories (collective) and takes the step's
+manifest (fetching it from a peer if this node lost it); DCP's planners decide what
+each rank reads, resharding when the world size changed; ``read_data`` reads each
+needed object from this node or from the peers that hold it, verifying every chunk.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import io
+import json
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    _MEM_FORMAT_ENCODING,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from memckpt import ids
+from memckpt.core.coordination import Inventory, RecoveryPlan, plan_recovery
+from memckpt.core.format import TensorEntry
+from memckpt.core.manifest import StepManifest, read_manifest
+from memckpt.core.reader import ObjectReader
+from memckpt.core.runtime import NodeRuntime, RuntimeOptions
+from memckpt.core.sources import ObjectLocator, ObjectSource
+from memckpt.core.statedict import flatten_state_dict, restore_state_dict
+from memckpt.core.tensorbytes import tensor_memoryview
+from memckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidNameError,
+    MemckptError,
+)
+
+__all__ = [
+    "MemoryStorageReader",
+    "MemoryStorageWriter",
+    "checkpoint_id",
+    "close",
+    "export",
+    "latest_checkpoint",
+    "parse_checkpoint_id",
+]
+
+log = logging.getLogger(__name__)
+
+METADATA_BLOB = ".metadata"
+KEYS_BLOB = "dcp.keys.{rank}"
+_METADATA_GLOBALS = (
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    TensorProperties,
+    StorageMeta,
+    torch.serialization._get_layout,
+    _MEM_FORMAT_ENCODING,
+)
+
+
+# -- checkpoint ids ----------------------------------------------------------------------
+
+
+def checkpoint_id(base_dir: str | os.PathLike[str], job_id: str, step: int) -> str:
+    """``<base_dir>/<job_id>/step-<N>``: the DCP checkpoint id of a memory checkpoint."""
+    return str(ids.JobLayout(base_dir, job_id).step_dir(step))
+
+
+def parse_checkpoint_id(cid: str | os.PathLike[str]) -> tuple[Path, str, int]:
+    """(base_dir, job_id, step) of a checkpoint id; InvalidNameError names what is wrong."""
+    p = Path(cid)
+    step = ids.parse_step_dir(p.name)
+    if step is None:
+        raise InvalidNameError(
+            f"{cid!s} is not a memckpt checkpoint id: it must end in step-<N>, as "
+            "memckpt.adapters.dcp.checkpoint_id(base_dir, job_id, step) builds it"
+        )
+    return p.parent.parent, ids.validate_job_id(p.parent.name), step
+
+
+# -- runtimes the adapter keeps open ---------------------------------------------------------
+
+_held: dict[tuple[str, str], NodeRuntime] = {}
+_held_lock = threading.Lock()
+
+
+def _runtime(base: Path, job: str, options: RuntimeOptions, explicit: set[str],
+             secret: bytes | None) -> NodeRuntime:  # fmt: skip
+    """The job's runtime, opened once per process and kept for later writers and readers.
+
+    An open runtime is reused when the options the caller set explicitly agree with it.
+    """
+    key = (os.path.realpath(base), job)
+    with _held_lock:
+        rt = _held.get(key)
+    if rt is None:
+        rt = NodeRuntime.find(base, job) or NodeRuntime.acquire(base, job, options, secret=secret)
+        with _held_lock:
+            _held[key] = rt
+    for name in explicit:
+        if getattr(rt.options, name) != getattr(options, name):
+            raise MemckptError(
+                f"job {job!r} under {base} is open in this process with {name}="
+                f"{getattr(rt.options, name)!r}; this writer or reader asks for "
+                f"{getattr(options, name)!r}. Use the same settings, or call "
+                "memckpt.adapters.dcp.close(base_dir, job_id) first"
+            )
+    return rt
+
+
+def close(base_dir: str | os.PathLike[str] | None = None, job_id: str | None = None) -> None:
+    """Close the runtimes the adapter opened (all, or one job's); waits for saves in flight."""
+    with _held_lock:
+        keys = [k for k in _held if base_dir is None or k == (os.path.realpath(base_dir), job_id)]
+        rts = [_held.pop(k) for k in keys]
+    for rt in rts:
+        rt.release()
+
+
+atexit.register(close)
+
+
+@dataclass
+class _Settings:
+    replication: str | None = None
+    node_id: str | None = None
+    secret: bytes | None = None
+    keep_last: int | None = None
+    timeout_s: float | None = None
+    transfer_timeout_s: float | None = None
+    limit_bytes: int | None = None
+
+    def options(self) -> tuple[RuntimeOptions, set[str]]:
+        given = {k: v for k, v in vars(self).items() if v is not None and k != "secret"}
+        return RuntimeOptions(**given), set(given)
+
+
+def _key(index: MetadataIndex) -> str:
+    return json.dumps([index.fqn, list(index.offset) if index.offset is not None else None])
+
+
+def _index(key: str) -> MetadataIndex:
+    fqn, offset = json.loads(key)
+    return MetadataIndex(fqn, offset)
+
+
+# -- writer ----------------------------------------------------------------------------------
+
+
+class MemoryStorageWriter(StorageWriter):
+    """A DCP storage writer that saves into memckpt's memory tier (see the module docstring).
+
+    Args:
+        checkpoint_id: ``<base>/<job>/step-<N>`` (usually passed to ``dcp.save`` instead).
+        replication, node_id, secret, keep_last, timeout_s, transfer_timeout_s, limit_bytes:
+            as for ``CheckpointManager``; they configure the job's node runtime the first
+            time it opens in this process, and must agree afterwards when given.
+        persist_every: drain every K-th committed step to ``persist_dir`` as a plain DCP
+            directory ``persist_dir/step-<N>``, in the background.
+        persist_dir: where drained steps go (needed with ``persist_every``).
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None = None,
+        *,
+        replication: str | None = None,
+        node_id: str | None = None,
+        secret: bytes | None = None,
+        keep_last: int | None = None,
+        timeout_s: float | None = None,
+        transfer_timeout_s: float | None = None,
+        limit_bytes: int | None = None,
+        persist_every: int | None = None,
+        persist_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if persist_every is not None and (persist_every < 1 or persist_dir is None):
+            raise MemckptError("persist_every needs a value >= 1 and a persist_dir")
+        self._settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
+                                   transfer_timeout_s, limit_bytes)  # fmt: skip
+        self.persist_every = persist_every
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.checkpoint_id: str | None = None
+        self._where: tuple[Path, str, int] | None = None
+        self._runtime: NodeRuntime | None = None
+        self._is_coordinator = False
+        if checkpoint_id is not None:
+            self.reset(checkpoint_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the async process executor pickles the writer; the runtime stays in this process
+        state = dict(self.__dict__)
+        state["_runtime"] = None
+        return state
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is None:
+            if self.checkpoint_id is None:
+                raise MemckptError(
+                    "MemoryStorageWriter needs a checkpoint id: pass "
+                    "checkpoint_id=memckpt.adapters.dcp.checkpoint_id(base, job, step)"
+                )
+            return
+        self._where = parse_checkpoint_id(checkpoint_id)
+        self.checkpoint_id = str(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        assert self._where is not None
+        base, job, _ = self._where
+        options, explicit = self._settings.options()
+        self._runtime = _runtime(base, job, options, explicit, self._settings.secret)
+        self._is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        rt, (_, _, step) = self._runtime, self._where  # type: ignore[misc]
+        assert rt is not None
+        items: dict[str, Any] = {}
+        for item in plan.items:
+            data = planner.resolve_data(item)
+            key = _key(item.index)
+            if item.type == WriteItemType.BYTE_IO:
+                items[key] = bytes(data.getbuffer())
+            else:
+                items[key] = data.detach()
+        flat = flatten_state_dict(items)
+        # a tensor two items share is stored once: record which stored name holds each key
+        stored = {id(t): n for n, t in zip(flat.names, flat.tensors)}
+        keys = {k: stored.get(id(v)) if isinstance(v, torch.Tensor) else None
+                for k, v in items.items()}  # fmt: skip
+        blobs = {KEYS_BLOB.format(rank=rt.rank): json.dumps(keys).encode()}
+        metadata = getattr(planner, "metadata", None)
+        if self._is_coordinator and isinstance(metadata, Metadata):
+            blobs[METADATA_BLOB] = pickle.dumps(metadata)
+        result = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=True).wait()
+        results = [
+            WriteResult(index=item.index, size_in_bytes=_item_bytes(items[_key(item.index)]),
+                        storage_data=(rt.rank, _key(item.index)))
+            for item in plan.items
+        ]  # fmt: skip
+        log.debug("rank %d: dcp step %d in memory (%.3fs blocking)", rt.rank, step,
+                  result.blocking_s)  # fmt: skip
+        if self.persist_every and step % self.persist_every == 0:
+            assert self.persist_dir is not None
+            _schedule_drain(rt, step, self.persist_dir, self._is_coordinator)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        rt, (_, job, step) = self._runtime, self._where  # type: ignore[misc]
+        assert rt is not None
+        m = rt.store.manifest(step)
+        if m is not None and METADATA_BLOB not in m.blobs:
+            # a custom planner without .metadata: this node's manifest gets it now; others
+            # get it from here at the next load (the newer manifest wins)
+            from memckpt.core.manifest import new_manifest
+
+            blobs = {**m.blobs, METADATA_BLOB: pickle.dumps(metadata)}
+            rt.store.write_manifest(new_manifest(job, step, m.world_size, m.objects, blobs))
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id) if self.checkpoint_id else None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        try:
+            parse_checkpoint_id(checkpoint_id)
+        except InvalidNameError:
+            return False
+        return True
+
+
+def _item_bytes(v: Any) -> int:
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else len(v)
+
+
+# -- latest and the reader -------------------------------------------------------------------
+
+
+def _plan(rt: NodeRuntime, step: int | None) -> tuple[RecoveryPlan, list[Inventory]]:
+    invs = rt.exchange_inventories()
+    plan = plan_recovery(invs, rt.world_size, allow_fetch=rt.replicator is not None, step=step,
+                         on_world_size_mismatch="allow")  # fmt: skip
+    return plan, invs
+
+
+def latest_checkpoint(
+    base_dir: str | os.PathLike[str],
+    job_id: str,
+    *,
+    replication: str | None = None,
+    node_id: str | None = None,
+    secret: bytes | None = None,
+    timeout_s: float | None = None,
+) -> str | None:
+    """The newest complete memory checkpoint's id, or None (collective: every rank calls it).
+
+    Complete as ``CheckpointManager.latest`` defines it, whatever world size saved it:
+    DCP's planners reshard on load. Pass the replication the writer used, so that a rank
+    whose node lost its data can read it from its peers.
+    """
+    settings = _Settings(replication=replication, node_id=node_id, secret=secret,
+                         timeout_s=timeout_s)  # fmt: skip
+    options, explicit = settings.options()
+    rt = _runtime(Path(base_dir), job_id, options, explicit, secret)
+    plan, _ = _plan(rt, None)
+    if plan.step is None:
+        return None
+    return checkpoint_id(base_dir, job_id, plan.step)
+
+
+def _load_metadata(manifest: StepManifest, where: str) -> Metadata:
+    raw = manifest.blobs.get(METADATA_BLOB)
+    if raw is None:
+        raise CorruptCheckpointError(
+            f"{where}: the step manifest has no DCP .metadata (not saved through "
+            "MemoryStorageWriter?)"
+        )
+    md = restore_state_dict(raw, _no_tensors(where), _METADATA_GLOBALS, where=f"{where} .metadata")
+    if not isinstance(md, Metadata):
+        raise CorruptCheckpointError(f"{where}: .metadata holds a {type(md).__name__}")
+    storage: dict[MetadataIndex, tuple[int, str]] = {}
+    for r in range(manifest.world_size):
+        try:
+            keys = json.loads(manifest.blobs[KEYS_BLOB.format(rank=r)])
+        except (KeyError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}: no item map of rank {r} ({e})") from None
+        for key, name in keys.items():
+            storage[_index(key)] = (r, name if name is not None else key)
+    md.storage_data = storage
+    return md
+
+
+def _no_tensors(where: str) -> Any:
+    def refuse(i: int) -> torch.Tensor:
+        raise CorruptCheckpointError(f"{where}: .metadata refers to a tensor")
+
+    return refuse
+
+
+class MemoryStorageReader(StorageReader):
+    """A DCP storage reader for memory checkpoints (see the module docstring).
+
+    Loads verify every chunk's checksum. A rank reads whichever ranks' objects DCP's
+    planner assigns it (resharding), from this node or from peers that hold them.
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None = None,
+        *,
+        replication: str | None = None,
+        node_id: str | None = None,
+        secret: bytes | None = None,
+        timeout_s: float | None = None,
+        threads: int = 2,
+    ) -> None:
+        super().__init__()
+        self._settings = _Settings(replication=replication, node_id=node_id, secret=secret,
+                                   timeout_s=timeout_s)  # fmt: skip
+        self.threads = threads
+        self.checkpoint_id: str | None = None
+        self._where: tuple[Path, str, int] | None = None
+        self._runtime: NodeRuntime | None = None
+        self._locator: ObjectLocator | None = None
+        if checkpoint_id is not None:
+            self.reset(checkpoint_id)
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self._where = parse_checkpoint_id(checkpoint_id)
+            self.checkpoint_id = str(checkpoint_id)
+
+    def read_metadata(self) -> Metadata:
+        if self._where is None:
+            raise MemckptError("MemoryStorageReader needs a checkpoint id")
+        base, job, step = self._where
+        options, explicit = self._settings.options()
+        rt = self._runtime = _runtime(base, job, options, explicit, self._settings.secret)
+        plan, invs = _plan(rt, step)
+        if plan.step is None:
+            raise CheckpointNotFoundError(
+                f"memory checkpoint {self.checkpoint_id} cannot be loaded: "
+                f"{plan.skipped.get(step, 'no rank holds it')}"
+            )
+        manifest = rt.ensure_manifest(plan)
+        assert plan.manifest is not None
+        self._locator = ObjectLocator(rt.store, rt.replicator, invs, step,
+                                      dict(enumerate(plan.manifest.digests)))  # fmt: skip
+        return _load_metadata(manifest, str(self.checkpoint_id))
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
+                              **kwargs: Any) -> None:  # fmt: skip
+        self._metadata = metadata
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        storage: Mapping[MetadataIndex, tuple[int, str]] = self._metadata.storage_data
+        by_rank: dict[int, list[ReadItem]] = {}
+        for item in plan.items:
+            rank, _ = storage[item.storage_index]
+            by_rank.setdefault(rank, []).append(item)
+        assert self._locator is not None
+        for rank, items in sorted(by_rank.items()):
+            names = {storage[i.storage_index][1] for i in items}
+            values, _ = self._locator.read(
+                rank, lambda src, n=names: _read_values(src, n, self.threads)
+            )
+            for item in items:
+                value = values[storage[item.storage_index][1]]
+                if item.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(item, io.BytesIO(value))
+                    continue
+                src = value
+                for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                    src = src.narrow(dim, off, length)
+                target = planner.resolve_tensor(item).detach()
+                if target.size() != src.size():
+                    raise CorruptCheckpointError(
+                        f"{self.checkpoint_id}: {item.storage_index.fqn} region is "
+                        f"{tuple(src.size())}, the planner expects {tuple(target.size())}"
+                    )
+                target.copy_(src)
+                planner.commit_tensor(item, target)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return MemoryStorageWriter.validate_checkpoint_id(checkpoint_id)
+
+
+def _read_values(src: ObjectSource, names: Iterable[str], threads: int) -> dict[str, Any]:
+    """The named tensors (read and verified) and byte values of one object."""
+    wanted = set(names)
+    entries = {e.name: e for e in src.index.tensors}
+    targets: list[tuple[TensorEntry, memoryview]] = []
+    out: dict[str, Any] = {}
+    for name in wanted & entries.keys():
+        e = entries[name]
+        t = torch.empty(e.shape, dtype=e.torch_dtype)
+        out[name] = t
+        targets.append((e, tensor_memoryview(t)))
+    damage = src.read_all(targets, threads) if targets else []
+    if damage:
+        shown = ", ".join(str(d) for d in damage[:5])
+        raise CorruptCheckpointError(f"{src.where}: checksum mismatch in {shown}")
+    rest = wanted - entries.keys()
+    if rest:
+        empty = torch.empty(0)
+        skeleton = restore_state_dict(src.skeleton, lambda i: empty, where=src.where)
+        for name in rest:
+            if not isinstance(skeleton, dict) or name not in skeleton:
+                raise CorruptCheckpointError(f"{src.where}: no item {name!r}")
+            out[name] = skeleton[name]
+    return out
+
+
+# -- export and drain ------------------------------------------------------------------------
+
+
+def export(
+    cid: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    sources: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """Write a memory checkpoint as a plain DCP directory at ``dest`` (not collective).
+
+    Every rank's object must be readable from ``cid``'s node tree or from the other node
+    base directories in ``sources``. The result loads with ``dcp.FileSystemReader`` in a
+    process that never imports memckpt. ``.metadata`` is written last, so a partial
+    export never looks loadable.
+    """
+    base, job, step = parse_checkpoint_id(cid)
+    layouts = [ids.JobLayout(b, job) for b in (base, *sources)]
+    manifest = None
+    for lay in layouts:
+        manifest = read_manifest(lay.manifest_path(step))
+        if manifest is not None:
+            break
+    if manifest is None:
+        raise CheckpointNotFoundError(f"{cid}: no step manifest here (not committed?)")
+    md = _load_metadata(manifest, str(cid))
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".metadata").unlink(missing_ok=True)
+    storage: dict[MetadataIndex, Any] = {}
+    by_rank: dict[int, list[tuple[MetadataIndex, str]]] = {}
+    for idx, (r, name) in md.storage_data.items():
+        by_rank.setdefault(r, []).append((idx, name))
+    for r in range(manifest.world_size):
+        path = _find_object(layouts, step, r, manifest.objects[r].digest)
+        items = by_rank.get(r, [])
+        with ObjectReader(path) as reader:
+            values = _read_values(reader, {n for _, n in items}, 2)
+        storage.update(_write_rank_file(out, r, items, values))
+    md.storage_data = storage
+    _write_metadata(out, md)
+    log.info("exported %s to %s (%d ranks)", cid, out, manifest.world_size)
+    return out
+
+
+def _find_object(layouts: Sequence[ids.JobLayout], step: int, rank: int, digest: int) -> Path:
+    for lay in layouts:
+        p = lay.object_path(step, rank)
+        try:
+            with ObjectReader(p) as r:
+                if r.header.digest == digest:
+                    return p
+        except (FileNotFoundError, CorruptCheckpointError):
+            continue
+    raise CheckpointNotFoundError(
+        f"rank {rank}'s object of step {step} is not in {[str(lay.root) for lay in layouts]}; "
+        "pass every node's base directory (memckpt export ... --from NODE_DIR)"
+    )
+
+
+def _write_rank_file(
+    out: Path, rank: int, items: Sequence[tuple[MetadataIndex, str]], values: Mapping[str, Any]
+) -> dict[MetadataIndex, Any]:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    name = f"__{rank}_0.distcp"
+    tmp = out / f".{name}.tmp"
+    storage = {}
+    with open(tmp, "wb") as f:
+        for idx, stored in items:
+            v = values[stored]
+            offset = f.tell()
+            if isinstance(v, torch.Tensor):
+                torch.save(v, f)
+            else:
+                f.write(v)
+            storage[idx] = _StorageInfo(name, offset, f.tell() - offset)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / name)
+    return storage
+
+
+def _write_metadata(out: Path, md: Metadata) -> None:
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+
+    md.version = CURRENT_DCP_VERSION
+    tmp = out / ".metadata.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(md, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / ".metadata")
+
+
+_drains = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memckpt-drain")
+DRAIN_WAIT_S = 600.0
+
+
+def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: bool) -> None:
+    """Write this rank's part of ``step`` to ``persist_dir/step-<N>`` in the background.
+
+    Every rank writes ``__<rank>_0.distcp`` and a small index beside it; the coordinator
+    then waits for every rank's index and writes ``.metadata`` last, so the directory
+    is a plain DCP checkpoint once it is loadable. Retention keeps the step meanwhile.
+    """
+    rt.engine.set_draining(step, True)
+    dest = persist_dir / ids.step_dir_name(step)
+
+    def drain() -> None:
+        t0 = time.perf_counter()
+        try:
+            manifest = rt.store.manifest(step)
+            if manifest is None:
+                raise CheckpointNotFoundError(f"step {step} has no manifest on this node")
+            md = _load_metadata(manifest, f"step {step}")
+            mine = [(i, n) for i, (r, n) in md.storage_data.items() if r == rt.rank]
+            dest.mkdir(parents=True, exist_ok=True)
+            with ObjectReader(rt.store.object_path(step, rt.rank)) as reader:
+                values = _read_values(reader, {n for _, n in mine}, 2)
+            info = _write_rank_file(dest, rt.rank, mine, values)
+            idx = [[_key(i), v.relative_path, v.offset, v.length] for i, v in info.items()]
+            tmp = dest / f".__{rt.rank}_0.index.tmp"
+            tmp.write_text(json.dumps(idx))
+            os.replace(tmp, dest / f".__{rt.rank}_0.index")
+            if coordinator:
+                _finish_drain(dest, md, manifest.world_size)
+            log.info("rank %d: drained step %d to %s in %.2fs", rt.rank, step, dest,
+                     time.perf_counter() - t0)  # fmt: skip
+        except Exception:
+            log.exception("rank %d: drain of step %d to %s failed", rt.rank, step, dest)
+        finally:
+            rt.engine.set_draining(step, False)
+
+    _drains.submit(drain)
+
+
+def _finish_drain(dest: Path, md: Metadata, world_size: int) -> None:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    deadline = time.monotonic() + DRAIN_WAIT_S
+    storage: dict[MetadataIndex, Any] = {}
+    for r in range(world_size):
+        p = dest / f".__{r}_0.index"
+        while not p.exists():
+            if time.monotonic() > deadline:
+                raise MemckptError(f"rank {r} did not drain its part to {dest} in time")
+            time.sleep(0.05)
+        for key, rel, off, length in json.loads(p.read_text()):
+            storage[_index(key)] = _StorageInfo(rel, off, length)
+    md.storage_data = storage
+    _write_metadata(dest, md)
