@@ -99,6 +99,24 @@ def async_modes(rank: int, world_size: int, base: str) -> dict[str, bool]:
         dcp.load(dest, checkpoint_id=checkpoint_id(base, "job", step),
                  storage_reader=MemoryStorageReader())  # fmt: skip
         out[mode.value] = torch.equal(dest[f"w{rank}"], rank_state(rank, step)[f"w{rank}"])
+    # torch >= 2.9: an explicit stager with StagingOptions (CPU: no pinned/shared memory)
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(False, False, False, False))
+    state = rank_state(rank, 102)
+    resp = dcp.async_save(state, checkpoint_id=checkpoint_id(base, "job", 102),
+                          storage_writer=MemoryStorageWriter(), async_stager=stager)  # fmt: skip
+    upload = getattr(resp, "upload_completion", resp)
+    staged = getattr(resp, "staging_completion", None)
+    if staged is not None:
+        staged.result(timeout=120)
+    state[f"w{rank}"].fill_(-1.0)
+    upload.result(timeout=120)
+    stager.close()
+    dest = rank_state(rank, 0)
+    dcp.load(dest, checkpoint_id=checkpoint_id(base, "job", 102),
+             storage_reader=MemoryStorageReader())  # fmt: skip
+    out["stager"] = torch.equal(dest[f"w{rank}"], rank_state(rank, 102)[f"w{rank}"])
     return out
 
 

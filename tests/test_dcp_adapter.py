@@ -83,7 +83,7 @@ def test_node_memory_wiped_before_load_is_read_from_the_peer(shm_dir):
 @pytest.mark.timeout(240)
 def test_async_save_with_thread_and_process_executors(shm_dir):
     out = run_ranks(async_modes, 2, str(shm_dir), timeout=200)
-    assert out == {r: {"thread": True, "process": True} for r in (0, 1)}
+    assert out == {r: {"thread": True, "process": True, "stager": True} for r in (0, 1)}
 
 
 @pytest.mark.timeout(240)

@@ -39,6 +39,21 @@ from memckpt.manager import CheckpointManager, LoadInfo
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "MemoryStorageReader": "memckpt.adapters.dcp",
+    "MemoryStorageWriter": "memckpt.adapters.dcp",
+}
+
+
+def __getattr__(name: str) -> object:
+    # framework adapters import their framework only when used
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'memckpt' has no attribute {name!r}")
+
+
 __all__ = [
     "AuthenticationError",
     "Ballot",
@@ -55,6 +70,8 @@ __all__ = [
     "LocalCollectives",
     "ManifestInfo",
     "MemckptError",
+    "MemoryStorageReader",
+    "MemoryStorageWriter",
     "NodeRuntime",
     "ObjectDigest",
     "ObjectLocator",

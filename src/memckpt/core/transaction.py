@@ -21,6 +21,7 @@ the vote writes the same manifest without another round trip.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from memckpt.core.coordination import Collectives
 from memckpt.core.faults import fault_point
+from memckpt.core.format import read_header
 from memckpt.core.manifest import ObjectDigest, StepManifest, new_manifest
 from memckpt.core.pool import Buffer
 from memckpt.core.statedict import FlatStateDict
-from memckpt.core.store import CheckpointStore, object_digest
+from memckpt.core.store import CheckpointStore
 from memckpt.core.writer import (
     ObjectLayout,
     StagedObject,
@@ -120,9 +122,8 @@ class SaveTransaction:
             world_size=world_size,
             durable=durable,
         )
-        found = object_digest(self.buf.path)
-        assert found is not None
-        self.digest = ObjectDigest(found[0], found[1])
+        header = read_header(self.buf.fd, str(self.buf.path))
+        self.digest = ObjectDigest(os.fstat(self.buf.fd).st_size, header.digest)
         return self.digest
 
     def commit_local(self) -> Path:
