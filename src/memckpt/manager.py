@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from memckpt.core import events
 from memckpt.core.coordination import Collectives, Inventory, RecoveryPlan, plan_recovery
+from memckpt.core.drain import drain_objects, schedule_drain
 from memckpt.core.format import DEFAULT_CHUNK_SIZE
 from memckpt.core.handle import SaveHandle
 from memckpt.core.reader import load_object
@@ -86,6 +88,10 @@ class CheckpointManager:
         size_hint: bytes of one rank's checkpoint, if known: a buffer this size is
             pre-faulted in the background at start so the first save is warm (default:
             the size of the newest object this rank finds on its node).
+        persist_every, persist_dir: drain every K-th committed step in the background to
+            ``persist_dir`` (a disk or shared filesystem), as a memckpt tree that
+            ``CheckpointManager(persist_dir, job_id)`` loads; retention keeps a step
+            until its drain ends.
         vote: how a step's completion is decided (default: an all-gather of every rank's
             ballot on a gloo group); see ``memckpt.core.transaction``.
 
@@ -115,9 +121,13 @@ class CheckpointManager:
         transfer_timeout_s: float = 30.0,
         size_hint: int | None = None,
         vote: Vote | None = None,
+        persist_every: int | None = None,
+        persist_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if persist_every is not None and (persist_every < 1 or persist_dir is None):
+            raise ValueError("persist_every needs a value >= 1 and a persist_dir")
         spec = replication.spec if isinstance(replication, ReplicationStrategy) else replication
         options = RuntimeOptions(
             keep_last=keep_last,
@@ -155,6 +165,22 @@ class CheckpointManager:
         self.last_load: LoadInfo | None = None
         self._inventories: list[Inventory] = []
         self._closed = False
+        self._drain_hook = None
+        if persist_every is not None:
+            self._drain_hook = self._drainer(persist_every, Path(persist_dir))  # type: ignore[arg-type]
+            self.engine.after_commit.append(self._drain_hook)
+
+    def _drainer(self, every: int, dest: Path) -> Callable[[int], None]:
+        def hook(step: int) -> None:
+            if step % every == 0:
+                schedule_drain(
+                    self.engine,
+                    step,
+                    lambda: drain_objects(self.store, step, dest, self.rank == 0),
+                    str(dest),
+                )
+
+        return hook
 
     @property
     def job_id(self) -> str:
@@ -394,6 +420,8 @@ class CheckpointManager:
         if self._closed:
             return
         self._closed = True
+        if self._drain_hook is not None:
+            self.engine.after_commit.remove(self._drain_hook)
         self.runtime.release()
 
     def __enter__(self) -> CheckpointManager:

@@ -32,14 +32,12 @@ needed object from this node or from the peers that hold it, verifying every chu
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import io
 import json
 import logging
 import os
 import pickle
 import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +68,7 @@ from torch.futures import Future
 
 from memckpt import ids
 from memckpt.core.coordination import Inventory, RecoveryPlan, plan_recovery
+from memckpt.core.drain import schedule_drain, wait_for_parts
 from memckpt.core.format import TensorEntry
 from memckpt.core.manifest import StepManifest, read_manifest
 from memckpt.core.reader import ObjectReader
@@ -617,59 +616,42 @@ def _write_metadata(out: Path, md: Metadata) -> None:
     os.replace(tmp, out / ".metadata")
 
 
-_drains = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memckpt-drain")
-DRAIN_WAIT_S = 600.0
-
-
 def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: bool) -> None:
     """Write this rank's part of ``step`` to ``persist_dir/step-<N>`` in the background.
 
     Every rank writes ``__<rank>_0.distcp`` and a small index beside it; the coordinator
     then waits for every rank's index and writes ``.metadata`` last, so the directory
-    is a plain DCP checkpoint once it is loadable. Retention keeps the step meanwhile.
+    is a plain DCP checkpoint once it is loadable (``memckpt.core.drain``).
     """
-    rt.engine.set_draining(step, True)
     dest = persist_dir / ids.step_dir_name(step)
 
     def drain() -> None:
-        t0 = time.perf_counter()
-        try:
-            manifest = rt.store.manifest(step)
-            if manifest is None:
-                raise CheckpointNotFoundError(f"step {step} has no manifest on this node")
-            md = _load_metadata(manifest, f"step {step}")
-            mine = [(i, n) for i, (r, n) in md.storage_data.items() if r == rt.rank]
-            dest.mkdir(parents=True, exist_ok=True)
-            with ObjectReader(rt.store.object_path(step, rt.rank)) as reader:
-                values = _read_values(reader, {n for _, n in mine}, 2)
-            info = _write_rank_file(dest, rt.rank, mine, values)
-            idx = [[_key(i), v.relative_path, v.offset, v.length] for i, v in info.items()]
-            tmp = dest / f".__{rt.rank}_0.index.tmp"
-            tmp.write_text(json.dumps(idx))
-            os.replace(tmp, dest / f".__{rt.rank}_0.index")
-            if coordinator:
-                _finish_drain(dest, md, manifest.world_size)
-            log.info("rank %d: drained step %d to %s in %.2fs", rt.rank, step, dest,
-                     time.perf_counter() - t0)  # fmt: skip
-        except Exception:
-            log.exception("rank %d: drain of step %d to %s failed", rt.rank, step, dest)
-        finally:
-            rt.engine.set_draining(step, False)
+        manifest = rt.store.manifest(step)
+        if manifest is None:
+            raise CheckpointNotFoundError(f"step {step} has no manifest on this node")
+        md = _load_metadata(manifest, f"step {step}")
+        mine = [(i, n) for i, (r, n) in md.storage_data.items() if r == rt.rank]
+        dest.mkdir(parents=True, exist_ok=True)
+        with ObjectReader(rt.store.object_path(step, rt.rank)) as reader:
+            values = _read_values(reader, {n for _, n in mine}, 2)
+        info = _write_rank_file(dest, rt.rank, mine, values)
+        idx = [[_key(i), v.relative_path, v.offset, v.length] for i, v in info.items()]
+        tmp = dest / f".__{rt.rank}_0.index.tmp"
+        tmp.write_text(json.dumps(idx))
+        os.replace(tmp, dest / f".__{rt.rank}_0.index")
+        if coordinator:
+            _finish_drain(dest, md, manifest.world_size)
 
-    _drains.submit(drain)
+    schedule_drain(rt.engine, step, drain, str(dest))
 
 
 def _finish_drain(dest: Path, md: Metadata, world_size: int) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    deadline = time.monotonic() + DRAIN_WAIT_S
+    parts = [dest / f".__{r}_0.index" for r in range(world_size)]
+    wait_for_parts(parts)
     storage: dict[MetadataIndex, Any] = {}
-    for r in range(world_size):
-        p = dest / f".__{r}_0.index"
-        while not p.exists():
-            if time.monotonic() > deadline:
-                raise MemckptError(f"rank {r} did not drain its part to {dest} in time")
-            time.sleep(0.05)
+    for p in parts:
         for key, rel, off, length in json.loads(p.read_text()):
             storage[_index(key)] = _StorageInfo(rel, off, length)
     md.storage_data = storage

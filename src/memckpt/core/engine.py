@@ -97,6 +97,7 @@ class SaveEngine:
         self._abandoned: set[int] = set(store.steps())
         self._draining: set[int] = set()
         self._checked_space = False
+        self.after_commit: list[Callable[[int], None]] = []
         self._closed = False
 
     def _warn_if_short(self, nbytes: int) -> None:
@@ -247,6 +248,8 @@ class SaveEngine:
             if replicated:
                 self._replicated = max(step, self._replicated or step)
         self._retain(step)
+        for hook in self.after_commit:
+            hook(step)
         total_s = time.perf_counter() - t0
         result = SaveResult(
             step=step,
