@@ -7,10 +7,14 @@ the node layout the replication strategy computes which ranks hold copies of who
 data (``memckpt.replication``).
 
 After a save is committed locally, ``replicate(step)`` pushes this rank's object to
-one holder on each holder node, in parallel; it never raises, it reports. During
-recovery ``fetch`` brings back an object this node lost, and ``rereplicate`` pushes
-this rank's object to holders that lost their copy, so a replaced node again holds
-what the strategy says.
+one holder on each holder node, in parallel; it never raises, it reports. It waits
+at most ``push_bound_s`` (derived from the client's timeouts, retries and minimum
+throughput); a push still running then, or still running when the next step is
+replicated, makes that step count as unreplicated instead of holding the save. A
+holder that keeps failing is skipped for a while by the client's circuit breaker.
+During recovery ``fetch`` brings back an object this node lost, and ``rereplicate``
+pushes this rank's object to holders that lost their copy, so a replaced node again
+holds what the strategy says.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +40,12 @@ from memckpt.replication import (
     strategy_from_spec,
 )
 from memckpt.transport.client import RemoteObjectReader, TransferClient
-from memckpt.transport.protocol import ObjectRef, generate_secret, secret_from_env
+from memckpt.transport.protocol import (
+    MIN_THROUGHPUT,
+    ObjectRef,
+    generate_secret,
+    secret_from_env,
+)
 from memckpt.transport.server import TransferServer, format_address
 
 __all__ = ["PeerInfo", "ReplicationOutcome", "Replicator", "default_node_id"]
@@ -127,6 +137,13 @@ class Replicator:
         self.client = client
         self.strategy = strategy
         self.topology = plan.topology
+        # pushes outlive a replicate() call that stopped waiting for them: never a `with`
+        self._pushes = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, self.topology.num_nodes),
+            thread_name_prefix=f"memckpt-push-r{self.rank}",
+        )
+        self._running: dict[int, tuple[int, concurrent.futures.Future[int]]] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def setup(
@@ -142,6 +159,7 @@ class Replicator:
         connections: int = 2,
         timeout_s: float = 30.0,
         retries: int = 2,
+        min_throughput: float = MIN_THROUGHPUT,
     ) -> Replicator | None:
         """Start the server and meet the peers (collective). None when there is one node."""
         strategy = check_strategy(strategy)
@@ -157,7 +175,7 @@ class Replicator:
             local = int(os.environ.get("LOCAL_RANK", "0") or 0)
             port = int(env_port) + local if env_port.isdigit() else 0
         server = TransferServer(store, secret, host=host or default_host(), port=port,
-                                timeout_s=timeout_s)  # fmt: skip
+                                timeout_s=timeout_s, min_throughput=min_throughput)  # fmt: skip
         try:
             me = PeerInfo(rank, node_id, server.host, server.port)
             peers = coll.all_gather_object(me, "transfer address exchange")
@@ -177,7 +195,8 @@ class Replicator:
             server.close()
             raise
         client = TransferClient(store.job_id, secret, rank=rank, connections=connections,
-                                timeout_s=timeout_s, retries=retries)  # fmt: skip
+                                timeout_s=timeout_s, retries=retries,
+                                min_throughput=min_throughput)  # fmt: skip
         log.info("rank %d on node %s: replicating with %s to ranks %s", rank, node_id,
                  strategy.spec, plan.holders_of(rank))  # fmt: skip
         return cls(store, peers, plan, server, client, strategy)
@@ -203,21 +222,58 @@ class Replicator:
         return self.plan.held_by(self.rank)
 
     # -- moving data ----------------------------------------------------------------------
+    def push_bound_s(self, nbytes: int) -> float:
+        """Longest ``replicate`` waits for a push of ``nbytes`` before reporting it unreplicated."""
+        return self.client.call_bound_s(nbytes) + 1.0
+
     def _push(self, step: int, targets: Sequence[int]) -> ReplicationOutcome:
+        """Push the object to ``targets`` in parallel; waits at most ``push_bound_s``.
+
+        A push still running then (or still running from an earlier step) is reported
+        as a failure for this step and left to end on its own deadline.
+        """
         t0 = time.perf_counter()
         path = self.store.object_path(step, self.rank)
         ref = ObjectRef(self.store.job_id, step, self.rank)
         out = ReplicationOutcome(ok=True, holders=tuple(targets))
         if not targets:
             return out
-        with concurrent.futures.ThreadPoolExecutor(len(targets)) as ex:
-            futs = {h: ex.submit(self.client.put, self._addr(h), ref, path) for h in targets}
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0  # put reports the missing file
+        bound = self.push_bound_s(size)
+        futs: dict[int, concurrent.futures.Future[int]] = {}
+        with self._lock:
+            for h in targets:
+                where = f"rank {h} ({self.peers[h].address})"
+                prev = self._running.get(h)
+                if prev is not None and not prev[1].done():
+                    out.ok = False
+                    out.errors.append(f"{where}: the push of step {prev[0]} to it is still "
+                                      f"running, so step {step} is not sent there")  # fmt: skip
+                    continue
+                try:
+                    fut = self._pushes.submit(self.client.put, self._addr(h), ref, path)
+                except RuntimeError as e:  # closed
+                    out.ok = False
+                    out.errors.append(f"{where}: replicator of rank {self.rank} is closed: {e}")
+                    continue
+                self._running[h] = (step, fut)
+                futs[h] = fut
+        done, _ = concurrent.futures.wait(futs.values(), timeout=bound)
         for h, f in futs.items():
+            where = f"rank {h} ({self.peers[h].address})"
+            if f not in done:
+                out.ok = False
+                out.errors.append(f"{where}: push still running after {bound:.1f}s, its bound; "
+                                  "reported unreplicated")  # fmt: skip
+                continue
             try:
                 out.nbytes += f.result()
             except (MemckptError, OSError) as e:
                 out.ok = False
-                out.errors.append(f"rank {h} ({self.peers[h].address}): {e}")
+                out.errors.append(f"{where}: {e}")
         out.seconds = time.perf_counter() - t0
         if not out.ok:
             log.warning("rank %d: step %d not fully replicated: %s", self.rank, step,
@@ -286,6 +342,8 @@ class Replicator:
         os.replace(tmp, final)
 
     def close(self) -> None:
+        """Stop: pushes still running fail at once (their connections are closed)."""
+        self._pushes.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         self.server.close()
 

@@ -3,9 +3,12 @@
 A ``TransferClient`` keeps authenticated connections to each peer open and reuses
 them. A large object moves as byte ranges over ``connections`` connections in
 parallel: sent with ``sendfile`` straight from the object file, received with
-``recv_into`` straight into a mapped pool buffer. A failed transfer is retried
-from scratch (new connections, a new transfer id) with exponential backoff; the
-final error names the peer, the object and every attempt's cause.
+``recv_into`` straight into a mapped pool buffer. Every request has an overall
+deadline derived from its size and a minimum throughput, so a peer that trickles
+bytes cannot hold a caller. A failed transfer is retried from scratch (new
+connections, a new transfer id) with exponential backoff; the final error names
+the peer, the object and every attempt's cause. A peer that keeps failing is
+skipped for a while (:class:`CircuitBreaker`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hmac
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -43,7 +47,11 @@ from memckpt.errors import (
     TransferError,
 )
 from memckpt.transport.protocol import (
+    MAX_CONTROL_PAYLOAD,
     MAX_DATA_LENGTH,
+    MAX_HANDSHAKE_PAYLOAD,
+    MIN_THROUGHPUT,
+    Deadline,
     MessageType,
     ObjectRef,
     client_tag,
@@ -60,7 +68,7 @@ from memckpt.transport.protocol import (
     validate_secret,
 )
 
-__all__ = ["Address", "RemoteObjectReader", "TransferClient", "parse_address"]
+__all__ = ["Address", "CircuitBreaker", "RemoteObjectReader", "TransferClient", "parse_address"]
 
 log = logging.getLogger(__name__)
 
@@ -83,28 +91,49 @@ def _fmt(addr: Address) -> str:
     return format_address(*addr)
 
 
+def _drop_buffer(buf: Buffer, store: CheckpointStore) -> None:
+    """Give a failed fetch's buffer back to the filesystem: close it and delete its file.
+
+    Not ``pool.give_back``: a sparse buffer with unallocated holes must not be reused
+    through its mapping (a write into a hole on a full tmpfs is SIGBUS).
+    """
+    path = buf.path
+    if path.parent != store.pool.dir:  # already published under its final name
+        return
+    buf.close()
+    path.unlink(missing_ok=True)
+
+
 class _Connection:
-    """One authenticated connection to a peer's server."""
+    """One authenticated connection to a peer's server.
+
+    ``deadline`` bounds the exchange now running on it (set per request); every send
+    and receive below honours it as well as the socket's per-operation timeout.
+    """
 
     def __init__(self, addr: Address, job_id: str, secret: bytes, rank: int, timeout_s: float,
-                 connect_timeout_s: float) -> None:  # fmt: skip
+                 connect_timeout_s: float, deadline: Deadline) -> None:  # fmt: skip
         self.addr = addr
         self.peer = _fmt(addr)
-        self.sock = socket.create_connection(addr, timeout=connect_timeout_s)
+        self.deadline = deadline
+        connect_s = max(1e-3, min(connect_timeout_s, deadline.remaining()))
+        self.sock = socket.create_connection(addr, timeout=connect_s)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.settimeout(timeout_s)
-            self._handshake(job_id, secret, rank)
+            handshake = Deadline(min(timeout_s, deadline.remaining()), "handshake")
+            self._handshake(job_id, secret, rank, handshake)
         except BaseException:
             self.sock.close()
             raise
 
-    def _handshake(self, job_id: str, secret: bytes, rank: int) -> None:
+    def _handshake(self, job_id: str, secret: bytes, rank: int, deadline: Deadline) -> None:
         cnonce = make_nonce()
         send_frame(self.sock, MessageType.HELLO,
                    {"job_id": job_id, "rank": rank, "client_nonce": cnonce.hex()},
-                   peer=self.peer)  # fmt: skip
-        ch = self.expect(MessageType.CHALLENGE)
+                   peer=self.peer, deadline=deadline)  # fmt: skip
+        # the server is not authenticated yet: small frames only, within the deadline
+        ch = self._expect(MessageType.CHALLENGE, 0, MAX_HANDSHAKE_PAYLOAD, deadline)
         snonce = parse_hex_field(ch.payload, "server_nonce", len(cnonce), peer=self.peer)
         tag = parse_hex_field(ch.payload, "server_tag", 32, peer=self.peer)
         if not hmac.compare_digest(tag, server_tag(secret, job_id, cnonce, snonce)):
@@ -113,11 +142,29 @@ class _Connection:
             )
         send_frame(self.sock, MessageType.AUTH,
                    {"client_tag": client_tag(secret, job_id, cnonce, snonce).hex()},
-                   peer=self.peer)  # fmt: skip
-        self.expect(MessageType.AUTH_OK)
+                   peer=self.peer, deadline=deadline)  # fmt: skip
+        self._expect(MessageType.AUTH_OK, 0, MAX_HANDSHAKE_PAYLOAD, deadline)
+
+    def send(self, mtype: MessageType, payload: dict[str, Any]) -> None:
+        send_frame(self.sock, mtype, payload, peer=self.peer, deadline=self.deadline)
+
+    def send_file(self, fd: int, offset: int, nbytes: int) -> None:
+        """Send ``nbytes`` of ``fd`` from ``offset`` (after ``send_data_header``)."""
+        sendfile_exact(self.sock, fd, offset, nbytes, peer=self.peer, deadline=self.deadline)
+
+    def send_data_header(self, nbytes: int) -> None:
+        send_data_header(self.sock, nbytes, peer=self.peer, deadline=self.deadline)
+
+    def recv_into(self, view: memoryview) -> None:
+        recv_exact_into(self.sock, view, peer=self.peer, deadline=self.deadline)
 
     def expect(self, mtype: MessageType, max_data: int = 0) -> Any:
-        frame = recv_frame(self.sock, peer=self.peer, max_data=max_data)
+        return self._expect(mtype, max_data, MAX_CONTROL_PAYLOAD, self.deadline)
+
+    def _expect(self, mtype: MessageType, max_data: int, max_payload: int,
+                deadline: Deadline) -> Any:  # fmt: skip
+        frame = recv_frame(self.sock, max_payload, peer=self.peer, max_data=max_data,
+                           deadline=deadline)  # fmt: skip
         if frame.type is MessageType.ERROR:
             message = str(frame.payload.get("message", ""))[:500]
             if mtype is MessageType.AUTH_OK:
@@ -126,6 +173,16 @@ class _Connection:
         if frame.type is not mtype:
             raise ProtocolError(f"expected {mtype.name} from {self.peer}, got {frame.type.name}")
         return frame
+
+    def stale(self) -> bool:
+        """Whether an idle connection was closed by the peer (or holds unexpected bytes)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -143,15 +200,83 @@ class RemoteObject:
     size: int
 
 
+@dataclass
+class _PeerHealth:
+    failures: int = 0
+    skip_until: float = 0.0
+    last_error: str = ""
+
+
+class CircuitBreaker:
+    """Per-peer circuit breaker: a peer that failed ``threshold`` times in a row is skipped
+    for ``cooloff_s`` seconds; then one attempt is let through, and a success closes it.
+
+    Thread-safe. ``clock`` is injectable for tests (``time.monotonic`` by default).
+    """
+
+    def __init__(self, threshold: int = 3, cooloff_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.threshold = max(1, threshold)
+        self.cooloff_s = cooloff_s
+        self.clock = clock
+        self._peers: dict[Address, _PeerHealth] = {}
+        self._lock = threading.Lock()
+
+    def check(self, addr: Address) -> str | None:
+        """None when ``addr`` may be tried now, else why it is skipped."""
+        with self._lock:
+            h = self._peers.get(addr)
+            if h is None or h.failures < self.threshold:
+                return None
+            left = h.skip_until - self.clock()
+            if left <= 0:
+                return None
+            return (f"skipped: peer {_fmt(addr)} failed {h.failures} times in a row, next try "
+                    f"in {left:.1f} s (last error: {h.last_error[:300]})")  # fmt: skip
+
+    def failure(self, addr: Address, error: str) -> None:
+        with self._lock:
+            h = self._peers.setdefault(addr, _PeerHealth())
+            h.failures += 1
+            h.last_error = error
+            if h.failures >= self.threshold:
+                h.skip_until = self.clock() + self.cooloff_s
+                if h.failures == self.threshold:
+                    log.warning("peer %s failed %d times in a row; skipping it for %.0fs",
+                                _fmt(addr), h.failures, self.cooloff_s)  # fmt: skip
+
+    def success(self, addr: Address) -> None:
+        with self._lock:
+            self._peers.pop(addr, None)
+
+
+def _counts_against_peer(e: BaseException) -> bool:
+    """Whether a failed attempt says the peer is unreachable, stalled or speaks garbage
+    (not: it answered ERROR, its data was corrupt, or this node lacks space)."""
+    if isinstance(e, InsufficientSpaceError):
+        return False
+    return isinstance(e, (ProtocolError, OSError))
+
+
 class TransferClient:
     """Authenticated, pooled, parallel transfers to the servers of one job's ranks.
+
+    Every request has an overall deadline of ``timeout_s + nbytes / min_throughput``
+    (handshake included when it opens a connection), however the peer paces its
+    bytes; so one attempt of a transfer ends within that, and a call within
+    ``(retries + 1)`` times it plus the backoff. A peer whose attempts failed
+    ``breaker_failures`` times in a row is skipped for ``breaker_cooloff_s``: calls
+    to it raise TransferError at once, saying so.
 
     Args:
         job_id, secret: must match the peer servers'.
         rank: this rank (sent in HELLO, for the peer's logs).
         connections: parallel connections per large object.
-        timeout_s: per socket operation; connect_timeout_s for connecting.
+        timeout_s: per socket operation, and the base of every deadline;
+            connect_timeout_s for connecting.
         retries: attempts after the first, with backoff ``backoff_s * 3**i``.
+        min_throughput: bytes per second a transfer may not fall below.
+        breaker_failures, breaker_cooloff_s: the per-peer circuit breaker.
     """
 
     def __init__(
@@ -166,6 +291,9 @@ class TransferClient:
         retries: int = 2,
         backoff_s: float = 0.2,
         verify_threads: int = 2,
+        min_throughput: float = MIN_THROUGHPUT,
+        breaker_failures: int = 3,
+        breaker_cooloff_s: float = 60.0,
     ) -> None:
         self.job_id = job_id
         self.secret = validate_secret(secret)
@@ -176,41 +304,90 @@ class TransferClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.verify_threads = verify_threads
+        if min_throughput <= 0:
+            raise ValueError(
+                f"min_throughput must be positive bytes per second, got {min_throughput}"
+            )
+        self.min_throughput = min_throughput
+        self.breaker = CircuitBreaker(breaker_failures, breaker_cooloff_s)
         self._idle: dict[Address, list[_Connection]] = {}
+        self._live: set[_Connection] = set()  # every open connection, idle or in use
+        self._closed = False
         self._lock = threading.Lock()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=4 * self.connections, thread_name_prefix=f"memckpt-xfer-r{rank}"
         )
 
+    def attempt_bound_s(self, nbytes: int) -> float:
+        """Longest one attempt moving ``nbytes`` in one part may take (seconds)."""
+        return self.timeout_s + nbytes / self.min_throughput
+
+    def call_bound_s(self, nbytes: int) -> float:
+        """Longest a put or get of ``nbytes`` may take, every retry and backoff included."""
+        attempts = self.retries + 1
+        backoff = sum(self.backoff_s * 3**i for i in range(self.retries))
+        # a get asks for the size first (one request without data), then the parts
+        return attempts * (self.connect_timeout_s + 2 * self.timeout_s
+                           + nbytes / self.min_throughput) + backoff  # fmt: skip
+
     # -- connection pool -------------------------------------------------------------------
-    def _checkout(self, addr: Address) -> _Connection:
+    def _checkout(self, addr: Address, deadline: Deadline) -> _Connection:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise TransferError(f"transfer client of rank {self.rank} is closed")
+                idle = self._idle.get(addr)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if conn.stale():  # the peer closed it while idle (restart, idle timeout)
+                self._discard(conn)
+                continue
+            conn.deadline = deadline
+            return conn
+        conn = _Connection(addr, self.job_id, self.secret, self.rank, self.timeout_s,
+                           self.connect_timeout_s, deadline)  # fmt: skip
         with self._lock:
-            idle = self._idle.get(addr)
-            if idle:
-                return idle.pop()
-        return _Connection(addr, self.job_id, self.secret, self.rank, self.timeout_s,
-                           self.connect_timeout_s)  # fmt: skip
+            closed = self._closed
+            if not closed:
+                self._live.add(conn)
+        if closed:
+            conn.close()
+            raise TransferError(f"transfer client of rank {self.rank} is closed")
+        return conn
 
     def _checkin(self, conn: _Connection) -> None:
         with self._lock:
-            self._idle.setdefault(conn.addr, []).append(conn)
+            if not self._closed:
+                self._idle.setdefault(conn.addr, []).append(conn)
+                return
+        self._discard(conn)
+
+    def _discard(self, conn: _Connection) -> None:
+        # closed under the lock: close() never shuts down a descriptor reused meanwhile
+        with self._lock:
+            self._live.discard(conn)
+            conn.close()
 
     def _drop_idle(self, addr: Address) -> None:
         with self._lock:
             conns = self._idle.pop(addr, [])
         for c in conns:
-            c.close()
+            self._discard(c)
 
-    def _call(self, addr: Address, fn: Callable[[_Connection], T]) -> T:
-        """Run one request on a pooled connection; a broken connection is closed, not reused."""
-        conn = self._checkout(addr)
+    def _call(self, addr: Address, fn: Callable[[_Connection], T], nbytes: int = 0,
+              what: str = "request") -> T:  # fmt: skip
+        """Run one request on a pooled connection within its deadline; a broken connection
+        is closed, not reused."""
+        deadline = Deadline.for_transfer(self.timeout_s, nbytes, self.min_throughput, what)
+        conn = self._checkout(addr, deadline)
         try:
             result = fn(conn)
         except _RemoteError:
             self._checkin(conn)
             raise
         except BaseException:
-            conn.close()
+            self._discard(conn)
             raise
         self._checkin(conn)
         return result
@@ -218,11 +395,18 @@ class TransferClient:
     def _retrying(self, what: str, addr: Address, fn: Callable[[], T]) -> T:
         causes: list[str] = []
         for attempt in range(self.retries + 1):
+            skip = self.breaker.check(addr)
+            if skip is not None:
+                before = f" (after {'; '.join(causes)})" if causes else ""
+                raise TransferError(f"{what} with peer {_fmt(addr)} {skip}{before}")
             try:
-                return fn()
+                result = fn()
             except AuthenticationError as e:
+                self.breaker.failure(addr, f"{type(e).__name__}: {e}")
                 raise TransferError(f"{what} with peer {_fmt(addr)}: {e}") from e
             except (OSError, MemckptError) as e:
+                if _counts_against_peer(e):
+                    self.breaker.failure(addr, f"{type(e).__name__}: {e}")
                 causes.append(f"attempt {attempt + 1}: {type(e).__name__}: {e}")
                 self._drop_idle(addr)
                 if attempt < self.retries:
@@ -230,6 +414,9 @@ class TransferClient:
                     log.info("rank %d: %s with %s failed (%s); retrying in %.1fs", self.rank, what,
                              _fmt(addr), e, delay)  # fmt: skip
                     time.sleep(delay)
+            else:
+                self.breaker.success(addr)
+                return result
         raise TransferError(f"{what} with peer {_fmt(addr)} failed: " + "; ".join(causes))
 
     def _parts(self, total: int) -> list[tuple[int, int]]:
@@ -242,27 +429,28 @@ class TransferClient:
         """Round trip to a peer; returns its rank."""
 
         def req(c: _Connection) -> int:
-            send_frame(c.sock, MessageType.PING, {}, peer=c.peer)
+            c.send(MessageType.PING, {})
             return int(c.expect(MessageType.OK).payload.get("rank", -1))
 
-        return self._retrying("ping", addr, lambda: self._call(addr, req))
+        return self._retrying("ping", addr, lambda: self._call(addr, req, what="PING"))
 
     def list(self, addr: Address) -> list[RemoteObject]:
         """The valid objects of this job the peer's node holds."""
 
         def req(c: _Connection) -> list[RemoteObject]:
-            send_frame(c.sock, MessageType.LIST, {"job_id": self.job_id}, peer=c.peer)
+            c.send(MessageType.LIST, {"job_id": self.job_id})
             objs = c.expect(MessageType.OK).payload.get("objects")
             if not isinstance(objs, list):
                 raise ProtocolError(f"LIST reply from {c.peer} has no object list")
             return [RemoteObject(int(s), int(r), int(n)) for s, r, n in objs]
 
-        return self._retrying("list", addr, lambda: self._call(addr, req))
+        return self._retrying("list", addr, lambda: self._call(addr, req, what="LIST"))
 
     def put(self, addr: Address, ref: ObjectRef, path: str | os.PathLike[str]) -> int:
         """Replicate the object file at ``path`` to the peer; returns the bytes sent.
 
-        Returns only once the peer has verified and published the replica.
+        Returns only once the peer has verified and published the replica; ends within
+        ``call_bound_s(size)`` whatever the peer does.
         """
         what = f"sending {ref.relpath}"
         return self._retrying(what, addr, lambda: self._put_once(addr, ref, Path(path)))
@@ -276,17 +464,18 @@ class TransferClient:
 
             def send_part(offset: int, nbytes: int) -> bool:
                 def req(c: _Connection) -> bool:
-                    send_frame(c.sock, MessageType.PUT,
-                               {**ref.to_payload(), "offset": offset, "nbytes": nbytes,
-                                "total": total, "transfer": tid}, peer=c.peer)  # fmt: skip
-                    send_data_header(c.sock, nbytes, peer=c.peer)
+                    c.send(MessageType.PUT, {**ref.to_payload(), "offset": offset,
+                                             "nbytes": nbytes, "total": total,
+                                             "transfer": tid})  # fmt: skip
+                    c.send_data_header(nbytes)
                     half = nbytes // 2 if offset == 0 else 0  # a fault point sits there
-                    sendfile_exact(c.sock, fd, offset, half, peer=c.peer)
+                    c.send_file(fd, offset, half)
                     fault_point("mid_replica_send", ref.step)
-                    sendfile_exact(c.sock, fd, offset + half, nbytes - half, peer=c.peer)
+                    c.send_file(fd, offset + half, nbytes - half)
                     return bool(c.expect(MessageType.OK).payload.get("complete"))
 
-                return self._call(addr, req)
+                what = f"PUT of {ref.relpath} bytes {offset}..{offset + nbytes}"
+                return self._call(addr, req, nbytes, what)
 
             done = self._run_parts(send_part, parts)
             if not any(done):
@@ -306,7 +495,8 @@ class TransferClient:
         """Fetch the object ``ref`` from the peer into ``store``; returns (path, bytes).
 
         The bytes land in a buffer of the store's pool, are verified, then renamed to
-        their final name: nothing partial or corrupt is ever visible.
+        their final name: nothing partial or corrupt is ever visible. Ends within
+        ``call_bound_s(size)`` whatever the peer does.
         """
         what = f"fetching {ref.relpath}"
         return self._retrying(what, addr, lambda: self._get_once(addr, ref, store))
@@ -331,7 +521,7 @@ class TransferClient:
                 raise CorruptCheckpointError(f"{where}: holds another object")
             path = store.adopt(ref.step, ref.rank, buf)
         except BaseException:
-            store.pool.give_back(buf)
+            _drop_buffer(buf, store)
             raise
         return path, total
 
@@ -344,22 +534,21 @@ class TransferClient:
         """
 
         def req(c: _Connection) -> tuple[int, bytes]:
-            send_frame(c.sock, MessageType.GET,
-                       {**ref.to_payload(), "offset": offset, "nbytes": nbytes},
-                       peer=c.peer)  # fmt: skip
+            c.send(MessageType.GET, {**ref.to_payload(), "offset": offset, "nbytes": nbytes})
             total = parse_int_field(c.expect(MessageType.OK).payload, "total", peer=c.peer,
                                     maximum=MAX_DATA_LENGTH)  # fmt: skip
             head = c.expect(MessageType.DATA, max_data=nbytes)
             if head.length != nbytes:
                 raise ProtocolError(f"{c.peer} sent {head.length} bytes, asked {nbytes}")
             if into is not None:
-                recv_exact_into(c.sock, into, peer=c.peer)
+                c.recv_into(into)
                 return total, b""
             raw = bytearray(nbytes)
-            recv_exact_into(c.sock, memoryview(raw), peer=c.peer)
+            c.recv_into(memoryview(raw))
             return total, bytes(raw)
 
-        return self._call(addr, req)
+        what = f"GET of {ref.relpath} bytes {offset}..{offset + nbytes}"
+        return self._call(addr, req, nbytes, what)
 
     def open_remote(self, addr: Address, ref: ObjectRef) -> RemoteObjectReader:
         """Read an object on a peer without storing it here (see RemoteObjectReader)."""
@@ -367,12 +556,16 @@ class TransferClient:
         return self._retrying(what, addr, lambda: RemoteObjectReader(self, addr, ref))
 
     def close(self) -> None:
+        """Close every connection; requests still running fail at once."""
         with self._lock:
-            idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for c in conns:
-                c.close()
+            self._closed = True
+            self._idle = {}
+            live, self._live = list(self._live), set()
+            for c in live:  # wakes up a request blocked on it; its thread closes it
+                c.shutdown()
         self._executor.shutdown(wait=True)
+        for c in live:
+            c.close()
 
     def __enter__(self) -> TransferClient:
         return self

@@ -43,10 +43,41 @@ that completes the object gets ``complete: true`` once the server has verified i
 and made it visible. GET takes an optional byte range; ``nbytes: 0`` asks only for
 the object's ``total`` length.
 
+Parts of one transfer must not overlap: the server refuses (ERROR, after reading
+and discarding the part's bytes) a part whose range overlaps one already received
+or still arriving, a part whose ``job_id``/``step``/``rank``/``total`` differ from
+the transfer's, and any part of a transfer id that was published, failed or
+reaped. It publishes only when the received ranges cover ``[0, total)`` and no
+part is still being written. Each part's pages are allocated when the part
+arrives, not up front; a transfer with no part arriving for the server's
+``transfer_timeout_s`` is reaped by a timer and its memory given back.
+
 Nonces and tags travel as lowercase hex. Tags are HMAC-SHA256 with the job secret
 over length-prefixed parts (:func:`auth_tag`); the server and client tags use
 different role labels so neither can be replayed as the other. Requests name an
 object by (job_id, step, rank), never by path (:class:`ObjectRef`).
+
+Time limits. Every socket has a per-operation timeout (``timeout_s``), and every
+exchange also has an overall :class:`Deadline` that holds across all its receives
+and sends, so a peer trickling one byte at a time cannot stretch it:
+
+- the handshake, on both sides: the server closes a connection that has not
+  authenticated within ``handshake_timeout_s`` (``HANDSHAKE_TIMEOUT_S``); the
+  client gives the whole handshake ``timeout_s``.
+- each request: ``timeout_s + nbytes / min_throughput`` (``MIN_THROUGHPUT``,
+  64 MiB/s by default), where ``nbytes`` is the data the request moves.
+
+Unauthenticated phase. Until AUTH_OK, every frame (HELLO, CHALLENGE, AUTH, AUTH_OK,
+ERROR) is at most ``MAX_HANDSHAKE_PAYLOAD`` bytes; the client reads the server's
+CHALLENGE under that limit too, before it has checked the server's tag. A server
+keeps at most ``MAX_UNAUTHENTICATED`` connections in the handshake; a new one
+evicts the oldest. Authenticated connections have their own budget, so
+connections without the secret never starve pushes and fetches.
+
+Client circuit breaker. A peer whose attempts failed (connection, timeout,
+deadline, protocol or authentication errors; not ERROR answers) ``N`` times in a
+row is skipped for a cool-off period: calls fail at once with "skipped: peer X
+failed N times in a row, next try in T s". One success closes the breaker.
 """
 
 from __future__ import annotations
@@ -62,6 +93,7 @@ import secrets
 import select
 import socket
 import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,17 +116,22 @@ from memckpt.settings import SECRET_ENV
 
 __all__ = [
     "CLIENT_ROLE",
+    "HANDSHAKE_TIMEOUT_S",
     "HEADER",
     "HEADER_SIZE",
     "MAGIC",
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_LENGTH",
+    "MAX_HANDSHAKE_PAYLOAD",
+    "MAX_UNAUTHENTICATED",
     "MIN_SECRET_BYTES",
+    "MIN_THROUGHPUT",
     "NONCE_BYTES",
     "PROTOCOL_VERSION",
     "SECRET_ENV",
     "SERVER_ROLE",
     "AuthenticationError",
+    "Deadline",
     "Frame",
     "MessageType",
     "ObjectRef",
@@ -135,6 +172,11 @@ HEADER: Final = struct.Struct("!4sBBHQ")
 HEADER_SIZE: Final = HEADER.size
 MAX_CONTROL_PAYLOAD: Final = 1 << 20
 MAX_DATA_LENGTH: Final = 1 << 48
+# HELLO is ~250 bytes with the longest job id; nothing before AUTH_OK needs more
+MAX_HANDSHAKE_PAYLOAD: Final = 1024
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+MAX_UNAUTHENTICATED: Final = 32
+MIN_THROUGHPUT: Final = 64 << 20  # bytes per second a transfer may not fall below
 NONCE_BYTES: Final = 32
 MIN_SECRET_BYTES: Final = 16
 SERVER_ROLE: Final = b"memckpt-server-v1"
@@ -473,50 +515,149 @@ def client_tag(secret: bytes, job_id: str, client_nonce: bytes, server_nonce: by
     return auth_tag(secret, CLIENT_ROLE, job_id, client_nonce, server_nonce)
 
 
+# ---------------------------------------------------------------- deadlines
+
+
+class Deadline:
+    """An overall time limit for one exchange, holding across all its receives and sends.
+
+    A socket timeout bounds each receive; a peer that sends one byte just inside
+    it would otherwise keep an exchange alive forever. Socket helpers given a
+    Deadline wait at most until it passes, whatever the socket's own timeout.
+    """
+
+    __slots__ = ("at", "budget", "seconds", "what")
+
+    def __init__(self, seconds: float, what: str = "exchange", budget: str = "") -> None:
+        self.seconds = max(0.0, float(seconds))
+        self.what = what
+        self.budget = budget  # how the limit was derived, for the error message
+        self.at = time.monotonic() + self.seconds
+
+    @classmethod
+    def for_transfer(cls, base_s: float, nbytes: int, min_throughput: float, what: str) -> Deadline:
+        """``base_s + nbytes / min_throughput`` seconds from now."""
+        budget = (
+            f"{base_s:g}s + {nbytes} bytes at {min_throughput / (1 << 20):g} MiB/s"
+            if nbytes
+            else ""
+        )
+        return cls(base_s + nbytes / min_throughput, what, budget)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+    def error(self, peer: str | None, progress: str = "") -> ProtocolError:
+        detail = "; ".join(x for x in (self.budget, progress) if x)
+        detail = f" ({detail})" if detail else ""
+        return ProtocolError(
+            f"{self.what}{_with(peer)} missed its deadline of {self.seconds:.1f}s{detail}: "
+            "the peer is stalled or slower than the minimum throughput; check that peer, "
+            "or raise timeout_s / lower min_throughput"
+        )
+
+    def timeout(self, cap: float | None, peer: str | None, progress: str = "") -> float:
+        """Seconds the next blocking call may wait: at most ``cap`` and the time left."""
+        left = self.remaining()
+        if left <= 0:
+            raise self.error(peer, progress)
+        return left if cap is None else min(cap, left)
+
+
+def _with(peer: str | None) -> str:
+    return f" with peer {peer}" if peer else ""
+
+
+def _arm(sock: socket.socket, deadline: Deadline | None, cap: float | None, peer: str | None,
+         progress: str) -> None:  # fmt: skip
+    if deadline is not None:
+        sock.settimeout(max(1e-3, deadline.timeout(cap, peer, progress)))
+
+
+def _timed_out(deadline: Deadline | None, peer: str | None, what: str, progress: str,
+               cause: BaseException) -> ProtocolError:  # fmt: skip
+    if deadline is not None and deadline.expired():
+        err = deadline.error(peer, progress)
+    else:
+        err = ProtocolError(f"timed out {what}{_from(peer)}: {progress}")
+    err.__cause__ = cause
+    return err
+
+
 # ---------------------------------------------------------------- socket helpers
 
 
-def recv_exact_into(sock: socket.socket, buf: memoryview, *, peer: str | None = None) -> None:
-    """Fill ``buf`` from ``sock``; blocks up to the socket's timeout per receive."""
+def recv_exact_into(
+    sock: socket.socket,
+    buf: memoryview,
+    *,
+    peer: str | None = None,
+    deadline: Deadline | None = None,
+) -> None:
+    """Fill ``buf`` from ``sock``; each receive waits up to the socket's timeout, and all of
+    them together end by ``deadline`` when one is given."""
     view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
     total, got = len(view), 0
-    while got < total:
-        try:
-            n = sock.recv_into(view[got:], total - got)
-        except TimeoutError as e:
-            raise ProtocolError(
-                f"timed out waiting for data{_from(peer)}: received {got} of {total} bytes"
-            ) from e
-        except OSError as e:
-            raise ProtocolError(
-                f"connection{_from(peer)} failed after {got} of {total} bytes: {e}"
-            ) from e
-        if n == 0:
-            raise ProtocolError(
-                f"{_who(peer)} closed the connection with {total - got} of {total} bytes missing"
-            )
-        got += n
+    cap = sock.gettimeout()
+    try:
+        while got < total:
+            try:
+                _arm(sock, deadline, cap, peer, f"{got} of {total} bytes received")
+                n = sock.recv_into(view[got:], total - got)
+            except TimeoutError as e:
+                progress = f"{got} of {total} bytes received"
+                raise _timed_out(deadline, peer, "waiting for data", progress, e) from e
+            except OSError as e:
+                raise ProtocolError(
+                    f"connection{_from(peer)} failed after {got} of {total} bytes: {e}"
+                ) from e
+            if n == 0:
+                raise ProtocolError(
+                    f"{_who(peer)} closed the connection with {total - got} of {total} bytes "
+                    "missing"
+                )
+            got += n
+    finally:
+        if deadline is not None:
+            sock.settimeout(cap)
+
+
+def _wait_writable(sock: socket.socket, timeout: float | None) -> bool:
+    # poll, not select: select fails on descriptors above FD_SETSIZE (1024)
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000)) or 1))
 
 
 def sendfile_exact(
-    sock: socket.socket, fd: int, offset: int, count: int, *, peer: str | None = None
+    sock: socket.socket,
+    fd: int,
+    offset: int,
+    count: int,
+    *,
+    peer: str | None = None,
+    deadline: Deadline | None = None,
 ) -> None:
     """Send ``count`` bytes of file ``fd`` from ``offset`` with sendfile(2) (no copy to user space).
 
     Works on sockets with a timeout (which Python keeps non-blocking): waits for the
-    socket to be writable up to that timeout between partial sends.
+    socket to be writable up to that timeout between partial sends, and not past
+    ``deadline`` when one is given.
     """
-    timeout = sock.gettimeout()
+    cap = sock.gettimeout()
     sent = 0
     while sent < count:
         try:
             n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
         except BlockingIOError:
-            _, writable, _ = select.select([], [sock], [], timeout)
-            if not writable:
-                raise ProtocolError(
-                    f"timed out sending data{_to(peer)}: {sent} of {count} bytes sent"
-                ) from None
+            progress = f"{sent} of {count} bytes sent"
+            wait = cap if deadline is None else deadline.timeout(cap, peer, progress)
+            if not _wait_writable(sock, wait):
+                raise _timed_out(deadline, peer, "sending data", f"{sent} of {count} bytes sent",
+                                 TimeoutError()) from None  # fmt: skip
             continue
         except OSError as e:
             raise ProtocolError(f"sending data{_to(peer)} failed after {sent} bytes: {e}") from e
@@ -531,23 +672,31 @@ def send_frame(
     payload: Mapping[str, Any] | None = None,
     *,
     peer: str | None = None,
+    deadline: Deadline | None = None,
 ) -> None:
-    """Send one control frame; blocks until sent or the socket times out."""
-    _sendall(sock, encode_frame(msg_type, payload), peer)
+    """Send one control frame; blocks until sent, the socket times out or ``deadline`` passes."""
+    _sendall(sock, encode_frame(msg_type, payload), peer, deadline)
 
 
-def send_data_header(sock: socket.socket, nbytes: int, *, peer: str | None = None) -> None:
+def send_data_header(
+    sock: socket.socket, nbytes: int, *, peer: str | None = None, deadline: Deadline | None = None
+) -> None:
     """Announce ``nbytes`` raw bytes; the caller sends exactly that many next."""
-    _sendall(sock, encode_data_header(nbytes), peer)
+    _sendall(sock, encode_data_header(nbytes), peer, deadline)
 
 
-def _sendall(sock: socket.socket, data: bytes, peer: str | None) -> None:
+def _sendall(sock: socket.socket, data: bytes, peer: str | None, deadline: Deadline | None) -> None:
+    cap = sock.gettimeout()
     try:
+        _arm(sock, deadline, cap, peer, f"0 of {len(data)} bytes sent")
         sock.sendall(data)
     except TimeoutError as e:
-        raise ProtocolError(f"timed out sending {len(data)} bytes{_to(peer)}") from e
+        raise _timed_out(deadline, peer, f"sending {len(data)} bytes", "not all sent", e) from e
     except OSError as e:
         raise ProtocolError(f"sending {len(data)} bytes{_to(peer)} failed: {e}") from e
+    finally:
+        if deadline is not None:
+            sock.settimeout(cap)
 
 
 def recv_frame(
@@ -556,25 +705,32 @@ def recv_frame(
     *,
     peer: str | None = None,
     max_data: int = 0,
+    deadline: Deadline | None = None,
 ) -> Frame:
     """Receive one frame: a control frame whole, a DATA frame up to the end of its header.
 
     A DATA frame longer than ``max_data`` (0 by default: DATA not expected) is refused;
     after a DATA frame the caller must read ``frame.length`` bytes with
     :func:`recv_exact_into`. Raises PeerClosedError if the peer closed before a header.
+    With ``deadline`` the whole frame must arrive before it passes.
     """
     header = bytearray(HEADER_SIZE)
     view = memoryview(header)
+    cap = sock.gettimeout()
     try:
+        _arm(sock, deadline, cap, peer, "nothing received yet")
         first = sock.recv_into(view, HEADER_SIZE)
     except TimeoutError as e:
-        raise ProtocolError(f"timed out waiting for a frame{_from(peer)}") from e
+        raise _timed_out(deadline, peer, "waiting for a frame", "nothing received", e) from e
     except OSError as e:
         raise ProtocolError(f"connection{_from(peer)} failed: {e}") from e
+    finally:
+        if deadline is not None:
+            sock.settimeout(cap)
     if first == 0:
         raise PeerClosedError(f"{_who(peer)} closed the connection")
     try:
-        recv_exact_into(sock, view[first:], peer=peer)
+        recv_exact_into(sock, view[first:], peer=peer, deadline=deadline)
     except ProtocolError as e:
         raise ProtocolError(f"truncated frame header: {e}") from e
     head = decode_header(header, peer=peer)
@@ -588,7 +744,7 @@ def recv_frame(
     _check_control_length(head, max_payload, peer)
     body = bytearray(head.length)
     try:
-        recv_exact_into(sock, memoryview(body), peer=peer)
+        recv_exact_into(sock, memoryview(body), peer=peer, deadline=deadline)
     except ProtocolError as e:
         raise ProtocolError(f"truncated {head.type.name} frame: {e}") from e
     frame = Frame(head.type, head.length, decode_control_payload(body, peer=peer), head.flags)
