@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,43 @@ def test_unknown_classes_need_explicit_safe_globals(mgr):
         mgr.load()
     out = mgr.load(safe_globals=[Custom])
     assert out["cfg"] == Custom(0.5)
+
+
+def test_plain_numpy_values_round_trip_without_numpys_unpickler(mgr):
+    np = pytest.importorskip("numpy")
+    sd = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "big_endian": np.arange(3, dtype=">i4"),
+        "empty": np.zeros((0, 3)),
+        "f64": np.float64(2.5),
+        "i8": np.int8(-3),
+        "when": np.datetime64("2024-01-02T03:04"),
+    }
+    mgr.save(1, sd).wait()
+    out = mgr.load()
+    for k, v in sd.items():
+        assert type(out[k]) is type(v) and out[k].dtype == v.dtype, k
+        assert np.array_equal(out[k], v), k
+    assert out["fortran"].flags.f_contiguous and out["a"].flags.writeable
+
+
+def test_fractions_load_and_ranges_need_an_opt_in(mgr):
+    mgr.save(1, {"f": Fraction(-3, 4), "r": range(2, 10, 3)}).wait()
+    with pytest.raises(UnsupportedValueError, match=r"builtins\.range.*safe_globals"):
+        mgr.load()
+    out = mgr.load(safe_globals=[range])
+    assert out == {"f": Fraction(-3, 4), "r": range(2, 10, 3)}
+
+
+def test_types_the_loader_only_calls_checked_are_refused_at_save(mgr):
+    # str, bytes, bytearray and Fraction load through checked constructors; the types
+    # themselves would come back as those, so they are refused when saving
+    for t in (str, bytes, bytearray, Fraction):
+        with pytest.raises(UnsupportedValueError, match=rf"type {t.__name__} itself"):
+            mgr.save(1, {"cast": t})
+    mgr.save(1, {"cast": int, "kinds": [dict, list, float]}).wait()
+    assert mgr.load() == {"cast": int, "kinds": [dict, list, float]}
 
 
 def test_malicious_skeleton_is_never_executed(shm_dir, mgr):

@@ -10,13 +10,18 @@ Layout of one object file (all integers little-endian)::
                                   references), read back only through a restricted loader
 
 The header is written last: a file whose header does not validate is not an object.
-Tensor bytes are never pickled.
+Tensor bytes are never pickled. Decoding trusts no field, checksummed or not: sizes are
+checked against the section that holds them and against fixed limits (MAX_CHUNK_SIZE,
+MAX_INDEX_BYTES, MAX_NDIM) before anything is allocated, and every fault is a
+CorruptCheckpointError naming the object.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_CHUNK_SIZE",
     "ObjectHeader",
     "ObjectIndex",
     "TensorEntry",
@@ -44,6 +50,7 @@ __all__ = [
     "dtype_name",
     "encode_header",
     "encode_index",
+    "pread_exact",
     "read_header",
 ]
 
@@ -52,7 +59,11 @@ FORMAT_VERSION: Final = 1
 HEADER_SIZE: Final = 4096
 DATA_ALIGN: Final = 64
 DEFAULT_CHUNK_SIZE: Final = 4 << 20
+MAX_CHUNK_SIZE: Final = 1 << 30
 MAX_INDEX_BYTES: Final = 1 << 30
+MAX_NDIM: Final = 64
+# What a stored tensor's device may be: memckpt stores CPU and CUDA tensors only.
+_DEVICE: Final = re.compile(r"cpu|cuda(?::[0-9]{1,4})?")
 
 # magic, version, header_size, data_offset, data_length,
 # index_offset, index_length, index_checksum, objects_offset, objects_length, objects_checksum
@@ -162,9 +173,26 @@ def decode_header(raw: bytes, where: str, file_size: int | None = None) -> Objec
     return h
 
 
+def pread_exact(fd: int, offset: int, length: int, where: str, what: str) -> bytes:
+    """``length`` bytes at ``offset``, looping: Linux returns at most ~2 GiB per call."""
+    if length < (1 << 30):
+        out = os.pread(fd, length, offset)
+        if len(out) == length:
+            return out
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got : got + (1 << 30)]], offset + got)
+        if n == 0:
+            raise CorruptCheckpointError(f"{where}: {what} truncated (ends after {got} bytes)")
+        got += n
+    return bytes(buf)
+
+
 def read_header(fd: int, where: str) -> ObjectHeader:
     size = os.fstat(fd).st_size
-    return decode_header(os.pread(fd, HEADER_SIZE, 0), where, size)
+    return decode_header(pread_exact(fd, 0, min(HEADER_SIZE, size), where, "header"), where, size)
 
 
 @dataclass(frozen=True)
@@ -245,12 +273,23 @@ def decode_index(raw: bytes, where: str, data_offset: int, data_end: int) -> Obj
     """Parse and validate an index; every tensor must lie inside the data section."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise CorruptCheckpointError(f"{where}: index is not valid JSON ({e})") from None
     _expect(isinstance(doc, dict), where, "not an object")
     for key in ("step", "rank", "world_size", "chunk_size"):
         _expect(_is_int(doc.get(key)) and doc[key] >= 0, where, f"field {key!r}")
-    _expect(doc["chunk_size"] > 0, where, "chunk_size must be positive")
+    _expect(
+        0 < doc["chunk_size"] <= MAX_CHUNK_SIZE,
+        where,
+        f"chunk_size {doc['chunk_size']} outside 1..{MAX_CHUNK_SIZE}",
+    )
+    created = doc.get("created_unix", 0.0)
+    _expect(
+        (_is_int(created) and abs(created) < 1 << 53)
+        or (isinstance(created, float) and math.isfinite(created)),
+        where,
+        "field 'created_unix' is not a time in seconds",
+    )
     _expect(isinstance(doc.get("job_id"), str), where, "field 'job_id'")
     _expect(isinstance(doc.get("tensors"), list), where, "field 'tensors'")
     entries = []
@@ -261,16 +300,23 @@ def decode_index(raw: bytes, where: str, data_offset: int, data_end: int) -> Obj
         _expect(isinstance(dt, str), where, f"tensor {name!r} dtype")
         dtype = dtype_from_name(dt, f"{where}: tensor {name!r}")
         _expect(
-            isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape),
+            isinstance(shape, list)
+            and len(shape) <= MAX_NDIM
+            and all(_is_int(s) and s >= 0 for s in shape),
             where,
             f"tensor {name!r} shape",
         )
+        # torch multiplies the dimensions (a zero counts as one) into strides that must fit int64
+        _expect(
+            math.prod(max(s, 1) for s in shape) * dtype.itemsize < 1 << 63,
+            where,
+            f"tensor {name!r} shape {shape} overflows 64-bit sizes",
+        )
         _expect(_is_int(off) and _is_int(nbytes), where, f"tensor {name!r} extent")
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = dtype.itemsize
-        _expect(nbytes == numel * itemsize, where, f"tensor {name!r} size disagrees with shape")
+        numel = math.prod(shape)
+        _expect(
+            nbytes == numel * dtype.itemsize, where, f"tensor {name!r} size disagrees with shape"
+        )
         _expect(data_offset <= off and off + nbytes <= data_end, where, f"tensor {name!r} extent")
         n_chunks = max(1, -(-nbytes // doc["chunk_size"]))
         _expect(
@@ -278,11 +324,21 @@ def decode_index(raw: bytes, where: str, data_offset: int, data_end: int) -> Obj
             where,
             f"tensor {name!r} checksums",
         )
-        _expect(isinstance(device, str), where, f"tensor {name!r} device")
+        _expect(
+            isinstance(device, str) and _DEVICE.fullmatch(device) is not None,
+            where,
+            f"tensor {name!r} device {str(device)[:40]!r} (memckpt stores cpu and cuda tensors)",
+        )
+        _expect(
+            isinstance(rg, bool) and isinstance(isp, bool), where, f"tensor {name!r} grad flags"
+        )
+        _expect(
+            not rg or dtype.is_floating_point or dtype.is_complex,
+            where,
+            f"tensor {name!r} of dtype {dt} cannot require gradients",
+        )
         entries.append(
-            TensorEntry(
-                name, dt, tuple(shape), off, nbytes, tuple(sums), device, bool(rg), bool(isp)
-            )
+            TensorEntry(name, dt, tuple(shape), off, nbytes, tuple(sums), device, rg, isp)
         )
     extra = doc.get("extra", {})
     _expect(isinstance(extra, dict), where, "field 'extra'")
@@ -293,7 +349,7 @@ def decode_index(raw: bytes, where: str, data_offset: int, data_end: int) -> Obj
         world_size=doc["world_size"],
         chunk_size=doc["chunk_size"],
         tensors=tuple(entries),
-        created_unix=float(doc.get("created_unix", 0.0)),
+        created_unix=float(created),
         extra=extra,
     )
 

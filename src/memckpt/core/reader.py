@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from memckpt.core.format import (
     HEADER_SIZE,
@@ -25,12 +26,18 @@ from memckpt.core.format import (
     checksum,
     decode_header,
     decode_index,
+    pread_exact,
 )
-from memckpt.core.statedict import iter_named_tensors, restore_state_dict
+from memckpt.core.statedict import check_skeleton, iter_named_tensors, restore_state_dict
 from memckpt.core.tensorbytes import is_plain_cpu, tensor_memoryview
 from memckpt.errors import CorruptCheckpointError, StateDictMismatchError
 
-__all__ = ["ObjectReader", "TensorDamage", "load_object", "verify_object_bytes"]
+__all__ = ["ObjectReader", "TensorDamage", "load_object", "read_sections", "verify_object_bytes"]
+
+# verify() reads and hashes a chunk in pieces this size, whatever the object's chunk size.
+_VERIFY_PIECE = 4 << 20
+# A file may declare this much more than twice what its filesystem stores (see read_sections).
+_SPARSE_SLACK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -45,29 +52,24 @@ class TensorDamage:
         return f"tensor {self.tensor!r} chunk {self.chunk} (bytes from {self.offset})"
 
 
-def pread_exact(fd: int, offset: int, length: int, where: str, what: str) -> bytes:
-    """``length`` bytes at ``offset``, looping: Linux returns at most ~2 GiB per call."""
-    out = bytearray(length)
-    view = memoryview(out)
-    got = 0
-    while got < length:
-        n = os.preadv(fd, [view[got : got + (1 << 30)]], offset + got)
-        if n == 0:
-            raise CorruptCheckpointError(f"{where}: {what} truncated")
-        got += n
-    return bytes(out)
-
-
 def read_sections(
-    read: Callable[[int, int, str], bytes], size: int, where: str
+    read: Callable[[int, int, str], bytes], size: int, where: str, stored: int | None = None
 ) -> tuple[ObjectHeader, ObjectIndex, bytes]:
     """Validate an object's header, index and non-tensor part, wherever its bytes are.
 
     ``read(offset, length, what)`` returns exactly ``length`` bytes (or raises); ``size``
     is the object's length. The one validation used for local files, peers' objects
-    and replicas held in memory.
+    and replicas held in memory. ``stored``, for a file, is what its filesystem holds
+    (allocated blocks): a sparse file that declares far more is refused before any
+    section is read, so a few bytes on disk cannot make a reader allocate gigabytes.
     """
     h = decode_header(read(0, min(HEADER_SIZE, size), "header"), where, size)
+    if stored is not None and h.end > 2 * stored + _SPARSE_SLACK:
+        raise CorruptCheckpointError(
+            f"{where}: declares {h.end} bytes but its filesystem stores only {stored} "
+            "(a sparse file; memckpt never writes one). If a copy tool made it sparse, "
+            "copy it again without holes (cp --sparse=never)"
+        )
 
     def section(offset: int, length: int, expected: int, what: str) -> bytes:
         raw = read(offset, length, what)
@@ -95,11 +97,12 @@ class ObjectReader:
         self.where = str(self.path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
             self.header, self.index, self.skeleton = read_sections(
                 lambda off, n, what: pread_exact(self.fd, off, n, self.where, what),
-                size,
+                st.st_size,
                 self.where,
+                stored=st.st_blocks * 512,
             )
         except BaseException:
             os.close(self.fd)
@@ -118,31 +121,41 @@ class ObjectReader:
 
     # -- reading tensor bytes ----------------------------------------------------------
     def verify(self) -> list[TensorDamage]:
-        """Re-hash every tensor; return the damaged chunks (empty when intact)."""
-        scratch = bytearray(self.index.chunk_size)
+        """Check the non-tensor part and re-hash every tensor; return the damaged chunks.
+
+        Reads in pieces of at most 4 MiB, whatever the chunk size. A non-tensor part that
+        does not load raises CorruptCheckpointError.
+        """
+        check_skeleton(self.skeleton, len(self.index.tensors), self.where)
+        cs = self.index.chunk_size
+        view = memoryview(bytearray(min(cs, _VERIFY_PIECE)))
         damage = []
         for e in self.index.tensors:
-            cs = self.index.chunk_size
             for i, c in enumerate(range(0, max(e.nbytes, 1), cs)):
                 n = min(cs, e.nbytes - c)
-                view = memoryview(scratch)[:n]
-                if os.preadv(self.fd, [view], e.offset + c) != n:
-                    raise CorruptCheckpointError(f"{self.where}: tensor {e.name!r} truncated")
-                if checksum(view) != e.checksums[i]:
+                h = xxhash.xxh3_64()
+                for o in range(0, n, len(view)):
+                    piece = view[: min(len(view), n - o)]
+                    self._read_into(piece, e.offset + c + o, e)
+                    h.update(piece)
+                if h.intdigest() != e.checksums[i]:
                     damage.append(TensorDamage(e.name, i, c))
         return damage
+
+    def _read_into(self, out: memoryview, offset: int, entry: TensorEntry) -> None:
+        got = 0
+        while got < len(out):
+            n = os.preadv(self.fd, [out[got:]], offset + got)
+            if n == 0:
+                raise CorruptCheckpointError(f"{self.where}: tensor {entry.name!r} truncated")
+            got += n
 
     def read_chunk(self, entry: TensorEntry, out: memoryview, i: int) -> TensorDamage | None:
         """Read chunk ``i`` of ``entry`` into ``out`` (the whole tensor's bytes) and check it."""
         cs = self.index.chunk_size
         c = i * cs
         piece = out[c : c + cs]
-        got = 0
-        while got < len(piece):
-            n = os.preadv(self.fd, [piece[got:]], entry.offset + c + got)
-            if n == 0:
-                raise CorruptCheckpointError(f"{self.where}: tensor {entry.name!r} truncated")
-            got += n
+        self._read_into(piece, entry.offset + c, entry)
         if checksum(piece) != entry.checksums[i]:
             return TensorDamage(entry.name, i, c)
         return None
@@ -172,11 +185,16 @@ def verify_object_bytes(
 ) -> tuple[ObjectHeader, ObjectIndex]:
     """Check a whole object held in memory (e.g. a replica just received into a mapping).
 
-    Validates the header, index and non-tensor sections, then re-hashes every tensor
-    chunk, spread over ``threads`` threads (xxhash releases the GIL). Raises
-    CorruptCheckpointError naming ``where`` and the damaged tensors.
+    Validates the header, index and non-tensor sections (the non-tensor part with the
+    restricted loader, calling no global it does not allow), then re-hashes every tensor
+    chunk, spread over ``threads`` threads (xxhash releases the GIL). Any fault raises
+    CorruptCheckpointError naming ``where`` (and the damaged tensors), nothing else.
     """
-    h, index, _ = read_sections(lambda off, n, what: bytes(view[off : off + n]), len(view), where)
+    h, index, skeleton = read_sections(
+        lambda off, n, what: bytes(view[off : off + n]), len(view), where
+    )
+    check_skeleton(skeleton, len(index.tensors), where)
+    del skeleton
     cs = index.chunk_size
     jobs = [
         (e, i, e.offset + c, min(cs, e.nbytes - c))
@@ -212,11 +230,16 @@ def _resolve_device(entry: TensorEntry, map_location: Any, where: str) -> torch.
         if callable(map_location):
             return torch.device(map_location(entry.device))
         return torch.device(map_location)
-    dev = torch.device(entry.device)
+    dev = torch.device(entry.device)  # the index allows cpu and cuda[:N] only
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CorruptCheckpointError(
             f"{where}: tensor {entry.name!r} was saved on {entry.device} but CUDA is not "
             "available here; pass map_location='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CorruptCheckpointError(
+            f"{where}: tensor {entry.name!r} was saved on {entry.device} but this process "
+            f"sees {torch.cuda.device_count()} GPUs; pass map_location"
         )
     return dev
 

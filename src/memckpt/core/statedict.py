@@ -6,17 +6,24 @@ never pass through pickle. Each tensor gets a path name (``model.layer.weight``,
 ``optim.state.0.exp_avg``) used to match keys when loading in place. The same
 tensor object reached twice (tied weights) is stored once and comes back as one
 object. The skeleton is read back by a restricted unpickler that only builds
-plain data types and the globals a user explicitly allows.
+plain data types, through constructors that refuse arguments costing more than the
+bytes that hold them, and the globals a user explicitly allows.
 """
 
 from __future__ import annotations
 
+import builtins
 import collections
+import datetime
+import fractions
 import io
+import math
 import pickle
+import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import torch
 
@@ -24,6 +31,7 @@ from memckpt.errors import CorruptCheckpointError, UnsupportedValueError
 
 __all__ = [
     "FlatStateDict",
+    "check_skeleton",
     "flatten_state_dict",
     "iter_named_tensors",
     "restore_state_dict",
@@ -82,6 +90,23 @@ class _TensorPickler(pickle.Pickler):
         self._index_of = index_of
         self._flat = flat
 
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is fractions.Fraction:  # its own reduce names the class itself
+            if max(obj.numerator.bit_length(), obj.denominator.bit_length()) > _MAX_FRACTION_BITS:
+                raise UnsupportedValueError(
+                    f"a Fraction of more than {_MAX_FRACTION_BITS} bits cannot be stored; "
+                    "store its numerator and denominator"
+                )
+            return (fraction, (obj.numerator, obj.denominator))
+        if isinstance(obj, type) and obj in _CHECKED_TYPES:
+            # The loader calls these only through checked constructors (see _SAFE_GLOBALS):
+            # the type itself would come back as one, so refuse it here rather than there.
+            raise UnsupportedValueError(
+                f"the state dict holds the type {obj.__name__} itself, which memckpt does not "
+                f"store; store its name ('{obj.__name__}') instead"
+            )
+        return _reduce_numpy(obj)
+
     def persistent_id(self, obj: Any) -> Any:
         if not isinstance(obj, torch.Tensor):
             return None
@@ -122,64 +147,217 @@ def flatten_state_dict(state_dict: Any) -> FlatStateDict:
     return flat
 
 
-# Globals the skeleton may name. Everything here only builds data; none runs code.
+# -- numpy values ---------------------------------------------------------------------------
+# numpy's own pickles rebuild arrays through ndarray.__setstate__ and dtype.__setstate__,
+# which trust their input: a crafted dtype state can claim to hold Python objects and make
+# raw bytes be read as pointers (a crash, or worse), and it mutates numpy's shared dtype
+# singletons. Plain arrays and scalars are therefore stored through the two constructors
+# below, which check what they are given and never put a dtype where the skeleton could
+# reach it; anything else of numpy's (dtype values, object arrays, structured dtypes)
+# needs an explicit safe_globals opt-in.
+
+
+def _plain_numpy_dtype(code: Any) -> Any:
+    import numpy as np
+
+    if not isinstance(code, str) or len(code) > 64:
+        raise ValueError(f"numpy dtype code {str(code)[:40]!r} is not a short string")
+    dtype = np.dtype(code)
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
+        raise ValueError(f"numpy dtype {code!r} is not a plain dtype")
+    return dtype
+
+
+# numpy_array, numpy_scalar and fraction are named in skeletons: their names and
+# arguments are part of the object format.
+def numpy_array(code: str, shape: tuple[int, ...], order: str, data: bytes) -> Any:
+    """A numpy array of a plain dtype from its raw bytes (the stored form of an ndarray)."""
+    import numpy as np
+
+    dtype = _plain_numpy_dtype(code)
+    if not (isinstance(shape, tuple) and all(_is_size(d) for d in shape) and order in "CF"):
+        raise ValueError(f"numpy array of shape {str(shape)[:60]} order {str(order)[:4]!r}")
+    if not isinstance(data, bytes) or len(data) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"numpy array {shape} {dtype} given {len(data)} bytes")
+    return np.frombuffer(bytearray(data), dtype).reshape(shape, order=order)
+
+
+def numpy_scalar(code: str, data: bytes) -> Any:
+    """A numpy scalar of a plain dtype from its raw bytes."""
+    dtype = _plain_numpy_dtype(code)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise ValueError(f"numpy {dtype} scalar given {len(data)} bytes")
+    import numpy as np
+
+    return np.frombuffer(data, dtype)[0]
+
+
+def _is_size(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+
+def _reduce_numpy(obj: Any) -> Any:
+    """How ``_TensorPickler`` stores a numpy value; NotImplemented: pickle's default."""
+    np = sys.modules.get("numpy")
+    if np is None or not isinstance(obj, (np.ndarray, np.generic, np.dtype)):
+        return NotImplemented
+    dtype = obj if isinstance(obj, np.dtype) else obj.dtype
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
+        return NotImplemented
+    if isinstance(obj, np.dtype) or dtype.itemsize == 0:
+        return NotImplemented
+    if type(obj) is np.ndarray:
+        order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+        return (numpy_array, (dtype.str, obj.shape, order, obj.tobytes(order=order)))
+    if type(obj) is dtype.type:
+        return (numpy_scalar, (dtype.str, obj.tobytes()))
+    return NotImplemented
+
+
+# -- what the skeleton may call ----------------------------------------------------------------
+# A skeleton is a program: every global it names can be called with arguments it chooses.
+# Those allowed below build data from data the skeleton holds, in time and memory in
+# proportion to it. Constructors that can do more from a few bytes are wrapped to refuse
+# such arguments (Fraction('1e99999999') computes a 10**99999999; bytearray(3 << 30) and
+# str(a structure that shares itself) allocate or run from a number), or are left out
+# (range, which makes deque(range(2**62), 1) and list(range(2**62)) out of 20 bytes).
+_FRACTION_TEXT: Final = re.compile(r"[+-]?[0-9]{1,4300}(?:/[0-9]{1,4300})?")
+_MAX_FRACTION_BITS: Final = 1 << 16
+
+
+def fraction(*args: Any) -> Any:
+    """fractions.Fraction from integers or ``'n/d'`` text only (no exponent, no decimals)."""
+    if len(args) == 1 and isinstance(args[0], str):
+        if _FRACTION_TEXT.fullmatch(args[0]) is None:
+            raise ValueError(f"Fraction({args[0][:40]!r}): only 'n/d' text is read")
+    elif not (
+        1 <= len(args) <= 2
+        and all(
+            isinstance(a, int) and not isinstance(a, bool) and a.bit_length() <= _MAX_FRACTION_BITS
+            for a in args
+        )
+    ):
+        raise ValueError(
+            f"Fraction of {', '.join(type(a).__name__ for a in args)}: "
+            f"only integers of up to {_MAX_FRACTION_BITS} bits are read"
+        )
+    return fractions.Fraction(*args)
+
+
+def _from_stored_data(kind: type) -> Callable[..., Any]:
+    """``kind`` (bytes or bytearray) from stored bytes, text or a list, never from a size."""
+
+    def build(*args: Any) -> Any:
+        if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+            raise ValueError(
+                f"{kind.__name__}() of a {type(args[0]).__name__}: only stored bytes, text or "
+                "lists are read (a number would allocate that many bytes)"
+            )
+        return kind(*args)
+
+    build.__name__ = build.__qualname__ = kind.__name__
+    return build
+
+
+def _text(*args: Any) -> str:
+    """str of text, or of bytes with an encoding; never the repr of a structure."""
+    if args and not (
+        (len(args) == 1 and isinstance(args[0], str))
+        or (len(args) >= 2 and isinstance(args[0], (bytes, bytearray)))
+    ):
+        raise ValueError(
+            f"str() of a {type(args[0]).__name__}: only text, or bytes with an encoding, is read"
+        )
+    return str(*args)
+
+
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("builtins", n): getattr(__import__("builtins"), n)
-    for n in (
-        "dict",
-        "list",
-        "tuple",
-        "set",
-        "frozenset",
-        "bytes",
-        "bytearray",
-        "int",
-        "float",
-        "complex",
-        "str",
-        "bool",
-        "slice",
-        "range",
-    )
-}
+    ("builtins", n): getattr(builtins, n)
+    for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool",
+              "slice")
+}  # fmt: skip
 _SAFE_GLOBALS.update(
     {
+        ("builtins", "bytes"): _from_stored_data(bytes),
+        ("builtins", "bytearray"): _from_stored_data(bytearray),
+        ("builtins", "str"): _text,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("collections", "defaultdict"): collections.defaultdict,
         ("collections", "deque"): collections.deque,
+        ("fractions", "Fraction"): fraction,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
         ("torch", "dtype"): torch.dtype,
+        (__name__, "fraction"): fraction,
+        (__name__, "numpy_array"): numpy_array,
+        (__name__, "numpy_scalar"): numpy_scalar,
     }
 )
+_CHECKED_TYPES: Final = frozenset({str, bytes, bytearray, fractions.Fraction})
+# A dtype is pickled by name (torch.float32). Names are checked against this fixed set
+# before any lookup: getattr(torch, name) of another name imports parts of torch lazily.
+_TORCH_DTYPES: Final[dict[str, torch.dtype]] = {
+    n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)
+}
 
 
 def _optional_safe_globals() -> None:
     import argparse
-    import datetime
-    import fractions
     import pathlib
 
     for mod, names in (
         (argparse, ["Namespace"]),
         (datetime, ["datetime", "date", "time", "timedelta", "timezone"]),
-        (fractions, ["Fraction"]),
         (pathlib, ["PosixPath", "PurePosixPath", "Path"]),
     ):
         for n in names:
             _SAFE_GLOBALS[(mod.__name__, n)] = getattr(mod, n)
-    try:
-        import numpy as np
-    except ImportError:
-        return
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        _SAFE_GLOBALS[(mod, "_reconstruct")] = np.ndarray.__reduce__(np.zeros(0))[0]
-        _SAFE_GLOBALS[(mod, "scalar")] = np.float64(0).__reduce__()[0]
-    _SAFE_GLOBALS[("numpy", "ndarray")] = np.ndarray
-    _SAFE_GLOBALS[("numpy", "dtype")] = np.dtype
 
 
 _optional_safe_globals()
+
+
+class _Unknown:
+    """Stands in for a global that is not allowed, so a skeleton's structure can be checked
+    without running code the checker does not trust (see ``check_skeleton``)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Unknown:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Unknown:  # getattr(cls, "method")(...)
+        return _Unknown()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+def _without_unknown_tzinfo(kind: type) -> Callable[..., Any]:
+    """``kind`` (datetime or time) for the structure check: a tzinfo of a class that is not
+    allowed (zoneinfo, pytz) may be allowed at load time, so it is left out of the check."""
+
+    def build(*args: Any) -> Any:
+        return kind(*(a for a in args if not isinstance(a, _Unknown)))
+
+    return build
+
+
+# What the structure check calls instead of an allowed global.
+_CHECK_ONLY_GLOBALS: dict[tuple[str, str], Any] = {
+    ("datetime", "datetime"): _without_unknown_tzinfo(datetime.datetime),
+    ("datetime", "time"): _without_unknown_tzinfo(datetime.time),
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -187,35 +365,33 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self,
         data: bytes,
         load_tensor: Callable[[int], torch.Tensor],
-        extra_globals: dict[tuple[str, str], Any],
+        extra_globals: dict[tuple[str, str], Any] | None,
         where: str,
     ) -> None:
         super().__init__(io.BytesIO(data))
         self._load_tensor = load_tensor
-        self._extra = extra_globals
+        self._extra = extra_globals  # None: check only, unknown globals become _Unknown
         self._where = where
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
+        if self._extra is None and key in _CHECK_ONLY_GLOBALS:
+            return _CHECK_ONLY_GLOBALS[key]
         if key in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[key]
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+        if self._extra is None:
+            return _Unknown
         if key in self._extra:
             return self._extra[key]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.startswith("numpy") and name.endswith("DType"):  # numpy >= 1.25 dtype classes
-            import numpy.dtypes
-
-            obj = getattr(numpy.dtypes, name, None)
-            if obj is not None:
-                return obj
         raise UnsupportedValueError(
             f"{self._where}: the checkpoint names {module}.{name}, which is not allowed to load. "
             f"If you trust it, pass safe_globals=[{module}.{name}] to the load call."
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, int):
+        if not isinstance(pid, int) or isinstance(pid, bool):
             raise CorruptCheckpointError(f"{self._where}: bad tensor reference {pid!r}")
         return self._load_tensor(pid)
 
@@ -230,20 +406,43 @@ def restore_state_dict(
     safe_globals: Iterable[Any] = (),
     where: str = "checkpoint",
 ) -> Any:
-    """Rebuild a state dict from its skeleton; ``load_tensor(i)`` supplies tensor ``i``."""
+    """Rebuild a state dict from its skeleton; ``load_tensor(i)`` supplies tensor ``i``.
+
+    Any fault of the skeleton is a CorruptCheckpointError naming ``where``; a global
+    neither allowed nor in ``safe_globals`` is an UnsupportedValueError.
+    """
     extra = {globals_key(g): g for g in safe_globals}
+    return _unpickle(skeleton, load_tensor, extra, where)
+
+
+def check_skeleton(skeleton: bytes, num_tensors: int, where: str) -> None:
+    """Check that a skeleton unpickles, refers only to its tensors, and builds nothing costly.
+
+    Globals that are not allowed are not called (nor imported): the user may allow them at
+    load time. Raises CorruptCheckpointError naming ``where``.
+    """
+    empty = torch.empty(0)
+
+    def load(i: int) -> torch.Tensor:
+        if not 0 <= i < num_tensors:
+            raise CorruptCheckpointError(f"{where}: tensor reference {i} out of range")
+        return empty
+
+    _unpickle(skeleton, load, None, where)
+
+
+def _unpickle(
+    skeleton: bytes,
+    load_tensor: Callable[[int], torch.Tensor],
+    extra: dict[tuple[str, str], Any] | None,
+    where: str,
+) -> Any:
     try:
         return _RestrictedUnpickler(skeleton, load_tensor, extra, where).load()
-    except (UnsupportedValueError, CorruptCheckpointError):
+    except (UnsupportedValueError, CorruptCheckpointError, MemoryError):
         raise
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        IndexError,
-        KeyError,
-        ImportError,
-    ) as e:
-        raise CorruptCheckpointError(f"{where}: cannot read the non-tensor part: {e}") from e
+    except Exception as e:  # a skeleton is untrusted input: whatever it makes fail, it is damaged
+        raise CorruptCheckpointError(
+            f"{where}: cannot read the non-tensor part ({type(e).__name__}: {e}); the object "
+            "is damaged or was not written by memckpt: load another step"
+        ) from e

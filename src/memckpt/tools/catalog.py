@@ -97,8 +97,10 @@ def find_jobs(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def _summarize_object(rank: int, path: Path) -> ObjectSummary:
-    size = path.stat().st_size
+    """One object as ls shows it; any fault of the object is its ``error``, never raised."""
+    size = 0
     try:
+        size = path.stat().st_size
         with ObjectReader(path) as r:
             idx = r.index
             return ObjectSummary(rank, path, size, len(idx.tensors), idx.data_bytes,
