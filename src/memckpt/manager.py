@@ -13,7 +13,7 @@ from typing import Any
 from memckpt.core import events
 from memckpt.core.coordination import Collectives, Inventory, RecoveryPlan, plan_recovery
 from memckpt.core.drain import drain_objects, schedule_drain
-from memckpt.core.format import DEFAULT_CHUNK_SIZE
+from memckpt.core.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from memckpt.core.handle import SaveHandle
 from memckpt.core.reader import load_object
 from memckpt.core.runtime import NodeRuntime, RuntimeOptions
@@ -126,6 +126,8 @@ class CheckpointManager:
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_SIZE}], got {chunk_size}")
         if persist_every is not None and (persist_every < 1 or persist_dir is None):
             raise ValueError("persist_every needs a value >= 1 and a persist_dir")
         spec = replication.spec if isinstance(replication, ReplicationStrategy) else replication
