@@ -182,7 +182,7 @@ def test_restart_prefaults_a_buffer_the_size_of_the_newest_object(shm_dir):
     with memckpt.CheckpointManager(shm_dir, "job") as m:
         m.save(1, {"x": torch.ones(1 << 20)}).wait()
     with memckpt.CheckpointManager(shm_dir, "job") as m:
-        m.store.pool._prefaulting.wait(30)
+        m.store.pool.wait_prefault(30)
         import time
 
         deadline = time.monotonic() + 30

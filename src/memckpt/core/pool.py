@@ -9,11 +9,23 @@ when retention retires that step; the mapping survives every rename.
 Buffers are allocated with ``posix_fallocate`` before they are mapped: writing
 into a mapping of a sparse file on a full tmpfs would kill the process with
 SIGBUS, whereas a failed allocation is a clean ``InsufficientSpaceError``.
+
+When no free buffer fits, a save may take a *fresh* buffer instead
+(``acquire(..., cold_ok=True)``): a new, empty file that the writer fills with
+``pwrite`` straight from the tensors, so the kernel allocates each page as it
+copies into it (one pass, as ``torch.save`` does) instead of zero-filling the
+file, faulting the mapping in and copying again. ``pwrite`` on a full tmpfs fails
+with ENOSPC, never SIGBUS. The buffer is mapped after it is written and its page
+tables are filled in the background (:meth:`BufferPool.prefault`), so it joins
+the pool like any other.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
+import fcntl
+import itertools
 import logging
 import mmap
 import os
@@ -31,6 +43,8 @@ log = logging.getLogger(__name__)
 
 _GROW_QUANTUM = 2 << 20
 _ZERO_BLOCK = bytes(16 << 20)
+# Linux 5.14+; Python exposes the constant only from 3.13 on
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 def free_bytes(path: Path) -> int:
@@ -43,9 +57,24 @@ def _round_up(n: int, q: int = _GROW_QUANTUM) -> int:
     return max(q, (n + q - 1) // q * q)
 
 
+def _no_space(nbytes: int, path: Path, cause: OSError) -> InsufficientSpaceError | None:
+    """The error to raise for ``cause``, or None when it is not a lack of space."""
+    if cause.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return InsufficientSpaceError(
+        f"no space for {nbytes} bytes of {path} ({free_bytes(path.parent)} bytes free); "
+        "free space in that filesystem, lower keep_last, or point base_dir at a larger tmpfs"
+    )
+
+
 @dataclass(eq=False)
 class Buffer:
-    """One mapped file; ``tensor`` is a uint8 view of its whole mapping."""
+    """One mapped file; ``tensor`` is a uint8 view of its whole mapping.
+
+    A ``fresh`` buffer (from ``acquire(..., cold_ok=True)``) is an empty file, not
+    mapped: fill it with :meth:`write` and then :meth:`map_written`, or make it an
+    ordinary buffer with :meth:`allocate`.
+    """
 
     path: Path
     fd: int
@@ -54,30 +83,107 @@ class Buffer:
     tensor: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     cuda_registered: bool = False
     sparse: bool = False  # created by acquire_sparse: reserve() a range before writing it
+    fresh: bool = False
+    needs_populate: bool = False  # mapped after a cold write; page tables not filled yet
+    # populate() and close() run on different threads; never unmap under a populate
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def memoryview(self) -> memoryview:
-        assert self.mapping is not None
+        assert self.mapping is not None, f"{self.path} is not mapped (a fresh buffer)"
         return memoryview(self.mapping)
 
+    # -- cold write: a fresh buffer filled without a mapping ---------------------------
+    def write(self, data: memoryview, offset: int) -> None:
+        """``pwrite`` all of ``data`` at ``offset``; a full filesystem is InsufficientSpaceError."""
+        while data:
+            try:
+                n = os.pwrite(self.fd, data, offset)
+            except OSError as e:
+                err = _no_space(self.capacity, self.path, e)
+                if err is None:
+                    raise
+                raise err from e
+            data = data[n:]
+            offset += n
+
+    def reserve(self, start: int, end: int) -> None:
+        """Allocate the pages of ``[start, end)`` (raises InsufficientSpaceError when short)."""
+        if end > start:
+            _fallocate(self.fd, start, end, self.path)
+
+    def map_written(self) -> None:
+        """Map a fresh buffer whose every page has been written or reserved.
+
+        The mapping is not populated here (that would cost the caller about a tenth
+        of the write again); :meth:`populate` does it later, off the save's path.
+        """
+        assert self.fresh
+        _map(self, populate=False)
+        self.fresh = False
+        self.needs_populate = True
+
+    def allocate(self) -> None:
+        """Turn a fresh buffer into an ordinary one: allocate, zero-fill and map it."""
+        assert self.fresh
+        _allocate(self.fd, 0, self.capacity, self.path)
+        _map(self)
+        self.fresh = False
+
+    def populate(self) -> None:
+        """Fill the page tables of a buffer mapped after a cold write, so copies into it
+        do not fault page by page. Safe while other threads read or write the buffer."""
+        with self._lock:
+            if not self.needs_populate or self.mapping is None:
+                return
+            try:
+                self.mapping.madvise(_MADV_POPULATE_WRITE)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    log.debug("not populating %s: %s", self.path, e)
+                    return
+                # kernel before 5.14: a read of one byte per page maps it (and, by
+                # fault-around, its neighbours) writable; every page is allocated, so
+                # no read can hit a hole (SIGBUS on a full tmpfs)
+                self.tensor[:: mmap.PAGESIZE].sum()
+            self.needs_populate = False
+
     def close(self) -> None:
-        if self.cuda_registered:
-            try:
-                torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            except Exception:  # pragma: no cover - CUDA only
-                log.debug("cudaHostUnregister failed for %s", self.path, exc_info=True)
-            self.cuda_registered = False
-        self.tensor = torch.empty(0, dtype=torch.uint8)
-        if self.mapping is not None:
-            try:
-                self.mapping.close()
-            except BufferError:
-                # a zero-copy tensor handed to a caller still points here; the kernel
-                # unmaps when the last reference goes away
-                log.debug("mapping of %s still referenced; left to the GC", self.path)
-            self.mapping = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._lock:
+            if self.cuda_registered:
+                try:
+                    torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+                except Exception:  # pragma: no cover - CUDA only
+                    log.debug("cudaHostUnregister failed for %s", self.path, exc_info=True)
+                self.cuda_registered = False
+            self.tensor = torch.empty(0, dtype=torch.uint8)
+            if self.mapping is not None:
+                try:
+                    self.mapping.close()
+                except BufferError:
+                    # a zero-copy tensor handed to a caller still points here; the kernel
+                    # unmaps when the last reference goes away
+                    log.debug("mapping of %s still referenced; left to the GC", self.path)
+                self.mapping = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+class _BufferBusy(Exception):
+    """Another live process holds this buffer file (its lock)."""
+
+
+def _lock_buffer(fd: int, path: Path) -> None:
+    """Mark the file as this process's for as long as the descriptor is open.
+
+    Several processes may serve one rank's tree (DCP's async process executor opens its
+    own runtime); a pool adopts only files no live process holds, so it never reuses,
+    or deletes at close, a buffer another process is writing.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _BufferBusy(str(path)) from None
 
 
 def _fallocate(fd: int, start: int, end: int, path: Path) -> None:
@@ -85,12 +191,9 @@ def _fallocate(fd: int, start: int, end: int, path: Path) -> None:
     try:
         os.posix_fallocate(fd, start, end - start)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientSpaceError(
-                f"no space for {end - start} bytes of {path} "
-                f"({free_bytes(path.parent)} bytes free); free space in that filesystem, "
-                "lower keep_last, or point base_dir at a larger tmpfs"
-            ) from e
+        err = _no_space(end - start, path, e)
+        if err is not None:
+            raise err from e
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
 
@@ -125,27 +228,47 @@ class BufferPool:
         self.limit_bytes = limit_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a pre-fault finished
         self._free: list[Buffer] = []
         self._in_use: dict[int, Buffer] = {}  # inode -> buffer, for buffers now in step dirs
-        self._counter = 0
+        self._counter = itertools.count(1)  # next() is atomic: paths are made on any thread
+        self._prefaults: list[int] = []  # sizes of the pre-faults running now
         self._prefaulting = threading.Event()
         self._prefaulting.set()  # set = no pre-fault running
+        self._closed = False
+        self._delete_free = True
         for p in sorted(self.dir.glob(f"rank-{rank}.*.buf")):
-            self._free.append(self._open(p))
+            try:
+                self._free.append(self._open(p))
+            except _BufferBusy:
+                continue  # another live process of this rank (e.g. DCP's async saver) owns it
+            except InsufficientSpaceError as e:
+                log.warning("rank %d: dropping pool file %s: %s", rank, p, e)
+                p.unlink(missing_ok=True)
 
     # -- bookkeeping -----------------------------------------------------------------
     def _next_path(self) -> Path:
         while True:
-            self._counter += 1
-            p = self.dir / f"rank-{self.rank}.{os.getpid()}-{self._counter}.buf"
+            p = self.dir / f"rank-{self.rank}.{os.getpid()}-{next(self._counter)}.buf"
             if not p.exists():
                 return p
 
     def _open(self, path: Path) -> Buffer:
+        """Adopt an existing file; _BufferBusy if a live process holds it."""
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        buf = Buffer(path=path, fd=fd, capacity=os.fstat(fd).st_size)
-        if buf.capacity:
-            _map(buf)
+        try:
+            _lock_buffer(fd, path)
+            st = os.fstat(fd)
+            buf = Buffer(path=path, fd=fd, capacity=st.st_size)
+            if buf.capacity:
+                if st.st_blocks * 512 < st.st_size:
+                    # holes: a cold write cut short by a crash; writing into a hole through
+                    # the mapping on a full tmpfs would be SIGBUS
+                    _fallocate(fd, 0, buf.capacity, path)
+                _map(buf)
+        except BaseException:
+            os.close(fd)
+            raise
         return buf
 
     def owned_bytes(self) -> int:
@@ -181,23 +304,49 @@ class BufferPool:
         self._free.remove(buf)
         return buf
 
-    def acquire(self, nbytes: int, *, _wait_prefault: bool = True) -> Buffer:
+    def _plan_new(self, target: int, cold_ok: bool) -> Buffer | None:
+        """No free buffer fits: the free buffer to grow to ``target``, or None for a new file.
+
+        Checks space first (locked). A cold write of a new file beats growing a much
+        smaller buffer (zero-fill, fault-in, then copy); growing one of at least half
+        the size is cheaper, and it is the fallback when space is short.
+        """
+        grow = max(self._free, key=lambda b: b.capacity) if self._free else None
+        if grow is not None and cold_ok and 2 * grow.capacity < target:
+            try:
+                self._check_budget(target, self.dir)
+                return None
+            except InsufficientSpaceError:
+                pass
+        self._check_budget(target - (grow.capacity if grow else 0), self.dir)
+        if grow is not None:
+            self._free.remove(grow)
+        return grow
+
+    def acquire(self, nbytes: int, *, cold_ok: bool = False, _wait_prefault: bool = True) -> Buffer:
         """A free buffer of at least ``nbytes``, grown or created if none fits.
 
-        Raises InsufficientSpaceError before touching anything when space is short.
-        A pre-fault in progress is waited for rather than allocating a second buffer.
+        With ``cold_ok`` a new buffer may come back ``fresh`` (an empty file, see
+        :class:`Buffer`) instead of allocated, zero-filled and mapped; ``writer.stage``
+        fills such a buffer in one pass. Raises InsufficientSpaceError before touching
+        anything when space is short. When no free buffer fits, a pre-fault in
+        progress that will make one is waited for rather than allocating a second.
         """
-        if _wait_prefault:
-            self._prefaulting.wait()
-        with self._lock:
-            buf = self._take_fitting(nbytes)
-            if buf is not None:
-                return buf
-            grow = max(self._free, key=lambda b: b.capacity) if self._free else None
-            target = _round_up(nbytes)
-            self._check_budget(target - (grow.capacity if grow else 0), self.dir)
-            if grow is not None:
-                self._free.remove(grow)
+        target = _round_up(nbytes)
+        grow: Buffer | None = None
+        with self._changed:
+            while True:
+                buf = self._take_fitting(nbytes)
+                if buf is not None or not _wait_prefault:
+                    break
+                if not any(size >= nbytes for size in self._prefaults):
+                    break
+                self._changed.wait()
+            if buf is None:
+                grow = self._plan_new(target, cold_ok)
+        if buf is not None:
+            buf.populate()  # a no-op unless it was written cold and not populated since
+            return buf
         if grow is not None:
             try:
                 self._grow(grow, target)
@@ -206,7 +355,7 @@ class BufferPool:
                     self._free.append(grow)
                 raise
             return grow
-        return self._create(target)
+        return self._create_fresh(target) if cold_ok else self._create(target)
 
     def acquire_sparse(self, nbytes: int) -> Buffer:
         """A buffer for data that arrives in ranges from several threads (a fetch).
@@ -223,6 +372,7 @@ class BufferPool:
             self._check_budget(capacity, self.dir)
         path = self._next_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _lock_buffer(fd, path)
         buf = Buffer(path=path, fd=fd, capacity=capacity, sparse=True)
         try:
             os.ftruncate(fd, capacity)
@@ -240,11 +390,25 @@ class BufferPool:
         process with SIGBUS; an allocation failure here is a clean error instead.
         """
         if buf.sparse:
-            _fallocate(buf.fd, start, end, buf.path)
+            buf.reserve(start, end)
+
+    def _create_fresh(self, capacity: int) -> Buffer:
+        path = self._next_path()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _lock_buffer(fd, path)
+        try:
+            os.ftruncate(fd, capacity)  # sized, not allocated: the cold write allocates
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        log.debug("created fresh buffer %s (%d bytes, to be written cold)", path, capacity)
+        return Buffer(path=path, fd=fd, capacity=capacity, fresh=True)
 
     def _create(self, capacity: int) -> Buffer:
         path = self._next_path()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        _lock_buffer(fd, path)
         buf = Buffer(path=path, fd=fd, capacity=0)
         try:
             _allocate(fd, 0, capacity, path)
@@ -260,11 +424,13 @@ class BufferPool:
     def _grow(self, buf: Buffer, capacity: int) -> None:
         old = buf.capacity
         _allocate(buf.fd, old, capacity, buf.path)
-        if buf.mapping is not None:
-            buf.tensor = torch.empty(0, dtype=torch.uint8)
-            buf.mapping.close()
-        buf.capacity = capacity
-        _map(buf)
+        with buf._lock:
+            if buf.mapping is not None:
+                buf.tensor = torch.empty(0, dtype=torch.uint8)
+                buf.mapping.close()
+            buf.capacity = capacity
+            _map(buf)
+            buf.needs_populate = False
         log.debug("grew buffer %s from %d to %d bytes", buf.path, old, capacity)
 
     def track_in_use(self, buf: Buffer) -> None:
@@ -273,9 +439,21 @@ class BufferPool:
             self._in_use[os.fstat(buf.fd).st_ino] = buf
 
     def give_back(self, buf: Buffer) -> None:
-        """Return an acquired buffer that was not committed (failed save) to the free list."""
+        """Return an acquired buffer that was not committed (failed save) to the free list.
+
+        A fresh buffer is deleted instead: a failed cold write leaves it part written,
+        with holes that a later write through a mapping could hit.
+        """
         with self._lock:
-            self._free.append(buf)
+            keep = not buf.fresh and not self._closed
+            if keep:
+                self._free.append(buf)
+            delete = buf.fresh or self._delete_free
+        if not keep:
+            path = buf.path
+            buf.close()
+            if delete:
+                path.unlink(missing_ok=True)
 
     def release(self, path: Path) -> None:
         """Retire an object file: move it back into the pool as a free buffer.
@@ -292,7 +470,17 @@ class BufferPool:
         with self._lock:
             buf = self._in_use.pop(ino, None)
         if buf is None:
-            buf = self._open(new_path)
+            try:
+                buf = self._open(new_path)
+            except _BufferBusy:
+                # another live process still maps it: its pages go when that process lets go
+                new_path.unlink(missing_ok=True)
+                return
+            except InsufficientSpaceError as e:
+                log.warning("rank %d: deleting retired %s instead of reusing it: %s",
+                            self.rank, path, e)  # fmt: skip
+                new_path.unlink(missing_ok=True)
+                return
         buf.path = new_path
         with self._lock:
             self._free.append(buf)
@@ -308,26 +496,93 @@ class BufferPool:
         if buf is not None:
             buf.close()
 
-    def prefault(self, nbytes: int) -> None:
-        """Make sure a free buffer of at least ``nbytes`` exists (call from a background thread).
-
-        Best effort: when space is short it logs and returns, the next save will report it.
-        """
+    # -- pre-faulting ------------------------------------------------------------------
+    def _claim_prefault(self, nbytes: int) -> bool:
+        """Announce a pre-fault of ``nbytes`` unless a buffer that fits exists or is coming."""
         with self._lock:
             if any(b.capacity >= nbytes for b in self._free):
-                return
-            # a concurrent acquire() now waits for this buffer instead of making its own
+                return False
+            if any(size >= nbytes for size in self._prefaults):
+                return False
+            # from here a concurrent acquire() waits for this buffer instead of making its own
+            self._prefaults.append(nbytes)
             self._prefaulting.clear()
+            return True
+
+    def _run_prefault(self, nbytes: int, claimed: bool) -> None:
         try:
-            self.give_back(self.acquire(nbytes, _wait_prefault=False))
+            self._populate_written()
+            if claimed:
+                self.give_back(self.acquire(nbytes, cold_ok=False, _wait_prefault=False))
         except InsufficientSpaceError as e:
             log.debug("rank %d: not pre-faulting a spare buffer: %s", self.rank, e)
         finally:
-            self._prefaulting.set()
+            if claimed:
+                self._end_prefault(nbytes)
+
+    def _end_prefault(self, nbytes: int) -> None:
+        with self._changed:
+            self._prefaults.remove(nbytes)
+            if not self._prefaults:
+                self._prefaulting.set()
+            self._changed.notify_all()
+
+    def _populate_written(self) -> None:
+        """Fill the page tables of buffers written cold, free or in use, so reusing them is warm."""
+        with self._lock:
+            todo = [b for b in (*self._free, *self._in_use.values()) if b.needs_populate]
+        for b in todo:
+            b.populate()
+
+    def prefault(self, nbytes: int) -> None:
+        """Make sure a free buffer of at least ``nbytes`` exists (call from a background thread).
+
+        Also fills the page tables of buffers written cold. Best effort: when space is
+        short it logs and returns, the next save will report it.
+        """
+        self._run_prefault(nbytes, self._claim_prefault(nbytes))
+
+    def prefault_in_background(self, nbytes: int) -> concurrent.futures.Future[None]:
+        """Run :meth:`prefault` on a daemon thread; returns at once.
+
+        The pre-fault counts as in progress from the moment this returns, so an
+        ``acquire`` that follows waits for its buffer rather than allocating another.
+        The future holds None, or an unexpected error (space shortage is only logged).
+        """
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        claimed = self._claim_prefault(nbytes)
+
+        def run() -> None:
+            try:
+                self._run_prefault(nbytes, claimed)
+            except BaseException as e:
+                log.warning("rank %d: background pre-fault failed: %s", self.rank, e)
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+        fut.set_running_or_notify_cancel()
+        thread = threading.Thread(target=run, name=f"memckpt-prefault-r{self.rank}", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            if claimed:
+                self._end_prefault(nbytes)
+            raise
+        return fut
+
+    def wait_prefault(self, timeout: float | None = None) -> bool:
+        """Wait until no pre-fault is running; False on timeout."""
+        return self._prefaulting.wait(timeout)
 
     def close(self, delete_free: bool = True) -> None:
-        """Unmap every buffer; delete free buffer files (they hold no checkpoint)."""
+        """Unmap every buffer; delete free buffer files (they hold no checkpoint).
+
+        A pre-fault still running hands its buffer back to a closed pool, which deletes it.
+        """
         with self._lock:
+            self._closed = True
+            self._delete_free = delete_free
             free, self._free = self._free, []
             in_use, self._in_use = self._in_use, {}
         for b in free:

@@ -211,12 +211,7 @@ class NodeRuntime:
         size = size_hint or self.store.newest_object_size()
         if not size:
             return
-        threading.Thread(
-            target=self.store.pool.prefault,
-            args=(size,),
-            name=f"memckpt-prefault-r{self.rank}",
-            daemon=True,
-        ).start()
+        self.store.pool.prefault_in_background(size)
 
     @property
     def root(self) -> Path:

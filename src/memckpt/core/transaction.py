@@ -102,7 +102,11 @@ class SaveTransaction:
         self, flat: FlatStateDict, layout: ObjectLayout, *, hash_inline: bool, chunk_size: int
     ) -> StagedObject:
         """Copy the tensors into a pool buffer; the caller may change them afterwards."""
-        self.buf = self.store.pool.acquire(layout.data_end + meta_estimate(flat, chunk_size))
+        # cold_ok: with no pre-faulted buffer, write straight into a new file (as torch.save
+        # does) instead of allocating and faulting it first
+        self.buf = self.store.pool.acquire(
+            layout.data_end + meta_estimate(flat, chunk_size), cold_ok=True
+        )
         self.staged = stage(
             flat, layout, self.buf, hash_inline=hash_inline, chunk_size=chunk_size, step=self.step
         )

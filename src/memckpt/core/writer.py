@@ -1,22 +1,27 @@
 """Write one object file into a pool buffer: stage tensors, then checksum, index, header.
 
-``stage`` is the only part that runs on the training thread. ``finalize`` runs in
-the background: it waits for device copies, hashes what was staged (unless the
-blocking path already did), writes the skeleton and index after the data, and the
-header last.
+``stage`` is the only part that runs on the training thread: it copies into the
+buffer's mapping, or, for a fresh buffer (the first save, when no pre-faulted
+buffer fits), writes the file with ``pwrite`` straight from the tensors. ``finalize``
+runs in the background: it waits for device copies, hashes what was staged (unless
+the blocking path already did), writes the skeleton and index after the data, and
+the header last.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
+import xxhash
 
 from memckpt.core.faults import fault_point
 from memckpt.core.format import (
@@ -91,30 +96,88 @@ class StagedObject:
 
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
 _copy_pool: concurrent.futures.ThreadPoolExecutor | None = None
+# Copy and hash in pieces this size: a piece just copied is still in L2 when it is hashed,
+# where xxh3 runs several times faster than from memory.
+_SUB_BLOCK = 256 << 10
 
 
-def _copy_and_hash(
-    jobs: list[tuple[int, int, int, int, int]], mv: memoryview, sums: list[list[int]]
-) -> None:
-    """Copy chunks (memmove) and hash each while it is in cache, on every core.
+@dataclass(frozen=True)
+class _Piece:
+    """One chunk of one tensor: ``nbytes`` at address ``src`` go to ``offset`` in the buffer."""
 
-    ``jobs`` holds (tensor index, destination address, source address, bytes, offset
-    in the buffer). ctypes.memmove and xxhash both release the GIL.
+    tensor: int
+    src: int
+    nbytes: int
+    offset: int
+
+
+def _pieces(i: int, src: int, n: int, off: int, chunk_size: int) -> list[_Piece]:
+    return [_Piece(i, src + c, min(chunk_size, n - c), off + c) for c in range(0, n, chunk_size)]
+
+
+def _bytes_at(address: int, n: int) -> memoryview:
+    return memoryview((ctypes.c_char * n).from_address(address)).cast("B")
+
+
+def _run_pieces(
+    pieces: list[_Piece],
+    put: Callable[[_Piece, int, int], object],
+    *,
+    hashed: bool,
+    parallel: bool = True,
+) -> list[int]:
+    """Copy every piece with ``put(piece, start, length)``; with ``hashed``, return its xxh3.
+
+    With ``parallel`` pieces run on every core: memmove, pwrite and xxh3 all release
+    the GIL. The digest is that of ``format.checksum`` (xxh3-64, seed 0), built piece
+    by piece. Every piece has finished or been cancelled when this returns or raises,
+    so the caller may close the buffer at once.
     """
+
+    def work(p: _Piece) -> int:
+        if not hashed:
+            put(p, 0, p.nbytes)
+            return 0
+        src = _bytes_at(p.src, p.nbytes)
+        h = xxhash.xxh3_64()
+        for o in range(0, p.nbytes, _SUB_BLOCK):
+            k = min(_SUB_BLOCK, p.nbytes - o)
+            put(p, o, k)
+            h.update(src[o : o + k])
+        return h.intdigest()
+
+    if not parallel or len(pieces) < 2 or _COPY_THREADS < 2:
+        return [work(p) for p in pieces]
     global _copy_pool
     if _copy_pool is None:
         _copy_pool = concurrent.futures.ThreadPoolExecutor(
             _COPY_THREADS, thread_name_prefix="memckpt-stage"
         )
+    futs = [_copy_pool.submit(work, p) for p in pieces]
+    concurrent.futures.wait(futs, return_when=concurrent.futures.FIRST_EXCEPTION)
+    for f in futs:
+        f.cancel()  # after a failure, those not started yet
+    concurrent.futures.wait(futs)
+    for f in futs:
+        if not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+    return [f.result() for f in futs]
 
-    def work(job: tuple[int, int, int, int, int]) -> int:
-        _, dst, src, n, off = job
-        ctypes.memmove(dst, src, n)
-        return checksum(mv[off : off + n])
 
-    results = _copy_pool.map(work, jobs) if len(jobs) > 1 else map(work, jobs)
-    for job, digest in zip(jobs, results):
-        sums[job[0]].append(digest)
+def _unwritten_pages(layout: ObjectLayout, capacity: int) -> list[tuple[int, int]]:
+    """Page-aligned ranges of ``[0, capacity)`` that hold no tensor byte (header, tail)."""
+    page = mmap.PAGESIZE
+    out, pos = [], 0
+    for off, n in zip(layout.offsets, layout.nbytes):  # offsets ascend
+        if n == 0:
+            continue
+        first = off // page * page
+        if first > pos:
+            out.append((pos, first))
+        pos = max(pos, -(-(off + n) // page) * page)
+    if pos < capacity:
+        out.append((pos, capacity))
+    return out
 
 
 def _register_pinned(buf: Buffer) -> None:  # pragma: no cover - needs CUDA
@@ -135,51 +198,20 @@ def stage(
 ) -> StagedObject:
     """Copy every tensor into ``buf`` (the blocking part of a save).
 
-    With ``hash_inline`` plain CPU tensors are copied and hashed chunk by chunk, so
-    each chunk is hashed while it is still in cache.
+    With ``hash_inline`` plain CPU tensors are copied and hashed piece by piece, so
+    each piece is hashed while it is still in cache. A ``fresh`` buffer (see
+    ``BufferPool.acquire(cold_ok=True)``) is written with ``pwrite`` from the tensors
+    and mapped afterwards; with CUDA tensors it is allocated and mapped first.
+    Raises InsufficientSpaceError when the filesystem fills up meanwhile.
     """
     t0 = time.perf_counter()
-    # A reused buffer may still carry the header of the object it was; clear the magic
-    # so a half-written buffer can never pass as an object.
-    os.pwrite(buf.fd, b"\0" * 8, 0)
-    has_cuda = any(t.is_cuda for t in flat.tensors)
-    if has_cuda:  # pragma: no cover - needs CUDA
-        _register_pinned(buf)
-    mv = buf.memoryview()
-    sums: list[list[int]] | None = [] if hash_inline else None
-    plain_jobs: list[tuple[int, int, int, int, int]] = []
-    base = buf.tensor.data_ptr()
-    events = []
-    for i, (t, off, n) in enumerate(zip(flat.tensors, layout.offsets, layout.nbytes)):
-        if i == len(flat.tensors) // 2:
-            fault_point("mid_stage", step)
-        src = t.detach()
-        dst = typed_view(buf.tensor, off, n, src.dtype, tuple(src.shape))
-        if src.is_cuda:  # pragma: no cover - needs CUDA
-            dst.copy_(src, non_blocking=True)
-            if sums is not None:
-                torch.cuda.current_stream(src.device).synchronize()
-                sums.append(chunk_checksums(mv[off : off + n], chunk_size))
-            continue
-        if sums is not None and is_plain_cpu(src) and n > 0:
-            # copied and hashed below, chunk by chunk on all cores
-            sums.append([])
-            plain_jobs.extend(
-                (len(sums) - 1, base + off + c, src.data_ptr() + c, min(chunk_size, n - c), off + c)
-                for c in range(0, n, chunk_size)
-            )
-            continue
-        dst.copy_(src)
-        if sums is not None:
-            sums.append(chunk_checksums(mv[off : off + n], chunk_size))
-    if plain_jobs:
-        assert sums is not None
-        _copy_and_hash(plain_jobs, mv, sums)
-    if has_cuda:  # pragma: no cover - needs CUDA
-        for dev in {t.device for t in flat.tensors if t.is_cuda}:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(dev))
-            events.append(ev)
+    if buf.fresh and any(t.device.type != "cpu" for t in flat.tensors):
+        buf.allocate()  # device copies land in a mapping
+    if buf.fresh:
+        sums = _write_cold(flat, layout, buf, hash_inline, chunk_size, step)
+        events: list[Any] = []
+    else:
+        sums, events = _copy_warm(flat, layout, buf, hash_inline, chunk_size, step)
     return StagedObject(
         buf=buf,
         layout=layout,
@@ -195,6 +227,110 @@ def stage(
         cuda_events=events,
         stage_s=time.perf_counter() - t0,
     )
+
+
+def _copy_warm(
+    flat: FlatStateDict,
+    layout: ObjectLayout,
+    buf: Buffer,
+    hash_inline: bool,
+    chunk_size: int,
+    step: int,
+) -> tuple[list[list[int]] | None, list[Any]]:
+    """Copy into the mapping of a buffer whose pages are already there."""
+    # A reused buffer may still carry the header of the object it was; clear the magic
+    # so a half-written buffer can never pass as an object.
+    os.pwrite(buf.fd, b"\0" * 8, 0)
+    has_cuda = any(t.is_cuda for t in flat.tensors)
+    if has_cuda:  # pragma: no cover - needs CUDA
+        _register_pinned(buf)
+    mv = buf.memoryview()
+    sums: list[list[int]] | None = [[] for _ in flat.tensors] if hash_inline else None
+    pieces: list[_Piece] = []
+    base = buf.tensor.data_ptr()
+    events = []
+    for i, (t, off, n) in enumerate(zip(flat.tensors, layout.offsets, layout.nbytes)):
+        if i == len(flat.tensors) // 2:
+            fault_point("mid_stage", step)
+        src = t.detach()
+        dst = typed_view(buf.tensor, off, n, src.dtype, tuple(src.shape))
+        if src.is_cuda:  # pragma: no cover - needs CUDA
+            dst.copy_(src, non_blocking=True)
+            if sums is not None:
+                torch.cuda.current_stream(src.device).synchronize()
+                sums[i] = chunk_checksums(mv[off : off + n], chunk_size)
+            continue
+        if is_plain_cpu(src) and n > 0:
+            # copied below, on every core: plain memmoves do not slow down when another
+            # process holds a core, as the OpenMP team of copy_ does
+            pieces.extend(_pieces(i, src.data_ptr(), n, off, chunk_size))
+            continue
+        dst.copy_(src)
+        if sums is not None:
+            sums[i] = chunk_checksums(mv[off : off + n], chunk_size)
+    digests = _run_pieces(
+        pieces,
+        lambda p, o, k: ctypes.memmove(base + p.offset + o, p.src + o, k),
+        hashed=sums is not None,
+    )
+    if sums is not None:
+        for p, d in zip(pieces, digests):
+            sums[p.tensor].append(d)
+    if has_cuda:  # pragma: no cover - needs CUDA
+        for dev in {t.device for t in flat.tensors if t.is_cuda}:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            events.append(ev)
+    return sums, events
+
+
+def _write_cold(
+    flat: FlatStateDict,
+    layout: ObjectLayout,
+    buf: Buffer,
+    hash_inline: bool,
+    chunk_size: int,
+    step: int,
+) -> list[list[int]] | None:
+    """Fill a fresh buffer with ``pwrite`` from CPU tensors, then map it.
+
+    The kernel allocates each page as it copies into it: one pass over the bytes,
+    where allocate-then-copy takes a zero-fill, a fault-in and the copy. pwrites to
+    one tmpfs file run one at a time, so hashing overlaps them on the other cores.
+    """
+    # Pages no tensor byte lands in (header, tail for the index) are reserved first:
+    # a full filesystem then fails before gigabytes are copied, and the mapped
+    # buffer has no hole a later write could hit (SIGBUS on a full tmpfs).
+    for start, end in _unwritten_pages(layout, buf.capacity):
+        buf.reserve(start, end)
+    sums: list[list[int]] | None = [[] for _ in flat.tensors] if hash_inline else None
+    pieces: list[_Piece] = []
+    values: list[
+        torch.Tensor
+    ] = []  # contiguous copies of tensors whose memory is not their values in order
+    for i, (t, off, n) in enumerate(zip(flat.tensors, layout.offsets, layout.nbytes)):
+        if i == len(flat.tensors) // 2:
+            fault_point("mid_stage", step)
+        if n == 0:
+            if sums is not None:
+                sums[i] = chunk_checksums(memoryview(b""), chunk_size)
+            continue
+        src = t.detach()
+        if not is_plain_cpu(src):
+            src = torch.empty(src.shape, dtype=src.dtype).copy_(src)
+            values.append(src)
+        pieces.extend(_pieces(i, src.data_ptr(), n, off, chunk_size))
+    digests = _run_pieces(
+        pieces,
+        lambda p, o, k: buf.write(_bytes_at(p.src + o, k), p.offset + o),
+        hashed=sums is not None,
+        parallel=sums is not None,  # unhashed, there is nothing to overlap the pwrites with
+    )
+    if sums is not None:
+        for p, d in zip(pieces, digests):
+            sums[p.tensor].append(d)
+    buf.map_written()
+    return sums
 
 
 def finalize(
