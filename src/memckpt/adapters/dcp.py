@@ -75,7 +75,7 @@ from memckpt.core.reader import ObjectReader
 from memckpt.core.runtime import NodeRuntime, RuntimeOptions
 from memckpt.core.sources import ObjectLocator, ObjectSource
 from memckpt.core.statedict import flatten_state_dict, restore_state_dict
-from memckpt.core.tensorbytes import tensor_memoryview
+from memckpt.core.tensorbytes import is_plain_cpu, tensor_memoryview
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -467,24 +467,42 @@ class MemoryStorageReader(StorageReader):
         assert self._locator is not None
         for rank, items in sorted(by_rank.items()):
             names = {storage[i.storage_index][1] for i in items}
+            # an item that is a whole stored tensor lands straight in its destination
+            direct: dict[str, torch.Tensor] = {}
+            targets: dict[int, torch.Tensor] = {}
+            for i, item in enumerate(items):
+                if item.type == LoadItemType.BYTE_IO:
+                    continue
+                target = planner.resolve_tensor(item).detach()
+                targets[i] = target
+                name = storage[item.storage_index][1]
+                if (
+                    not any(item.storage_offsets)
+                    and name not in direct
+                    and is_plain_cpu(target)
+                    and tuple(target.shape) == tuple(item.lengths)
+                ):
+                    direct[name] = target
             values, _ = self._locator.read(
-                rank, lambda src, n=names: _read_values(src, n, self.threads)
+                rank, lambda src, n=names, d=direct: _read_values(src, n, self.threads, d)
             )
-            for item in items:
-                value = values[storage[item.storage_index][1]]
+            for i, item in enumerate(items):
+                name = storage[item.storage_index][1]
+                value = values[name]
                 if item.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(item, io.BytesIO(value))
                     continue
-                src = value
-                for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                    src = src.narrow(dim, off, length)
-                target = planner.resolve_tensor(item).detach()
-                if target.size() != src.size():
-                    raise CorruptCheckpointError(
-                        f"{self.checkpoint_id}: {item.storage_index.fqn} region is "
-                        f"{tuple(src.size())}, the planner expects {tuple(target.size())}"
-                    )
-                target.copy_(src)
+                target = targets[i]
+                if direct.get(name) is not target:
+                    src = value
+                    for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                        src = src.narrow(dim, off, length)
+                    if target.size() != src.size():
+                        raise CorruptCheckpointError(
+                            f"{self.checkpoint_id}: {item.storage_index.fqn} region is "
+                            f"{tuple(src.size())}, the planner expects {tuple(target.size())}"
+                        )
+                    target.copy_(src)
                 planner.commit_tensor(item, target)
         fut: Future[None] = Future()
         fut.set_result(None)
@@ -495,15 +513,26 @@ class MemoryStorageReader(StorageReader):
         return MemoryStorageWriter.validate_checkpoint_id(checkpoint_id)
 
 
-def _read_values(src: ObjectSource, names: Iterable[str], threads: int) -> dict[str, Any]:
-    """The named tensors (read and verified) and byte values of one object."""
+def _read_values(
+    src: ObjectSource,
+    names: Iterable[str],
+    threads: int,
+    into: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The named tensors (read and verified) and byte values of one object.
+
+    A tensor named in ``into`` whose dtype and shape match is read straight into that
+    tensor (one pass, verified chunk by chunk); others into new tensors.
+    """
     wanted = set(names)
     entries = {e.name: e for e in src.index.tensors}
     targets: list[tuple[TensorEntry, memoryview]] = []
     out: dict[str, Any] = {}
     for name in wanted & entries.keys():
         e = entries[name]
-        t = torch.empty(e.shape, dtype=e.torch_dtype)
+        t = (into or {}).get(name)
+        if t is None or t.dtype != e.torch_dtype or tuple(t.shape) != e.shape:
+            t = torch.empty(e.shape, dtype=e.torch_dtype)
         out[name] = t
         targets.append((e, tensor_memoryview(t)))
     damage = src.read_all(targets, threads) if targets else []
