@@ -493,7 +493,7 @@ class MemoryStorageReader(StorageReader):
                     planner.load_bytes(item, io.BytesIO(value))
                     continue
                 target = targets[i]
-                if direct.get(name) is not target:
+                if value is not target:  # not read in place: copy the region
                     src = value
                     for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
                         src = src.narrow(dim, off, length)
