@@ -595,3 +595,27 @@ def test_a_deadline_bounds_a_receive_that_gets_a_byte_within_every_timeout() -> 
         sender.join(timeout=2)
         a.close()
         b.close()
+
+
+def test_unfinished_transfers_per_server_are_capped(peer_b):
+    from memckpt.transport.server import _MAX_PENDING_TRANSFERS
+
+    data = _object_bytes(peer_b["src"])
+    total = len(data)
+    server, addr = peer_b["server"], peer_b["addr"]
+    conns = [_authed(addr) for _ in range(_MAX_PENDING_TRANSFERS + 1)]
+    try:
+        # Given as many unfinished transfers as the server takes (first half of each)
+        for i, s in enumerate(conns[:-1]):
+            _send_part(s, f"{i:032x}", 0, data[: total // 2], total)
+            assert _reply(s).payload == {"complete": False}
+        assert server.pending_transfers() == _MAX_PENDING_TRANSFERS
+        # When one more transfer starts, it is refused, naming the cap
+        _send_part(conns[-1], "ff" * 16, 0, data[: total // 2], total)
+        reply = _reply(conns[-1])
+        assert reply.type is MessageType.ERROR and "unfinished" in reply.payload["message"]
+        # and what the pool holds stays within the cap
+        assert server.pending_transfers() == _MAX_PENDING_TRANSFERS
+    finally:
+        for s in conns:
+            s.close()

@@ -236,6 +236,7 @@ class BufferPool:
         self._prefaulting = threading.Event()
         self._prefaulting.set()  # set = no pre-fault running
         self._closed = False
+        self._lent: dict[int, int] = {}  # id(buffer) -> bytes, for buffers handed out
         self._delete_free = True
         for p in sorted(self.dir.glob(f"rank-{rank}.*.buf")):
             try:
@@ -272,16 +273,20 @@ class BufferPool:
         return buf
 
     def owned_bytes(self) -> int:
+        """Bytes of every buffer this pool holds: free, committed, and handed out."""
         with self._lock:
-            return sum(b.capacity for b in self._free) + sum(
-                b.capacity for b in self._in_use.values()
-            )
+            return self._owned_locked()
+
+    def _owned_locked(self) -> int:
+        return (
+            sum(b.capacity for b in self._free)
+            + sum(b.capacity for b in self._in_use.values())
+            + sum(self._lent.values())
+        )
 
     def _check_budget(self, extra: int, where: Path) -> None:
         if self.limit_bytes is not None:
-            owned = sum(b.capacity for b in self._free) + sum(
-                b.capacity for b in self._in_use.values()
-            )
+            owned = self._owned_locked()
             if owned + extra > self.limit_bytes:
                 raise InsufficientSpaceError(
                     f"rank {self.rank}: buffers would need {owned + extra} bytes, over the "
@@ -324,6 +329,22 @@ class BufferPool:
         return grow
 
     def acquire(self, nbytes: int, *, cold_ok: bool = False, _wait_prefault: bool = True) -> Buffer:
+        """See :meth:`_acquire`; the buffer counts against ``limit_bytes`` until it is
+        committed (``track_in_use``), given back or discarded."""
+        return self._lend(self._acquire(nbytes, cold_ok=cold_ok, _wait_prefault=_wait_prefault))
+
+    def _lend(self, buf: Buffer) -> Buffer:
+        with self._lock:
+            self._lent[id(buf)] = buf.capacity
+        return buf
+
+    def _unlend(self, buf: Buffer) -> None:
+        with self._lock:
+            self._lent.pop(id(buf), None)
+
+    def _acquire(
+        self, nbytes: int, *, cold_ok: bool = False, _wait_prefault: bool = True
+    ) -> Buffer:
         """A free buffer of at least ``nbytes``, grown or created if none fits.
 
         With ``cold_ok`` a new buffer may come back ``fresh`` (an empty file, see
@@ -358,6 +379,10 @@ class BufferPool:
         return self._create_fresh(target) if cold_ok else self._create(target)
 
     def acquire_sparse(self, nbytes: int) -> Buffer:
+        """See :meth:`_acquire_sparse`; counts against ``limit_bytes`` like :meth:`acquire`."""
+        return self._lend(self._acquire_sparse(nbytes))
+
+    def _acquire_sparse(self, nbytes: int) -> Buffer:
         """A buffer for data that arrives in ranges from several threads (a fetch).
 
         A free buffer is reused when one fits. Otherwise a new file is sized but not
@@ -436,7 +461,23 @@ class BufferPool:
     def track_in_use(self, buf: Buffer) -> None:
         """Remember a buffer renamed into a step directory, so release() can reclaim it."""
         with self._lock:
+            self._lent.pop(id(buf), None)
             self._in_use[os.fstat(buf.fd).st_ino] = buf
+
+    def discard(self, buf: Buffer) -> None:
+        """Give an unpublished buffer's memory back: unmap, close and delete its file.
+
+        Unlike :meth:`give_back` it does not stay in the free list (a failed or abandoned
+        replica must not hold tmpfs pages for the life of the store). A buffer already
+        renamed out of the pool (published) is never deleted.
+        """
+        self._unlend(buf)
+        path = buf.path
+        if path.parent != self.dir:
+            log.error("refusing to delete %s: it is no longer a pool buffer", path)
+            return
+        buf.close()
+        path.unlink(missing_ok=True)
 
     def give_back(self, buf: Buffer) -> None:
         """Return an acquired buffer that was not committed (failed save) to the free list.
@@ -445,6 +486,7 @@ class BufferPool:
         with holes that a later write through a mapping could hit.
         """
         with self._lock:
+            self._lent.pop(id(buf), None)
             keep = not buf.fresh and not self._closed
             if keep:
                 self._free.append(buf)

@@ -92,16 +92,12 @@ def _fmt(addr: Address) -> str:
 
 
 def _drop_buffer(buf: Buffer, store: CheckpointStore) -> None:
-    """Give a failed fetch's buffer back to the filesystem: close it and delete its file.
+    """Give a failed fetch's buffer back to the filesystem (``BufferPool.discard``).
 
     Not ``pool.give_back``: a sparse buffer with unallocated holes must not be reused
     through its mapping (a write into a hole on a full tmpfs is SIGBUS).
     """
-    path = buf.path
-    if path.parent != store.pool.dir:  # already published under its final name
-        return
-    buf.close()
-    path.unlink(missing_ok=True)
+    store.pool.discard(buf)
 
 
 class _Connection:

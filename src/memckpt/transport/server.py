@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 _MAX_AUTHENTICATED = 128
 _TRANSFER_ID_BYTES = 16
+_MAX_PENDING_TRANSFERS = 64  # unfinished replicas one server holds at once
 _MAX_RANGES = 1024  # disjoint received ranges one transfer may hold
 _FINISHED_MEMORY = 4096  # ended transfer ids remembered, so their late parts are refused
 _EVICTION_REPORT_S = 60.0
@@ -131,17 +132,8 @@ class _Transfer:
 
 
 def _discard(buf: Buffer, pool: BufferPool) -> None:
-    """Give an unpublished buffer's memory back: unmap, close and delete its file.
-
-    Unlike ``pool.give_back`` the buffer does not stay in the free list: a failed or
-    abandoned replica must not hold tmpfs pages for the life of the store.
-    """
-    path = buf.path
-    if path.parent != pool.dir:  # renamed into a step directory: published, never delete
-        log.error("refusing to delete %s: it is no longer a pool buffer", path)
-        return
-    buf.close()
-    path.unlink(missing_ok=True)
+    """Give an unpublished buffer's memory back (``BufferPool.discard``)."""
+    pool.discard(buf)
 
 
 class TransferServer:
@@ -567,6 +559,11 @@ class TransferServer:
                 raise _PartRefused(f"{where} refused: that transfer is already {ended}; "
                                    "send the object again under a new transfer id")  # fmt: skip
             tr = self._transfers.get(tid)
+            if tr is None and len(self._transfers) >= _MAX_PENDING_TRANSFERS:
+                raise _PartRefused(
+                    f"{where} refused: {len(self._transfers)} transfers are unfinished here "
+                    f"(at most {_MAX_PENDING_TRANSFERS}); finish or abandon one first"
+                )
             if tr is None:
                 try:
                     buf = self.store.pool.acquire_sparse(total)
