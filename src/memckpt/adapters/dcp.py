@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,18 +85,24 @@ from memckpt.errors import (
 )
 
 __all__ = [
+    "DCP_METADATA_FILE",
     "MemoryStorageReader",
     "MemoryStorageWriter",
     "checkpoint_id",
     "close",
+    "complete_steps",
     "export",
     "latest_checkpoint",
     "parse_checkpoint_id",
+    "prune_steps",
 ]
 
 log = logging.getLogger(__name__)
 
 METADATA_BLOB = ".metadata"
+DCP_METADATA_FILE = ".metadata"
+"""Written last into a DCP directory (by DCP's FileSystemWriter, by ``export`` and by
+drains): a ``step-<N>`` directory is complete exactly when it holds this file."""
 KEYS_BLOB = "dcp.keys.{rank}"
 _METADATA_GLOBALS = (
     Metadata,
@@ -551,6 +558,45 @@ def _read_values(
 
 
 # -- export and drain ------------------------------------------------------------------------
+
+
+def complete_steps(directory: str | os.PathLike[str]) -> tuple[list[int], list[int]]:
+    """(every ``step-<N>`` directory under ``directory``, the complete ones), sorted.
+
+    The one rule for persistent DCP directories: complete once ``.metadata`` is there.
+    """
+    root = Path(directory)
+    present, complete = [], []
+    for entry in root.iterdir() if root.is_dir() else ():
+        step = ids.parse_step_dir(entry.name)
+        if step is None or not entry.is_dir():
+            continue
+        present.append(step)
+        if (entry / DCP_METADATA_FILE).is_file():
+            complete.append(step)
+    return sorted(present), sorted(complete)
+
+
+def prune_steps(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
+    """Delete complete ``step-<N>`` DCP directories older than the newest ``keep_last``.
+
+    The engine's retention policy decides (``memckpt.core.retention``). ``.metadata``
+    goes first, so a directory being deleted never looks complete; incomplete ones (a
+    save in progress, or a crashed one) are left alone. Returns the deleted steps.
+    """
+    from memckpt.core.retention import plan_retention
+
+    root = Path(directory)
+    present, complete = complete_steps(root)
+    doomed = [s for s in plan_retention(present, complete, keep_last=keep_last).delete
+              if s in complete]  # fmt: skip
+    for step in doomed:
+        path = root / ids.step_dir_name(step)
+        (path / DCP_METADATA_FILE).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+    if doomed:
+        log.info("deleted DCP steps %s under %s", doomed, root)
+    return doomed
 
 
 def export(

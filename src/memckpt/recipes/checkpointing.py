@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -28,7 +26,7 @@ from torch import nn
 
 import memckpt
 from memckpt import ids
-from memckpt.core.retention import plan_retention
+from memckpt.adapters.dcp import DCP_METADATA_FILE, complete_steps, prune_steps
 from memckpt.errors import ConfigError
 
 try:
@@ -50,53 +48,34 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER: Final = ".memckpt-complete"
-"""Written last into ``<persistent.dir>/step-<N>``; a directory without it is never loaded."""
+COMPLETE_MARKER: Final = DCP_METADATA_FILE
+"""DCP's own ``.metadata``, written last into ``<persistent.dir>/step-<N>``: a directory
+without it is never loaded (the DCP adapter's rule, ``memckpt.adapters.dcp.complete_steps``)."""
 
 
 # ---- pure decisions and fingerprints
 
 
-def _persistent_steps(root: Path) -> tuple[list[int], list[int]]:
-    """(every ``step-<N>`` directory, those holding the completion marker), sorted."""
-    present, complete = [], []
-    for entry in root.iterdir() if root.is_dir() else ():
-        step = ids.parse_step_dir(entry.name)
-        if step is None or not entry.is_dir():
-            continue
-        present.append(step)
-        if (entry / COMPLETE_MARKER).is_file():
-            complete.append(step)
-    return sorted(present), sorted(complete)
-
-
 def latest_persistent_step(directory: str | os.PathLike[str]) -> int | None:
-    """The newest ``step-<N>`` under ``directory`` that holds the completion marker."""
-    return max(_persistent_steps(Path(directory))[1], default=None)
+    """The newest complete ``step-<N>`` DCP directory under ``directory``."""
+    return max(complete_steps(directory)[1], default=None)
 
 
 def prune_persistent(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
-    """Delete complete ``step-<N>`` directories older than the newest ``keep_last``.
-
-    The retention policy is the engine's (``memckpt.core.retention``). The marker goes
-    first, so a directory being deleted never looks complete; directories newer than
-    the newest complete one (a save in progress) are left alone. Returns the deleted
-    steps.
-    """
+    """Delete complete ``step-<N>`` directories older than the newest ``keep_last``
+    (``memckpt.adapters.dcp.prune_steps``: the engine's retention policy)."""
     if keep_last < 1:
         raise ConfigError(f"checkpoint.persistent.keep_last must be >= 1, got {keep_last}")
-    root = Path(directory)
-    present, complete = _persistent_steps(root)
-    # a step without the marker is an unfinished (or crashed) save: only complete ones go
-    doomed = [s for s in plan_retention(present, complete, keep_last=keep_last).delete
-              if s in complete]  # fmt: skip
-    for step in doomed:
-        path = root / ids.step_dir_name(step)
-        (path / COMPLETE_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-    if doomed:
-        log.info("deleted persistent steps %s under %s", doomed, root)
-    return doomed
+    return prune_steps(directory, keep_last)
+
+
+def _saved_world_size(path: Path) -> int | None:
+    """How many ranks wrote a persistent step: each wrote its ``local.rank<r>`` entries."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    ranks = {k.split(".")[1] for k in keys if k.startswith("local.rank")}
+    return len(ranks) or None
 
 
 def choose_resume_tier(memory_step: int | None, persistent_step: int | None) -> str | None:
@@ -252,7 +231,7 @@ class TrainingState:
         return state
 
     def save_persistent(self, directory: str | os.PathLike[str]) -> Path:
-        """DCP save to ``<directory>/step-<step>`` (collective); the marker is written last."""
+        """DCP save to ``<directory>/step-<step>`` (collective); ``.metadata`` comes last."""
         import torch.distributed.checkpoint as dcp
 
         t0 = time.perf_counter()
@@ -268,12 +247,7 @@ class TrainingState:
                 storage_writer=dcp.FileSystemWriter(path),
                 no_dist=not self.distributed,
             )
-        # dcp.save returns on rank 0 once every rank's data and the metadata are written.
-        if self.rank == 0:
-            marker = {"step": self.step, "world_size": self.world_size, "time": time.time()}
-            tmp = path / f"{COMPLETE_MARKER}.tmp"
-            tmp.write_text(json.dumps(marker))
-            os.replace(tmp, path / COMPLETE_MARKER)
+        # dcp.save returns once every rank's data and then .metadata are written.
         log.info("rank %d: persistent checkpoint of step %d in %s (%.2fs)", self.rank, self.step,
                  path, time.perf_counter() - t0)  # fmt: skip
         return path
@@ -284,15 +258,15 @@ class TrainingState:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         path = Path(directory) / ids.step_dir_name(step)
-        marker = json.loads((path / COMPLETE_MARKER).read_text())
-        same_world = marker.get("world_size") == self.world_size
+        saved = _saved_world_size(path)
+        same_world = saved == self.world_size
         if not same_world:
             log.warning(
                 "rank %d: persistent step %d was written by %s ranks, this run has %d; "
                 "RNG states start fresh",
                 self.rank,
                 step,
-                marker.get("world_size"),
+                saved,
                 self.world_size,
             )
         state = self._persistent_state(with_local=same_world)
