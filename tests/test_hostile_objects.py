@@ -470,3 +470,19 @@ def test_non_tensor_part_over_2GiB_round_trips(shm_dir):
     assert cli_main(["verify", str(shm_dir / "job")]) == 0
     # and memory stayed within a few copies of the value
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 5 * n
+
+
+def test_tuples_shared_through_the_memo_are_refused_before_hashing(shm_dir):
+    import time
+
+    from memckpt.core.statedict import restore_state_dict
+
+    # Given 172 bytes of pickle: a tuple nested 40 deep, both halves of every level the same
+    # memo entry, used as a dict key (hashing it would visit 2**40 elements)
+    body = b"}\x94))\x86\x94" + b"".join(b"h" + bytes([k]) + b"\x86\x94" for k in range(1, 41))
+    raw = b"\x80\x05" + body + b"K\x01s."
+    # When it is loaded, Then it is refused at once as damaged
+    t0 = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError, match="shared pieces"):
+        restore_state_dict(raw, lambda i: None, where="crafted")
+    assert time.perf_counter() - t0 < 2

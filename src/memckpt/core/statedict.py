@@ -19,6 +19,7 @@ import fractions
 import io
 import math
 import pickle
+import pickletools
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -431,12 +432,116 @@ def check_skeleton(skeleton: bytes, num_tensors: int, where: str) -> None:
     _unpickle(skeleton, load, None, where)
 
 
+MAX_SHARED_EXPANSION = 1 << 20
+"""Elements a hashable structure may expand to through pickle's memo (see _check_sharing)."""
+
+_OPCODES = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_ARG_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}  # pickletools' TAKEN_FROM_ARGUMENT{1,4,4U,8U}
+_TUPLE_OPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+
+
+def _check_sharing(data: bytes, where: str, limit: int = MAX_SHARED_EXPANSION) -> None:
+    """Refuse a pickle whose tuples, through shared memo entries, expand beyond ``limit``.
+
+    A few hundred bytes can nest a tuple 40 deep with both halves of every level the
+    same memo entry; unpickling is quick, but hashing it (as a dict key) visits 2**40
+    elements. This walks the opcodes without building anything or copying byte
+    payloads and tracks the expanded size of every tuple and frozenset; any other
+    value counts as one. Malformed streams are left to the unpickler to report.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    pos, n = 0, len(data)
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+
+    def pop_to_mark() -> list[int]:
+        if not marks:
+            return []
+        at = marks.pop()
+        items = stack[at:]
+        del stack[at:]
+        return items
+
+    def expanded(items: list[int]) -> int:
+        size = 1 + sum(items)
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{where}: the non-tensor part builds a structure of more than {limit} "
+                "elements out of shared pieces (hashing it would not finish); the object was "
+                "crafted or damaged: load another step"
+            )
+        return size
+
+    while pos < n:
+        op = _OPCODES.get(data[pos : pos + 1])
+        pos += 1
+        if op is None:
+            return
+        arg = b""
+        if op.arg is not None:
+            k = op.arg.n
+            if k >= 0:
+                arg, pos = data[pos : pos + k], pos + k
+            elif k == -1:  # text lines; GLOBAL and INST carry two
+                for _ in range(2 if op.name in ("GLOBAL", "INST") else 1):
+                    end = data.find(b"\n", pos)
+                    if end < 0:
+                        return
+                    arg, pos = data[pos:end], end + 1
+            else:
+                width = _ARG_WIDTH[k]
+                length = int.from_bytes(data[pos : pos + width], "little", signed=k == -3)
+                pos += width + max(length, 0)
+        name = op.name
+        if name == "STOP":
+            return
+        if name == "MARK":
+            marks.append(len(stack))
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            key = len(memo) if name == "MEMOIZE" else _memo_key(name, arg)
+            if key is not None and stack:
+                memo[key] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            key = _memo_key(name, arg)
+            stack.append(memo.get(key, 1) if key is not None else 1)
+        elif name == "DUP":
+            stack.append(stack[-1] if stack else 1)
+        elif name in _TUPLE_OPS:
+            k = _TUPLE_OPS[name]
+            items = stack[-k:] if len(stack) >= k else list(stack)
+            del stack[len(stack) - len(items) :]
+            stack.append(expanded(items))
+        elif name in ("TUPLE", "FROZENSET"):
+            stack.append(expanded(pop_to_mark()))
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_to_mark()
+                before = before[: before.index(pickletools.markobject)]
+            for _ in before:
+                if stack:
+                    stack.pop()
+            stack.extend(1 for _ in op.stack_after)
+
+
+def _memo_key(name: str, arg: bytes) -> int | None:
+    try:
+        if name in ("GET", "PUT"):
+            return int(arg)
+        return int.from_bytes(arg, "little")
+    except ValueError:
+        return None
+
+
 def _unpickle(
     skeleton: bytes,
     load_tensor: Callable[[int], torch.Tensor],
     extra: dict[tuple[str, str], Any] | None,
     where: str,
 ) -> Any:
+    _check_sharing(skeleton, where)
     try:
         return _RestrictedUnpickler(skeleton, load_tensor, extra, where).load()
     except (UnsupportedValueError, CorruptCheckpointError, MemoryError):
