@@ -91,15 +91,6 @@ def _fmt(addr: Address) -> str:
     return format_address(*addr)
 
 
-def _drop_buffer(buf: Buffer, store: CheckpointStore) -> None:
-    """Give a failed fetch's buffer back to the filesystem (``BufferPool.discard``).
-
-    Not ``pool.give_back``: a sparse buffer with unallocated holes must not be reused
-    through its mapping (a write into a hole on a full tmpfs is SIGBUS).
-    """
-    store.pool.discard(buf)
-
-
 class _Connection:
     """One authenticated connection to a peer's server.
 
@@ -517,7 +508,7 @@ class TransferClient:
                 raise CorruptCheckpointError(f"{where}: holds another object")
             path = store.adopt(ref.step, ref.rank, buf)
         except BaseException:
-            _drop_buffer(buf, store)
+            store.pool.discard(buf)  # never reused: may have holes
             raise
         return path, total
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from memckpt.core.faults import fault_point
 from memckpt.core.format import HEADER_SIZE, read_header
-from memckpt.core.pool import Buffer, BufferPool, free_bytes
+from memckpt.core.pool import Buffer, free_bytes
 from memckpt.core.reader import verify_object_bytes
 from memckpt.core.store import CheckpointStore
 from memckpt.errors import (
@@ -129,11 +129,6 @@ class _Transfer:
             else:
                 merged.append((s, e))
         self.done = merged
-
-
-def _discard(buf: Buffer, pool: BufferPool) -> None:
-    """Give an unpublished buffer's memory back (``BufferPool.discard``)."""
-    pool.discard(buf)
 
 
 class TransferServer:
@@ -503,7 +498,7 @@ class TransferServer:
             with self._lock:
                 self._finish_locked(tid, "rejected")
             if tr.buf.path.parent == self.store.pool.dir:  # not renamed: never visible
-                _discard(tr.buf, self.store.pool)
+                self.store.pool.discard(tr.buf)
             log.warning("transfer server %s: replica %s from %s rejected: %s", self.address,
                         ref.relpath, peer, e)  # fmt: skip
             send_frame(conn, MessageType.ERROR, {"message": f"replica rejected: {e}"}, peer=peer,
@@ -623,7 +618,7 @@ class TransferServer:
         if discard:
             log.info("rank %d: dropped the transfer of replica %s: %s", self.store.rank,
                      tr.ref.relpath, tr.failed)  # fmt: skip
-            _discard(tr.buf, self.store.pool)
+            self.store.pool.discard(tr.buf)
         return publish
 
     def _finish_locked(self, tid: str, how: str) -> None:
@@ -667,7 +662,7 @@ class TransferServer:
             log.info("rank %d: dropping the abandoned transfer of replica %s (%d of %d bytes "
                      "arrived, none for %.0fs)", self.store.rank, tr.ref.relpath, tr.received,
                      tr.total, self.transfer_timeout_s)  # fmt: skip
-            _discard(tr.buf, self.store.pool)
+            self.store.pool.discard(tr.buf)
 
     def pending_transfers(self) -> int:
         with self._lock:
@@ -694,7 +689,7 @@ class TransferServer:
                 self._transfers.pop(tr.tid)
                 self._finish_locked(tr.tid, "abandoned")
         for tr in idle:
-            _discard(tr.buf, self.store.pool)
+            self.store.pool.discard(tr.buf)
 
     def __enter__(self) -> TransferServer:
         return self
