@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MemoryStorageReader": "memckpt.adapters.dcp",
     "MemoryStorageWriter": "memckpt.adapters.dcp",
+    "State": "memckpt.adapters.state",
 }
 
 
@@ -87,6 +88,7 @@ __all__ = [
     "SaveTransaction",
     "ScheduleConfigError",
     "SignalInstallError",
+    "State",
     "StateDictMismatchError",
     "StateModifiedError",
     "StepHoldings",
