@@ -1,5 +1,6 @@
 """memckpt: memory-first checkpoints for distributed PyTorch training."""
 
+from memckpt import _warnings  # noqa: F401  (first: filters before torch is imported)
 from memckpt.core.coordination import (
     Collectives,
     LocalCollectives,
