@@ -1,7 +1,8 @@
 """What the recipes' training loop checkpoints, and how each tier stores and restores it.
 
 ``TrainingState`` holds one rank's model, optimizer, LR scheduler, step, last loss and
-RNG states (torch CPU, python ``random``, numpy). The memory tier stores
+RNG states (torch CPU, python ``random``, numpy, and the training GPU's when it trains on
+one). The memory tier stores
 ``memory_state()`` through memckpt (each rank its own object, loaded in place). The
 persistent tier stores the same through torch DCP into ``<dir>/step-<N>`` and writes
 ``COMPLETE_MARKER`` last, so a half-written directory is never picked.
@@ -101,9 +102,15 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 # ---- RNG states
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, python, numpy) as tensors and plain data."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states (torch CPU, python, numpy) as tensors and plain data.
+
+    With a CUDA ``device`` the state of that GPU's generator (dropout on the GPU) is
+    added under ``"cuda"``; without one the dict is what it always was.
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if np is not None:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         state["numpy"] = {
@@ -116,9 +123,12 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what ``rng_state()`` returned."""
+def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
+    """Restore what ``rng_state(device)`` returned (the GPU state only with a CUDA ``device``)."""
     torch.set_rng_state(state["torch"])
+    cuda_state = state.get("cuda")
+    if cuda_state is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state.cpu(), device)
     random.setstate(_as_tuple(state["python"]))
     numpy_state = state.get("numpy")
     if np is not None and numpy_state is not None:
@@ -163,7 +173,10 @@ class TrainingState:
     """One rank's resumable state, and its round trips through both checkpoint tiers.
 
     ``step`` counts optimizer steps done; ``local_loss`` is this rank's loss of the last
-    one. Loads are collective (every rank, same order); so is ``save_persistent``.
+    one. ``device`` is where the model lives: its tensors are saved from there (memckpt
+    stages CUDA tensors with asynchronous copies into its pinned mapping) and loaded back
+    in place, so they stay there. Loads are collective (every rank, same order); so is
+    ``save_persistent``.
     """
 
     def __init__(
@@ -175,8 +188,10 @@ class TrainingState:
         rank: int = 0,
         world_size: int = 1,
         distributed: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         self.module = module
+        self.device = device if device is not None else torch.device("cpu")
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.rank = rank
@@ -190,7 +205,7 @@ class TrainingState:
         self.step = int(state["train"]["step"])
         if local is not None:
             self.local_loss = local["loss"]
-            set_rng_state(local["rng"])
+            set_rng_state(local["rng"], self.device)
 
     # -- memory tier
 
@@ -201,7 +216,7 @@ class TrainingState:
             "optim": self.optimizer.state_dict(),
             "sched": self.scheduler.state_dict(),
             "train": {"step": self.step, "world_size": self.world_size},
-            "local": {"loss": self.local_loss, "rng": rng_state()},
+            "local": {"loss": self.local_loss, "rng": rng_state(self.device)},
         }
 
     def load_memory(self, manager: memckpt.CheckpointManager) -> int | None:
@@ -227,7 +242,9 @@ class TrainingState:
             "train": {"step": self.step, "world_size": self.world_size},
         }
         if with_local:  # keyed by rank: DCP keeps one copy of a key that every rank writes
-            state["local"] = {f"rank{self.rank}": {"loss": self.local_loss, "rng": rng_state()}}
+            state["local"] = {
+                f"rank{self.rank}": {"loss": self.local_loss, "rng": rng_state(self.device)}
+            }
         return state
 
     def save_persistent(self, directory: str | os.PathLike[str]) -> Path:

@@ -1,15 +1,22 @@
-"""The recipes' training loop: DDP on CPU (gloo), memory and persistent checkpoints, auto-resume.
+"""The recipes' training loop: DDP on CPU (gloo) or GPUs (NCCL), two checkpoint tiers, auto-resume.
 
 ``train(cfg)`` runs on every rank. Everything a step depends on is checkpointed
 (``memckpt.recipes.checkpointing``), and the data of a step is a pure function of the
 step (``memckpt.recipes.data``), so a run that is killed and resumed ends with the
 same weights, bit for bit, as one that was never interrupted.
 
+Where a rank trains follows ``dist.backend`` (``choose_placement``): ``gloo`` on the
+CPU; ``nccl`` on the GPU of its local rank, with model, batches, gradient reduction
+and the loop's own collectives there, while memckpt's collectives stay on their own
+gloo groups; ``auto`` picks ``nccl`` when this rank has a GPU, else ``gloo``.
+
 Steps count from 1: step N is the N-th optimizer step, and the checkpoint of step N
 holds the state after it. Call sequence on every rank (collectives in this order)::
 
+    choose the placement; on a GPU: set the device, deterministic kernels
     init process group from the environment (when WORLD_SIZE > 1 and none exists)
-    build data, model (same seed everywhere), DDP, AdamW, warm-up/cosine scheduler
+    build data, model (same seed everywhere, moved to the device), DDP, AdamW,
+    warm-up/cosine scheduler
     CheckpointManager(...)                         collective
     resume: newest complete persistent step        rank 0 looks, broadcasts
             mgr.latest() then mgr.load(...)        collective; the newer tier wins
@@ -61,14 +68,18 @@ from memckpt.settings import (
 )
 
 __all__ = [
+    "BACKENDS",
     "BASE_DIR_ENV",
     "KILL_AT_STEP_ENV",
     "KILL_NODE_ENV",
     "NODE_ID_ENV",
     "RESTART_COUNT_ENV",
+    "Placement",
     "ResumeInfo",
     "TrainResult",
+    "choose_placement",
     "fault_kill_step",
+    "local_placement",
     "lr_at",
     "memory_manager_kwargs",
     "ordered_mean_hook",
@@ -82,6 +93,24 @@ log = logging.getLogger(__name__)
 # variables drive the fault hook (see fault_kill_step). Names: memckpt.settings.
 TORCHELASTIC_RESTART_COUNT_ENV: Final = "TORCHELASTIC_RESTART_COUNT"
 GROUP_RANK_ENV: Final = "GROUP_RANK"
+LOCAL_RANK_ENV: Final = "LOCAL_RANK"  # set by torchrun: this rank's number on its node
+# cuBLAS reproducibility (CUDA docs): read when cuBLAS starts, so set before the first GPU op
+CUBLAS_WORKSPACE_CONFIG_ENV: Final = "CUBLAS_WORKSPACE_CONFIG"
+
+BACKENDS: Final = ("gloo", "nccl", "auto")
+"""Values of ``dist.backend``: ``gloo`` trains on the CPU, ``nccl`` on GPUs, ``auto`` picks."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank trains: the backend of the training process group and the device."""
+
+    backend: str  # "gloo" or "nccl"
+    device: torch.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -122,6 +151,52 @@ def lr_at(step: int, opt: OptimizerConfig, total_steps: int) -> float:
     span = max(1, total_steps - opt.warmup_steps)
     progress = min(1.0, (step - opt.warmup_steps) / span)
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def choose_placement(
+    backend: str, *, cuda_available: bool, device_count: int, local_rank: int
+) -> Placement:
+    """The backend and device of a rank with local rank ``local_rank``, given its GPUs.
+
+    ``gloo``: the CPU. ``nccl``: GPU ``local_rank`` (NCCL needs a GPU per rank; ranks
+    sharing one are refused); a ConfigError when there is none. ``auto``: ``nccl`` when
+    GPU ``local_rank`` exists, else ``gloo``.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"dist.backend must be one of {', '.join(BACKENDS)}, got {backend!r} "
+            "(gloo: CPU, nccl: GPUs, auto: nccl where each rank has a GPU)"
+        )
+    has_gpu = cuda_available and 0 <= local_rank < device_count
+    if backend == "gloo" or (backend == "auto" and not has_gpu):
+        return Placement("gloo", torch.device("cpu"))
+    if not cuda_available or device_count < 1:
+        raise ConfigError(
+            "dist.backend=nccl trains on GPUs, but torch sees none here "
+            f"(torch.cuda.is_available() is False, torch {torch.__version__}); "
+            "use dist.backend=gloo for the CPU, or auto to pick"
+        )
+    if not has_gpu:
+        raise ConfigError(
+            f"dist.backend=nccl: local rank {local_rank} has no GPU of its own "
+            f"({device_count} visible); NCCL needs one GPU per rank, so start at most "
+            f"{device_count} ranks per node (--nproc-per-node)"
+        )
+    return Placement("nccl", torch.device("cuda", local_rank))
+
+
+def local_placement(backend: str, environ: Mapping[str, str]) -> Placement:
+    """``choose_placement`` for this process: its GPUs and ``LOCAL_RANK`` (default 0)."""
+    raw = environ.get(LOCAL_RANK_ENV, "0").strip() or "0"
+    try:
+        local_rank = int(raw)
+    except ValueError:
+        raise ConfigError(f"{LOCAL_RANK_ENV} must be an integer, got {raw!r}") from None
+    available = torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    return choose_placement(
+        backend, cuda_available=available, device_count=count, local_rank=local_rank
+    )
 
 
 def fault_kill_step(environ: Mapping[str, str]) -> int | None:
@@ -188,10 +263,9 @@ def _check_config(cfg: ConfigContainer) -> None:
         raise ConfigError(f"train.stop_after must be >= 0 or None, got {cfg.train.stop_after}")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
-    if cfg.dist.backend != "gloo":
+    if cfg.dist.backend not in BACKENDS:
         raise ConfigError(
-            f"dist.backend {cfg.dist.backend!r}: the recipes' training loop runs on CPU "
-            "with gloo only (GPU placement is not implemented yet)"
+            f"dist.backend must be one of {', '.join(BACKENDS)}, got {cfg.dist.backend!r}"
         )
 
 
@@ -206,7 +280,8 @@ def ordered_mean_hook(state: object, bucket: dist.GradBucket) -> torch.futures.F
     ring all-reduce sums 3 or more ranks in an order that depends on the layout, which
     changes the last bits. Gathering the buckets and adding them in rank order makes
     every element's sum independent of the layout (at ``world_size`` times the traffic,
-    fine for the small CPU models of the recipes).
+    fine for the small CPU models of the recipes). NCCL's reductions depend on the layout
+    as well, so the hook serves both backends.
     """
     buffer = bucket.buffer()
     world_size = dist.get_world_size()
@@ -229,6 +304,19 @@ ordered_mean_hook.__annotations__.update(
 )
 
 
+def _prepare_gpu(device: torch.device) -> None:
+    """Bind this process to ``device`` and make its kernels deterministic.
+
+    The recipes promise bit-identical weights after a resume; on a GPU that needs
+    deterministic kernels (atomics in embedding backward, cuBLAS workspaces). An op
+    without a deterministic kernel warns rather than fails (``warn_only``).
+    """
+    torch.cuda.set_device(device)
+    os.environ.setdefault(CUBLAS_WORKSPACE_CONFIG_ENV, ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def _init_process_group(timeout_s: float, backend: str) -> bool:
     """Initialise torch.distributed from the environment when WORLD_SIZE > 1; True if we did."""
     if not dist.is_available() or dist.is_initialized():
@@ -247,8 +335,9 @@ def _init_process_group(timeout_s: float, backend: str) -> bool:
 class _Run:
     """One process's share of a training run; the module docstring gives the sequence."""
 
-    def __init__(self, cfg: ConfigContainer) -> None:
+    def __init__(self, cfg: ConfigContainer, placement: Placement) -> None:
         self.cfg = cfg
+        self.device = placement.device
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
@@ -256,12 +345,14 @@ class _Run:
 
         self.data = build_data(cfg.data, cfg.model)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        module = build_model(cfg.model, self.data.vocab_size)
+        # Built on the CPU, then moved: the same initial weights on every device.
+        module = build_model(cfg.model, self.data.vocab_size).to(self.device)
         # Dropout (and anything else random) differs per rank, reproducibly.
         seed_process(cfg.train.seed + 7919 * (self.rank + 1))
         self.model: nn.Module = module
         if self.distributed:
-            self.model = nn.parallel.DistributedDataParallel(module)
+            device_ids = [self.device.index] if placement.on_gpu else None
+            self.model = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
             self.model.register_comm_hook(None, ordered_mean_hook)
         self.loss_fn = loss_function(cfg.model)
         optimizer = self._optimizer(module)
@@ -271,7 +362,8 @@ class _Run:
         )
         self.state = TrainingState(module, optimizer, scheduler, rank=self.rank,
                                    world_size=self.world_size,
-                                   distributed=self.distributed)  # fmt: skip
+                                   distributed=self.distributed,
+                                   device=self.device)  # fmt: skip
         self.manager = self._manager() if cfg.checkpoint.memory.enabled else None
         self.memory_handles: list[memckpt.SaveHandle] = []
         self.persistent_saves = 0
@@ -358,6 +450,7 @@ class _Run:
         """One optimizer step on this rank's batch of ``step``; returns the learning rate used."""
         s = self.state
         x, y = self.data.batch(step, self.rank, self.world_size, self.cfg.train.micro_batch_size)
+        x, y = x.to(self.device), y.to(self.device)  # the same tensors on the CPU
         self.model.train()
         loss = self.loss_fn(self.model(x), y)
         s.optimizer.zero_grad(set_to_none=True)
@@ -374,7 +467,7 @@ class _Run:
     def _mean_over_ranks(self, value: float) -> float:
         if not self.distributed:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
@@ -508,7 +601,7 @@ def _save_weights(state_dict: Mapping[str, torch.Tensor], path: str) -> str:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(dict(state_dict), tmp)
+    torch.save({k: v.cpu() for k, v in state_dict.items()}, tmp)  # loads without a GPU
     os.replace(tmp, target)
     log.info("final weights saved to %s", target)
     return str(target)
@@ -519,14 +612,19 @@ def train(cfg: ConfigContainer) -> TrainResult:
 
     Without torch.distributed it runs as one process, unless the environment says
     ``WORLD_SIZE`` > 1: then it initialises the process group from the environment
-    (``cfg.dist``) and destroys it on the way out. With ``cfg.checkpoint.resume`` it
-    resumes from the newer of the two checkpoint tiers.
+    (``cfg.dist``, the backend as ``choose_placement`` resolves it) and destroys it on
+    the way out. On a GPU it binds the process to the device and turns on
+    deterministic kernels for the rest of the process. With ``cfg.checkpoint.resume``
+    it resumes from the newer of the two checkpoint tiers.
     """
     _check_config(cfg)
     logging.getLogger("memckpt").setLevel(cfg.logger.level.upper())
-    owns_group = _init_process_group(cfg.dist.timeout_s, cfg.dist.backend)
+    placement = local_placement(cfg.dist.backend, os.environ)
+    if placement.on_gpu:
+        _prepare_gpu(placement.device)
+    owns_group = _init_process_group(cfg.dist.timeout_s, placement.backend)
     try:
-        return _Run(cfg).run()
+        return _Run(cfg, placement).run()
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -10,7 +10,12 @@ through the real launcher (torchrun, gloo, one transfer server per rank):
    its lost state from node 0, and training finishes.
 
 Then it compares the final weights with the reference (they must be identical),
-prints a summary, and plots both loss curves to ``loss.png``.
+prints a summary, and plots both loss curves to ``loss.png`` (without matplotlib:
+a one-line note, no plot).
+
+``device="cuda"`` trains each simulated node on a GPU of its own (NCCL; memckpt's
+collectives stay on gloo and its saves stage through pinned memory); ``"auto"`` does
+so when there are GPUs for both nodes, else trains on the CPU.
 """
 
 from __future__ import annotations
@@ -20,16 +25,70 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from memckpt.errors import MemckptError
 from memckpt.settings import RESTART_COUNT_ENV
 
-__all__ = ["DemoReport", "run_demo"]
+__all__ = ["DEVICES", "DemoPlacement", "DemoReport", "choose_demo_placement", "run_demo"]
 
 log = logging.getLogger(__name__)
+
+NODES: Final = 2  # simulated nodes, one rank each
+DEVICES: Final = ("cpu", "cuda", "auto")
+CUDA_VISIBLE_DEVICES_ENV: Final = "CUDA_VISIBLE_DEVICES"
+
+
+@dataclass(frozen=True)
+class DemoPlacement:
+    """Where the demo trains: ``dist.backend`` and each simulated node's extra environment."""
+
+    device: str  # "cpu" or "cuda"
+    backend: str  # "gloo" or "nccl"
+    node_env: dict[int, dict[str, str]]
+
+
+def choose_demo_placement(
+    device: str, *, cuda_available: bool, visible_gpus: Sequence[str], nodes: int = NODES
+) -> DemoPlacement:
+    """The placement of ``--device`` on a machine whose visible GPUs are ``visible_gpus``.
+
+    ``cuda`` gives simulated node ``i`` the GPU ``visible_gpus[i]`` alone
+    (``CUDA_VISIBLE_DEVICES``): NCCL needs a GPU per rank, so it needs ``nodes`` GPUs.
+    ``auto`` takes ``cuda`` when that holds, else ``cpu``.
+    """
+    if device not in DEVICES:
+        raise MemckptError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    enough = cuda_available and len(visible_gpus) >= nodes
+    if device == "cpu" or (device == "auto" and not enough):
+        return DemoPlacement("cpu", "gloo", {})
+    if not cuda_available or not visible_gpus:
+        raise MemckptError(
+            "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
+            "run with --device cpu, or --device auto to pick"
+        )
+    if not enough:
+        raise MemckptError(
+            f"--device cuda: the demo's {nodes} simulated nodes need a GPU each (NCCL does "
+            f"not share a GPU between ranks), and {len(visible_gpus)} is visible; "
+            "run with --device cpu"
+        )
+    env = {i: {CUDA_VISIBLE_DEVICES_ENV: visible_gpus[i]} for i in range(nodes)}
+    return DemoPlacement("cuda", "nccl", env)
+
+
+def _visible_gpus(environ: Mapping[str, str]) -> tuple[bool, list[str]]:
+    """Whether CUDA works here, and the ids of the GPUs this process may hand out."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, []
+    count = torch.cuda.device_count()
+    listed = [d.strip() for d in environ.get(CUDA_VISIBLE_DEVICES_ENV, "").split(",") if d.strip()]
+    return True, (listed if len(listed) == count else [str(i) for i in range(count)])
 
 
 @dataclass
@@ -47,6 +106,7 @@ class DemoReport:
     run_seconds: dict[str, float]
     plot: str | None
     out_dir: str
+    device: str = "cpu"
     final_loss: float | None = None
     first_loss: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -135,13 +195,26 @@ def run_demo(
     kill_step: int | None = None,
     memory_interval: int = 10,
     quiet: bool = True,
+    device: str = "cpu",
 ) -> DemoReport:
-    """Run the three launches described in the module docstring; return the report."""
+    """Run the three launches described in the module docstring; return the report.
+
+    ``device``: "cpu", "cuda" or "auto" (``choose_demo_placement``).
+    """
     from memckpt.recipes import build_config
     from memckpt.tools.launch import FaultInjectionPlugin, LaunchSpec, launch_local
 
     if steps < 3 * memory_interval:
         raise MemckptError(f"steps ({steps}) must be at least 3 memory intervals")
+    if device == "cpu":  # no CUDA initialisation in this process
+        placement = choose_demo_placement("cpu", cuda_available=False, visible_gpus=[])
+    else:
+        available, gpus = _visible_gpus(os.environ)
+        placement = choose_demo_placement(device, cuda_available=available, visible_gpus=gpus)
+        if placement.device == "cpu" and gpus:
+            log.warning("demo: %d GPU visible, %d needed (one per node); training on the CPU",
+                        len(gpus), NODES)  # fmt: skip
+    log.info("demo: training on %s (%s)", placement.device, placement.backend)
     kill = kill_step if kill_step is not None else (steps * 3 // 5) + memory_interval // 2 + 1
     out = Path(out_dir).resolve()
     if out.exists():
@@ -167,11 +240,14 @@ def run_demo(
                 f"logger.metrics_file={out / name / 'metrics.jsonl'}",
                 "logger.level=WARNING",
                 "dist.timeout_s=30",
+                f"dist.backend={placement.backend}",
             ],
         )
 
     def launch(name: str, cfg: Any, run_dir: Path, plugins: list[Any], env: dict[str, str]) -> Any:
-        spec = LaunchSpec(nnodes=2, nproc_per_node=1, run_dir=run_dir, env=env, timeout_s=600)
+        spec = LaunchSpec(nnodes=NODES, nproc_per_node=1, run_dir=run_dir, env=env,
+                          node_env={i: dict(e) for i, e in placement.node_env.items()},
+                          timeout_s=600)  # fmt: skip
         log.info("demo: %s run", name)
         res = launch_local(cfg, spec, plugins, quiet=quiet)
         run_seconds[name] = res.seconds
@@ -218,6 +294,7 @@ def run_demo(
             run_seconds=run_seconds,
             plot=None,
             out_dir=str(out),
+            device=placement.device,
             final_loss=r_job.get("final_loss"),
             first_loss=ref_losses[0] if ref_losses else None,
         )
@@ -232,7 +309,10 @@ def print_report(report: DemoReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="memckpt demo: gpt_tiny on 2 simulated nodes, node 1 lost and recovered")
+    t = Table(
+        title=f"memckpt demo: gpt_tiny on {NODES} simulated nodes ({report.device}), "
+        "node 1 lost and recovered"
+    )
     t.add_column("")
     t.add_column("")
     src = ", ".join(

@@ -14,9 +14,22 @@ def register(sub: Any) -> None:
     sp = sub.add_parser("demo", help="the main job: node loss and recovery from peer memory",
                         description=__doc__)  # fmt: skip
     sp.add_argument("--out", default="memckpt-demo", help="output directory")
-    sp.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    sp.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="training steps (default 200; at least 3 intervals, e.g. "
+        "--steps 6 --interval 2 for a quick check)",
+    )
     sp.add_argument("--kill-step", type=int, help="node 1 dies right before this step")
     sp.add_argument("--interval", type=int, default=10, help="memory save every N steps")
+    sp.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="train on the CPU (gloo; the default), on a GPU per simulated node "
+        "(cuda: NCCL, 2 GPUs), or auto: cuda when 2 GPUs are visible, else cpu",
+    )
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.set_defaults(fn=handler)
 
@@ -29,7 +42,7 @@ def handler(args: argparse.Namespace) -> int:
         logging.basicConfig(format="%(message)s")
     logging.getLogger("memckpt.tools.demo").setLevel(logging.INFO)
     report = run_demo(args.out, steps=args.steps, kill_step=args.kill_step,
-                      memory_interval=args.interval)  # fmt: skip
+                      memory_interval=args.interval, device=args.device)  # fmt: skip
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
