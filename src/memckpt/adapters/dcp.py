@@ -385,6 +385,11 @@ def _load_metadata(manifest: StepManifest, where: str) -> Metadata:
     md = restore_state_dict(raw, _no_tensors(where), _METADATA_GLOBALS, where=f"{where} .metadata")
     if not isinstance(md, Metadata):
         raise CorruptCheckpointError(f"{where}: .metadata holds a {type(md).__name__}")
+    return attach_storage_data(md, manifest, where)
+
+
+def attach_storage_data(md: Metadata, manifest: StepManifest, where: str) -> Metadata:
+    """``md`` with its storage data: each item's (rank, stored name), from the ranks' key maps."""
     storage: dict[MetadataIndex, tuple[int, str]] = {}
     for r in range(manifest.world_size):
         try:
@@ -453,6 +458,10 @@ class MemoryStorageReader(StorageReader):
         assert plan.manifest is not None
         self._locator = ObjectLocator(rt.store, rt.replicator, invs, step,
                                       dict(enumerate(plan.manifest.digests)))  # fmt: skip
+        return self.step_metadata(manifest)
+
+    def step_metadata(self, manifest: StepManifest) -> Metadata:
+        """DCP's metadata of the step, from its manifest (an adapter may assemble it otherwise)."""
         return _load_metadata(manifest, str(self.checkpoint_id))
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,

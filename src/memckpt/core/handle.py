@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["SaveHandle", "SaveResult"]
@@ -52,6 +53,12 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], None]) -> None:
+        """Call ``fn(handle)`` once the save is committed or failed, on the save's worker
+        thread (at once, here, if it already is). ``fn``'s exceptions are logged, not raised.
+        """
+        self._future.add_done_callback(lambda _: fn(self))
 
     def exception(self) -> BaseException | None:
         """The save's error once done (None while running or on success)."""

@@ -1,0 +1,200 @@
+"""The async save strategy: Megatron's ``dist_checkpointing.save`` into memckpt's memory tier.
+
+Call sequence of one save, on every rank (``async_save``, then Megatron's queue)::
+
+    caller   async_save: Megatron's ShardedTensors and ShardedObjects become this rank's
+             DCP items (no collective) -> memckpt save transaction: staged into the
+             rank's pre-faulted tmpfs buffer (the only blocking part) -> AsyncRequest
+    engine   (memckpt's save worker thread) checksums, local commit, replication,
+             commit vote on memckpt's gloo group; every ballot carries the rank's chunk
+             list, rank 0's also common.pt and metadata.json -> every node writes the
+             step manifest, then those two files into its step directory -> signal file
+    async_fn (Megatron's forked or spawned checkpoint process) waits for the signal file:
+             no threads, no CUDA, no collective, so it is safe after fork
+    finalize (every rank, from ``maybe_finalize_async_calls``) waits for the save and
+             raises its error: a failed vote fails the step on every rank
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
+
+from memckpt.adapters.dcp import KEYS_BLOB, _runtime, _Settings, parse_checkpoint_id
+from memckpt.adapters.megatron.files import (
+    BACKEND,
+    BACKEND_VERSION,
+    COMMON_BLOB,
+    CONFIG_BLOB,
+    config_bytes,
+    read_common_file,
+    write_step_files,
+)
+from memckpt.adapters.megatron.items import CHUNKS_BLOB, rank_items
+from memckpt.core.handle import SaveHandle
+from memckpt.core.runtime import NodeRuntime
+from memckpt.core.statedict import flatten_state_dict
+from memckpt.errors import CheckpointNotFoundError, MemckptError
+
+__all__ = ["MemoryAsyncSaveStrategy", "wait_for_signal"]
+
+log = logging.getLogger(__name__)
+
+SIGNAL_DIR = ".megatron"
+
+
+class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
+    """Megatron async save strategy writing memckpt memory checkpoints (see the module).
+
+    ``checkpoint_dir`` must be a memckpt checkpoint id, ``<base>/<job>/step-<N>``
+    (``memckpt.adapters.megatron.checkpoint_id``). Options are those of
+    ``MemoryStorageWriter``; they configure the job's node runtime the first time it
+    opens in the process and must agree afterwards when given.
+    """
+
+    def __init__(
+        self,
+        *,
+        replication: str | None = None,
+        node_id: str | None = None,
+        secret: bytes | None = None,
+        keep_last: int | None = None,
+        timeout_s: float | None = None,
+        transfer_timeout_s: float | None = None,
+        limit_bytes: int | None = None,
+    ) -> None:
+        super().__init__(BACKEND, BACKEND_VERSION)
+        self._settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
+                                   transfer_timeout_s, limit_bytes)  # fmt: skip
+        self._cleaned: set[Path] = set()
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def runtime(self, checkpoint_dir: str | os.PathLike[str]) -> NodeRuntime:
+        """The node runtime of ``checkpoint_dir``'s job (opened, collectively, on first use)."""
+        base, job, _ = parse_checkpoint_id(checkpoint_dir)
+        options, explicit = self._settings.options()
+        return _runtime(base, job, options, explicit, self._settings.secret)
+
+    def async_save(
+        self,
+        sharded_state_dict: ShardedStateDict,
+        checkpoint_dir: str | os.PathLike[str],
+        *,
+        common_state: bytes | None = None,
+    ) -> AsyncRequest:
+        """Stage this rank's part of the step and return the request that completes it.
+
+        Blocks for the staging copy only. ``common_state``: the serialized common state
+        dict (``memckpt.adapters.megatron.save`` passes it); without it, rank 0 takes the
+        ``common.pt`` that ``dist_checkpointing.save`` has just written there.
+        """
+        _, _, step = parse_checkpoint_id(checkpoint_dir)
+        rt = self.runtime(checkpoint_dir)
+        signal = self._signal_path(rt, step)
+        items, chunks = rank_items(sharded_state_dict, rt.rank)
+        flat = flatten_state_dict(items)
+        # a tensor two items share is stored once: record which stored name holds each key
+        stored = {id(t): n for n, t in zip(flat.names, flat.tensors)}
+        keys = {k: stored.get(id(v)) if not isinstance(v, bytes) else None
+                for k, v in items.items()}  # fmt: skip
+        blobs = {KEYS_BLOB.format(rank=rt.rank): json.dumps(keys).encode(),
+                 CHUNKS_BLOB.format(rank=rt.rank): chunks}  # fmt: skip
+        if rt.rank == 0:
+            blobs[CONFIG_BLOB] = config_bytes(self.backend, self.version)
+            common = common_state if common_state is not None else read_common_file(checkpoint_dir)
+            if common is not None:
+                blobs[COMMON_BLOB] = common
+        handle = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=False)
+        done = _Completion(rt, step, signal)
+        handle.add_done_callback(done)
+        timeout_s = 3 * rt.options.timeout_s + 60
+        return AsyncRequest(
+            wait_for_signal,
+            (str(signal), os.getpid(), timeout_s),
+            [functools.partial(done.finalize, handle, timeout_s)],
+        )
+
+    def _signal_path(self, rt: NodeRuntime, step: int) -> Path:
+        d = rt.root / SIGNAL_DIR
+        if d not in self._cleaned:  # requests dropped unfinalized by an earlier process
+            d.mkdir(exist_ok=True)
+            for p in d.glob(f"rank-{rt.rank}.*"):
+                p.unlink(missing_ok=True)
+            self._cleaned.add(d)
+        return d / f"rank-{rt.rank}.step-{step}.{os.getpid()}.{time.monotonic_ns()}.done"
+
+
+class _Completion:
+    """Runs when the engine's save ends: the step's files, then the signal file."""
+
+    def __init__(self, rt: NodeRuntime, step: int, signal: Path) -> None:
+        self.rt, self.step, self.signal = rt, step, signal
+        self.error: BaseException | None = None
+
+    def __call__(self, handle: SaveHandle) -> None:
+        try:
+            if handle.exception() is None:
+                manifest = self.rt.store.manifest(self.step)
+                if manifest is None:
+                    raise CheckpointNotFoundError(
+                        f"rank {self.rt.rank}: step {self.step} committed but its manifest is "
+                        f"not in {self.rt.store.step_dir(self.step)}"
+                    )
+                write_step_files(self.rt.store.step_dir(self.step), manifest,
+                                 f"{self.rt.rank}.{os.getpid()}")  # fmt: skip
+        except BaseException as e:  # reported by finalize
+            self.error = e
+        finally:
+            tmp = self.signal.with_suffix(".tmp")
+            tmp.write_bytes(b"")
+            os.replace(tmp, self.signal)
+
+    def finalize(self, handle: SaveHandle, timeout_s: float) -> None:
+        """Megatron's finalize function: wait for the save, raise its error."""
+        try:
+            result = handle.wait(timeout_s)
+            deadline = time.monotonic() + timeout_s
+            while not self.signal.exists() and time.monotonic() < deadline:
+                time.sleep(0.001)  # the done callback runs just after the handle completes
+            if self.error is not None:
+                raise MemckptError(
+                    f"rank {self.rt.rank}: step {self.step} committed, but writing Megatron's "
+                    f"common.pt and metadata.json into its directory failed: {self.error}"
+                ) from self.error
+            log.debug("rank %d: megatron step %d in memory (%.3fs blocking, %.3fs total)",
+                      self.rt.rank, self.step, result.blocking_s, result.total_s)  # fmt: skip
+        finally:
+            self.signal.unlink(missing_ok=True)
+
+
+def wait_for_signal(signal: str, parent_pid: int, timeout_s: float) -> None:
+    """The request's ``async_fn``: return once ``signal`` exists (the save has ended).
+
+    Runs in Megatron's forked (``AsyncCallsQueue(persistent=False)``) or spawned
+    (``persistent=True``) checkpoint process, or in the caller's (``execute_sync``): it
+    only polls a file, so it is safe after a fork of a process with threads. Returns
+    early when the training process that started it is gone.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.0005
+    while not os.path.exists(signal):
+        if os.getpid() != parent_pid and os.getppid() != parent_pid:
+            return  # the training process died: nobody waits for us
+        if time.monotonic() > deadline:
+            raise MemckptError(
+                f"memory checkpoint save still not finished after {timeout_s:.0f}s "
+                f"(waiting for {signal}); see the training process's log"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
