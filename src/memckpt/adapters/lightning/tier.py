@@ -1,0 +1,237 @@
+"""The memory tier of one Lightning job: where its checkpoints live, save, load, resume choice.
+
+One ``MemoryTier`` is shared by the callback (saves), the CheckpointIO (routes paths)
+and the resume hook (chooses memory or persistent at fit start). It opens memckpt's
+``CheckpointManager`` lazily, at the first collective use, so a Trainer that is
+pickled to spawned workers carries only settings.
+
+Call sequence, every rank, in this order:
+
+    fit start     decide(persistent_path): open the manager (collective the first time),
+                  latest() (collective), rank 0's reading of the persistent step shared
+                  through one all-gather; every rank gets the same ResumeDecision
+    resume        load(step) when the decision is memory (collective; Lightning's
+                  Strategy.load_checkpoint calls the CheckpointIO on every rank)
+    every N steps save(step, checkpoint): stage on the training thread; hashing, commit,
+                  replication and the commit vote in memckpt's background
+    train end     finish(remove, barrier): wait for the save in flight, close, and
+                  (remove) delete the job's directory once on each node
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memckpt import ids
+from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
+from memckpt.core.handle import SaveHandle
+from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.manager import CheckpointManager
+
+__all__ = ["MemoryTier", "ResumeDecision", "choose_resume", "split_base_container"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    """Where a fit resumed from: ``source`` is "memory", "persistent" or "none"."""
+
+    source: str
+    path: str | None
+    memory_step: int | None
+    persistent_path: str | None
+    persistent_step: int | None
+
+    @property
+    def step(self) -> int | None:
+        """The step resumed from, if known."""
+        if self.source == "memory":
+            return self.memory_step
+        return self.persistent_step if self.source == "persistent" else None
+
+
+def choose_resume(
+    memory_step: int | None, persistent_path: str | None, persistent_step: int | None
+) -> str:
+    """ "memory", "persistent" or "none": memory only when strictly newer than a known step.
+
+    A persistent checkpoint whose step cannot be read wins (it is what the user asked
+    for); equal steps go to the persistent one.
+    """
+    if memory_step is not None and (
+        persistent_path is None or (persistent_step is not None and memory_step > persistent_step)
+    ):
+        return "memory"
+    return "persistent" if persistent_path is not None else "none"
+
+
+def split_base_container(base_container: str | os.PathLike[str]) -> tuple[Path, str]:
+    """(base_dir, job_id) of a job directory ``<base_dir>/<job_id>``."""
+    path = Path(os.path.abspath(os.fspath(base_container)))
+    return path.parent, ids.validate_job_id(path.name)
+
+
+class MemoryTier:
+    """One job's memory checkpoints, kept in ``base_container`` = ``<base_dir>/<job_id>``.
+
+    ``base_container`` must be node-local (a tmpfs such as /dev/shm), name the job, and
+    stay the same when the job restarts. ``manager_options`` go to ``CheckpointManager``
+    (``replication``, ``node_id``, ``keep_last``, ``timeout_s``, ``secret``, ...).
+    """
+
+    def __init__(
+        self,
+        base_container: str | os.PathLike[str],
+        *,
+        async_save: bool = True,
+        safe_globals: Iterable[type] = (),
+        require_checkpoint: bool = False,
+        **manager_options: Any,
+    ) -> None:
+        self.base_dir, self.job_id = split_base_container(base_container)
+        self.async_save = async_save
+        self.safe_globals = tuple(safe_globals)
+        self.require_checkpoint = require_checkpoint
+        self.manager_options = manager_options
+        self.resumed: ResumeDecision | None = None
+        self.failed_steps: list[int] = []
+        self._manager: CheckpointManager | None = None
+        self._handle: SaveHandle | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_manager"] = state["_handle"] = None
+        return state
+
+    @property
+    def root(self) -> Path:
+        """The job's directory on this node."""
+        return self.base_dir / self.job_id
+
+    def checkpoint_path(self, step: int) -> str:
+        """The path naming memory checkpoint ``step`` (Lightning's ``ckpt_path`` for it)."""
+        return str(ids.JobLayout(self.base_dir, self.job_id).step_dir(step))
+
+    def step_of(self, path: Any) -> int | None:
+        """The step ``path`` names if it is one of this job's memory checkpoints, else None."""
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        p = Path(os.path.abspath(os.fspath(path)))
+        if os.path.realpath(p.parent) != os.path.realpath(self.root):
+            return None
+        return ids.parse_step_dir(p.name)
+
+    def manager(self) -> CheckpointManager:
+        """The job's manager; the first call opens it (collective)."""
+        if self._manager is None:
+            self._manager = CheckpointManager(self.base_dir, self.job_id, **self.manager_options)
+        return self._manager
+
+    def decide(self, persistent_path: str | None) -> ResumeDecision:
+        """Agree on every rank where this fit resumes from (collective); see the module."""
+        mgr = self.manager()
+        memory_step = mgr.latest(on_world_size_mismatch="skip")
+        pstep = None
+        if persistent_path is not None:
+            mine = None
+            if mgr.rank == 0:
+                try:
+                    mine = persistent_step(persistent_path)
+                except Exception as e:  # an unreadable file: Lightning's own load reports it
+                    log.warning("could not read the step of %s: %s", persistent_path, e)
+            pstep = mgr.coll.all_gather_object(mine, "persistent checkpoint step")[0]
+        source = choose_resume(memory_step, persistent_path, pstep)
+        if source == "persistent" and memory_step is not None and pstep is None:
+            log.warning(
+                "rank %d: resuming from %s, whose step could not be read, rather than memory "
+                "step %d; name persistent checkpoints with step=N (ModelCheckpoint's default) "
+                "to let the newer one win",
+                mgr.rank, persistent_path, memory_step,
+            )  # fmt: skip
+        if source == "none" and self.require_checkpoint:
+            raise CheckpointNotFoundError(
+                f"no memory checkpoint of job {self.job_id!r} under {self.base_dir} and no "
+                "persistent checkpoint to resume from, and resuming was required "
+                "(AutoResume(resume_ignore_no_checkpoint=False)); pass "
+                "resume_ignore_no_checkpoint=True to start from scratch"
+            )
+        path = self.checkpoint_path(memory_step) if source == "memory" else persistent_path  # type: ignore[arg-type]
+        self.resumed = ResumeDecision(source, path, memory_step, persistent_path, pstep)
+        log.info("rank %d: resuming from %s (memory step %s, persistent %s at step %s)",
+                 mgr.rank, source if path is None else path, memory_step, persistent_path,
+                 pstep)  # fmt: skip
+        return self.resumed
+
+    def save(self, step: int, checkpoint: dict[str, Any]) -> None:
+        """Save ``checkpoint`` as ``step`` on this rank; returns once its tensors are copied.
+
+        Every rank calls it for the same steps (the commit vote needs each one). A
+        failed save is logged and recorded in ``failed_steps``; training goes on and
+        the previous memory checkpoint stays.
+        """
+        self._collect()
+        storable = to_storable(checkpoint, "checkpoint", self.safe_globals)
+        self._handle = self.manager().save(step, storable, blocking=not self.async_save)
+        if not self.async_save:
+            self._collect()
+
+    def _collect(self, wait: bool = False) -> None:
+        h = self._handle
+        if h is None or not (wait or h.done()):
+            return
+        self._handle = None
+        try:
+            h.wait()
+        except MemckptError as e:
+            self.failed_steps.append(h.step)
+            log.warning("memory checkpoint of step %d failed: %s", h.step, e)
+
+    def wait(self) -> None:
+        """Wait for the save in flight to be committed (or fail, which is logged)."""
+        self._collect(wait=True)
+        if self._manager is not None:
+            self._manager.wait()
+
+    def load(self, step: int, map_location: Any = None) -> dict[str, Any]:
+        """Memory checkpoint ``step`` of this rank (collective: every rank loads its own)."""
+        out = self.manager().load(step, map_location=map_location, safe_globals=self.safe_globals)
+        if out is None:  # pragma: no cover - load(step) raises rather than return None
+            raise CheckpointNotFoundError(f"memory checkpoint step {step} of {self.job_id!r}")
+        return out
+
+    def finish(self, remove: bool, barrier: Callable[[str], None]) -> None:
+        """End of training (every rank): finalize, close, and delete the job's checkpoints.
+
+        ``barrier`` is the strategy's; with ``remove`` one rank per node directory
+        deletes ``<base_dir>/<job_id>`` after every rank has closed.
+        """
+        self.wait()
+        if self._manager is None:
+            return
+        mgr = self._manager
+        mine = os.path.realpath(self.root)
+        roots = mgr.coll.all_gather_object(mine, "memory checkpoint cleanup")
+        rank = mgr.rank
+        self.close()
+        if not remove:
+            return
+        barrier("memckpt_cleanup")
+        if rank == min(r for r, root in enumerate(roots) if root == mine):
+            shutil.rmtree(mine, ignore_errors=True)
+            log.info("rank %d: removed the memory checkpoints of job %s (%s)",
+                     rank, self.job_id, mine)  # fmt: skip
+
+    def close(self) -> None:
+        """Wait for the save in flight and close the manager (idempotent; reopens on use)."""
+        if self._manager is None:
+            return
+        self._collect(wait=True)
+        mgr, self._manager = self._manager, None
+        mgr.close()
