@@ -215,8 +215,10 @@ class LocalCheckpointManager:
         info = mgr.last_load
         if saved is None or info is None:
             raise CheckpointNotFoundError(
-                f"rank {self.rank}: iteration {self.latest_iteration} of job {self.job_id!r} "
-                "is no longer complete on the live nodes"
+                f"rank {self.rank}: no iteration of job {self.job_id!r} could be loaded: "
+                f"iteration {self.latest_iteration} (found by find_latest) is damaged or lost "
+                "on some rank (the log names the part that failed its checksum) and no older "
+                "complete one is kept. Load your persistent checkpoint instead"
             )
         self.latest_iteration = info.step
         ta = _from_saved(saved, f"iteration {info.step} of rank {self.rank}")
@@ -243,7 +245,7 @@ class LocalCheckpointManager:
         mgr = self.manager
         self.latest_iteration = -1
         if not is_async:
-            mgr.engine.save(iteration, saved, blocking=True)
+            mgr.engine.save(iteration, saved, blocking=True).wait()
             log.info("rank %d: saved local checkpoint of iteration %d", self.rank, iteration)
             return None
         handle = mgr.engine.save(iteration, saved, blocking=False)
