@@ -1,12 +1,19 @@
 """Save/load speed of memckpt against raw memcpy, torch.save and DCP, side by side.
 
     python benchmarks/save_load.py [--size-mib 1024] [--tensors 16] [--repeats 5]
+    python benchmarks/save_load.py --device cuda     # CUDA tensors: D2H staging
+
 
 All files go to one tmpfs directory (default /dev/shm). The first save is a new
 job's first (blocking) save on an empty directory, next to torch.save to a new file;
 the mixed rows alternate async and blocking saves. Loads are timed in fresh
 processes into tensors that already exist there, as a restarted job would do.
 Prints medians and the ratios the project targets.
+
+``--device cuda`` puts the tensors on the GPU and times memckpt's CUDA staging
+(asynchronous device-to-host copies into its registered, pinned mapping) against a
+raw ``copy_(non_blocking=True)`` into a pinned host tensor, then a load back into
+the GPU tensors; it skips the CPU rows.
 """
 
 from __future__ import annotations
@@ -209,6 +216,83 @@ def child_load(kind: str, work: Path, size_mib: int, n: int) -> None:
     print(dt)
 
 
+def make_cuda_state(size_mib: int, n: int) -> dict[str, torch.Tensor]:
+    return {k: v.cuda() for k, v in make_state(size_mib, n).items()}
+
+
+def bench_cuda(state: dict[str, torch.Tensor], work: Path, repeats: int) -> dict[str, float]:
+    """Seconds of D2H copies: raw into pinned memory, and memckpt's staging, save, load."""
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    holder = [torch.empty(total, dtype=torch.uint8, pin_memory=True)]
+
+    def raw_copy() -> None:
+        pinned, off = holder[0], 0
+        for t in state.values():
+            n = t.numel() * t.element_size()
+            pinned[off : off + n].view(t.dtype).copy_(t, non_blocking=True)
+            off += n
+        torch.cuda.synchronize()
+
+    raw_copy()  # warm-up
+    out = {"raw pinned copy_": median_time(raw_copy, repeats)}
+    holder.clear()  # unpin before memckpt pins its buffers
+    with memckpt.CheckpointManager(work / "mem", "bench-cuda", keep_last=1) as m:
+        m.save(0, state, blocking=True)
+        m.save(1, state, blocking=True)  # both buffers exist, pinned (cudaHostRegister)
+        step = [2]
+        staged, returned, totals = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            h = m.save(step[0], state)
+            returned.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()  # the copies were queued on the current stream
+            staged.append(time.perf_counter() - t0)
+            totals.append(h.wait().total_s)
+            step[0] += 1
+
+        def blocking() -> None:
+            m.save(step[0], state, blocking=True)
+            step[0] += 1
+
+        out["memckpt D2H staging (save to copies done)"] = statistics.median(staged)
+        out["memckpt async save: blocking"] = statistics.median(returned)
+        out["memckpt async save: total"] = statistics.median(totals)
+        out["memckpt blocking save"] = median_time(blocking, repeats)
+
+        def load() -> None:
+            m.load(state_dict=state)
+            torch.cuda.synchronize()
+
+        out["memckpt load into CUDA tensors"] = median_time(load, repeats)
+    return out
+
+
+def cuda_main(a: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+    work = Path(tempfile.mkdtemp(prefix="memckpt-bench-", dir=a.dir))
+    try:
+        r = bench_cuda(make_cuda_state(a.size_mib, a.tensors), work, a.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = {
+        "D2H staging throughput / raw pinned copy_ (target >= 0.9)": r["raw pinned copy_"]
+        / r["memckpt D2H staging (save to copies done)"],
+    }
+    gib = a.size_mib / 1024
+    print(f"\n{a.size_mib} MiB in {a.tensors} float32 CUDA tensors "
+          f"({torch.cuda.get_device_name()}), {a.dir}, median of {a.repeats}, "
+          f"torch {torch.__version__}")  # fmt: skip
+    print(f"{'operation':42s} {'seconds':>9s} {'GB/s':>7s}")
+    for k, v in r.items():
+        print(f"{k:42s} {v:9.3f} {gib * (1 << 30) / 1e9 / v:7.2f}")
+    print()
+    for k, v in ratios.items():
+        print(f"{k:58s} {v:6.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"seconds": r, "ratios": ratios}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024)
@@ -216,11 +300,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", default="/dev/shm")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the tensors live (cuda: the D2H staging rows only)")  # fmt: skip
     p.add_argument("--child-load", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child_load:
         child_load(a.child_load, Path(a.work), a.size_mib, a.tensors)
+        return
+    if a.device == "cuda":
+        cuda_main(a)
         return
     work = Path(tempfile.mkdtemp(prefix="memckpt-bench-", dir=a.dir))
     try:
