@@ -136,5 +136,6 @@ def fit(
         "global_step": trainer.global_step,
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "failed": tier.failed_steps,
+        "fetched": tier.last_load.fetched if tier.last_load else None,
         "io": type(trainer.strategy.checkpoint_io).__name__,
     }

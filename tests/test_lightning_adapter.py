@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import os
 import shutil
 import signal
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,7 +164,7 @@ def _fit_until_killed(base: str, **kw: Any) -> None:
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 150
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
         codes = [p.exitcode for p in procs]
@@ -177,25 +181,44 @@ DDP = {"max_steps": 8, "every": 2, "replication": "pairwise"}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, Any]:
-    base = tmp_path_factory.mktemp("straight")
-    out = run_ranks(functools.partial(fit, **DDP), 2, str(base), timeout=90)
-    shutil.rmtree(base, ignore_errors=True)
-    return out
+def uninterrupted() -> Iterator[dict[int, Any]]:
+    """The final state of each rank of a 2-rank DDP fit run straight to its end."""
+    base = Path(tempfile.mkdtemp(prefix="memckpt-test-", dir=_shm_root()))
+    try:
+        yield run_ranks(functools.partial(fit, **DDP), 2, str(base), timeout=150)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def killed() -> Iterator[Path]:
+    """The node directories a 2-rank DDP fit left when killed at step 5 (saved: 2 and 4)."""
+    base = Path(tempfile.mkdtemp(prefix="memckpt-test-", dir=_shm_root()))
+    try:
+        _fit_until_killed(str(base), kill_at=5, **DDP)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _shm_root() -> str | None:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("wipe_node", [None, 1])
-def test_ddp_killed_between_saves_resumes_bit_exact(shm_dir, uninterrupted, wipe_node):
-    # Given a 2-rank DDP fit killed at step 5, after its memory checkpoint of step 4
-    _fit_until_killed(str(shm_dir), kill_at=5, **DDP)
+def test_ddp_killed_between_saves_resumes_bit_exact(shm_dir, uninterrupted, killed, wipe_node):
+    # Given the memory a 2-rank DDP fit left when killed at step 5, after its save of step 4
+    shutil.copytree(killed, shm_dir, dirs_exist_ok=True)
     if wipe_node is not None:  # and, in one case, one node's memory lost with it
         shutil.rmtree(shm_dir / f"node{wipe_node}")
     # When the job restarts with the same job directory
-    out = run_ranks(functools.partial(fit, **DDP), 2, str(shm_dir), timeout=90)
+    out = run_ranks(functools.partial(fit, **DDP), 2, str(shm_dir), timeout=150)
     # Then every rank resumed from memory step 4 (the wiped node's from its replica)
     for r in (0, 1):
         assert (out[r]["source"], out[r]["step"]) == ("memory", 4), out[r]
+        assert out[r]["fetched"] == (r == wipe_node)
         assert out[r]["global_step"] == 8 and out[r]["failed"] == []
         # and the final weights equal the uninterrupted run's bit for bit
         assert_same_weights(out[r], uninterrupted[r])

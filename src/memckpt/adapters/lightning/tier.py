@@ -32,7 +32,7 @@ from memckpt import ids
 from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
 from memckpt.core.handle import SaveHandle
 from memckpt.errors import CheckpointNotFoundError, MemckptError
-from memckpt.manager import CheckpointManager
+from memckpt.manager import CheckpointManager, LoadInfo
 
 __all__ = ["MemoryTier", "ResumeDecision", "choose_resume", "split_base_container"]
 
@@ -82,7 +82,9 @@ class MemoryTier:
     """One job's memory checkpoints, kept in ``base_container`` = ``<base_dir>/<job_id>``.
 
     ``base_container`` must be node-local (a tmpfs such as /dev/shm), name the job, and
-    stay the same when the job restarts. ``manager_options`` go to ``CheckpointManager``
+    stay the same when the job restarts. ``resumed`` and ``last_load`` tell where the
+    last fit resumed from and, for memory, whether this rank read a peer's copy.
+    ``manager_options`` go to ``CheckpointManager``
     (``replication``, ``node_id``, ``keep_last``, ``timeout_s``, ``secret``, ...).
     """
 
@@ -102,6 +104,7 @@ class MemoryTier:
         self.manager_options = manager_options
         self.resumed: ResumeDecision | None = None
         self.failed_steps: list[int] = []
+        self.last_load: LoadInfo | None = None
         self._manager: CheckpointManager | None = None
         self._handle: SaveHandle | None = None
 
@@ -201,7 +204,9 @@ class MemoryTier:
 
     def load(self, step: int, map_location: Any = None) -> dict[str, Any]:
         """Memory checkpoint ``step`` of this rank (collective: every rank loads its own)."""
-        out = self.manager().load(step, map_location=map_location, safe_globals=self.safe_globals)
+        mgr = self.manager()
+        out = mgr.load(step, map_location=map_location, safe_globals=self.safe_globals)
+        self.last_load = mgr.last_load
         if out is None:  # pragma: no cover - load(step) raises rather than return None
             raise CheckpointNotFoundError(f"memory checkpoint step {step} of {self.job_id!r}")
         return out
