@@ -137,8 +137,13 @@ def _manager(ns: SimpleNamespace, base: str, impl: str, rank: int, replicate: bo
     return ns.LocalCheckpointManager(node_root(base, impl, rank), SESSION, strategy)
 
 
-def save_iterations(rank: int, world_size: int, base: str, impl: str, with_nvrx: bool) -> dict:
-    """Phase 1: save iterations 10 (async, memckpt's queue), 20 (async, NVRx's queue) and 30."""
+def save_all(rank: int, world_size: int, base: str, impls: list[str]) -> dict:
+    """Phase 1 for each implementation in turn, in the same ranks."""
+    return {impl: save_iterations(rank, base, impl, "nvrx" in impls) for impl in impls}
+
+
+def save_iterations(rank: int, base: str, impl: str, with_nvrx: bool) -> dict:
+    """Save iterations 10 (async, memckpt's queue), 20 (async, NVRx's queue) and 30."""
     ns = api(impl)
     mgr = _manager(ns, base, impl, rank, replicate=True)
     out: dict[str, Any] = {"first_latest": mgr.find_latest()}
@@ -157,7 +162,8 @@ def save_iterations(rank: int, world_size: int, base: str, impl: str, with_nvrx:
         req = mgr.save(ta, iteration, is_async=True)
         hollow_after_save.append(ta.is_hollow)
         queue.schedule_async_request(req)
-        queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+        finalized = queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
+        out.setdefault("after_async", []).append((finalized, mgr.find_latest()))
     for _, queue in queues:
         queue.close()
     ta = ns.BasicTensorAwareStateDict(rank_state(rank, 30))
@@ -170,11 +176,16 @@ def save_iterations(rank: int, world_size: int, base: str, impl: str, with_nvrx:
     return out
 
 
-def restart(rank: int, world_size: int, base: str, poisoned_base: str, impl: str) -> dict:
-    """Phase 2, restarted ranks: load from ``base`` and from ``poisoned_base``."""
+def restart_all(
+    rank: int, world_size: int, base: str, poisoned_base: str, impls: list[str]
+) -> dict:
+    """Phase 2, restarted ranks, each implementation: load from both directories."""
     return {
-        "clean": restart_and_load(rank, base, impl),
-        "poisoned": restart_and_load_poisoned(rank, poisoned_base, impl),
+        impl: {
+            "clean": restart_and_load(rank, base, impl),
+            "poisoned": restart_and_load_poisoned(rank, poisoned_base, impl),
+        }
+        for impl in impls
     }
 
 

@@ -33,8 +33,8 @@ from nvrx_workers import (
     SESSION,
     nvrx_available,
     rank_state,
-    restart,
-    save_iterations,
+    restart_all,
+    save_all,
 )
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -182,6 +182,11 @@ def test_a_failed_async_save_raises_from_finalize_and_keeps_the_previous(shm_dir
         assert mgr.find_latest() == 1
 
 
+def test_a_strategy_that_is_not_memckpts_is_refused(shm_dir):
+    with pytest.raises(UnsupportedValueError, match="from_replication_params"):
+        LocalCheckpointManager(shm_dir, repl_strategy=object())
+
+
 def test_clique_jump_that_does_not_fit_the_world_fails_at_construction():
     with pytest.raises(ReplicationConfigError, match="divisible"):
         CliqueReplicationStrategy.from_replication_params(3, 2, world_size=4)
@@ -237,34 +242,47 @@ def _replica_of_rank3_on_node0(base: Path, impl: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["memckpt", pytest.param("nvrx", marks=needs_nvrx)])
-def test_same_script_against_nvrx_and_memckpt(shm_dir, impl):
+def test_same_script_against_nvrx_and_memckpt(shm_dir):
+    """Save 10, 20, 30 on 2 nodes x 2 ranks; node 1 loses its memory; restart and load.
+
+    Each phase runs the script once per implementation in the same ranks (NVRx's side
+    is skipped when it is not installed). ``corrupt`` is a copy of the saved trees where,
+    after the node loss, the replica of rank 3 on node 0 holds a NaN.
+    """
+    impls = ["memckpt", "nvrx"] if nvrx_available() else ["memckpt"]
     base, corrupt = shm_dir / "a", shm_dir / "b"
-    saved = run_ranks(save_iterations, 4, str(base), impl, nvrx_available(), timeout=90)
-    for rank, out in saved.items():
-        assert out["first_latest"] == -1 and out["latest"] == 30, (rank, out)
-        # NVRx's replication pops the caller's tensors (its state dicts stay hollow)
-        assert out["hollow_after_save"] == [impl == "nvrx"] * 3, (rank, out)
+    saved = run_ranks(save_all, 4, str(base), impls, timeout=120)
+    for rank, by_impl in saved.items():
+        for impl, out in by_impl.items():
+            assert out["first_latest"] == -1 and out["latest"] == 30, (impl, rank, out)
+            # 10 through memckpt's AsyncCallsQueue, 20 through NVRx's (persistent=False)
+            assert out["after_async"] == [([0], 10), ([0], 20)][: len(impls)], (impl, rank)
+            # NVRx's replication pops the caller's tensors: its state dicts stay hollow
+            assert out["hollow_after_save"] == [impl == "nvrx"] * 3, (impl, rank, out)
     shutil.copytree(base, corrupt)
-    for b in (base, corrupt):  # node 1 (ranks 2, 3) loses its memory
-        shutil.rmtree(b / impl / "node1")
+    for impl in impls:
+        for b in (base, corrupt):
+            shutil.rmtree(b / impl / "node1")  # node 1 (ranks 2, 3) loses its memory
+        _poison_replica(_replica_of_rank3_on_node0(corrupt, impl), 3, 30)
 
-    _poison_replica(_replica_of_rank3_on_node0(corrupt, impl), 3, 30)
-    restarted = run_ranks(restart, 4, str(base), str(corrupt), impl, timeout=90)
-    for rank, both in restarted.items():
-        out = both["clean"]
-        assert out["latest_without_replication"] == -1, (rank, out)
-        assert out["latest"] == 30 and out["ckpt_part_id"] == (30, rank, SESSION), (rank, out)
-        assert out["equal"] and not out["has_nan"], (rank, out)
-        if impl == "memckpt":  # ranks 2 and 3 read their parts from their clique peers
-            assert out["fetched"] == (rank >= 2), (rank, out)
-            assert out["source_rank"] == (rank - 2 if rank >= 2 else rank), (rank, out)
+    restarted = run_ranks(restart_all, 4, str(base), str(corrupt), impls, timeout=120)
+    for rank, by_impl in restarted.items():
+        for impl, both in by_impl.items():
+            out = both["clean"]
+            assert out["latest_without_replication"] == -1, (impl, rank, out)
+            assert out["latest"] == 30, (impl, rank, out)
+            assert out["ckpt_part_id"] == (30, rank, SESSION), (impl, rank, out)
+            assert out["equal"] and not out["has_nan"], (impl, rank, out)
+        ours = by_impl["memckpt"]["clean"]  # ranks 2 and 3 read their parts from clique peers
+        assert ours["fetched"] == (rank >= 2), (rank, ours)
+        assert ours["source_rank"] == (rank - 2 if rank >= 2 else rank), (rank, ours)
 
-    poisoned = {rank: both["poisoned"] for rank, both in restarted.items()}
-    assert all(out["latest"] == 30 for out in poisoned.values()), poisoned
-    if impl == "nvrx":
-        # NVRx trusts the replica: rank 3 silently gets the NaN (cf. NVRx issue #349)
-        assert poisoned[3]["has_nan"] and not poisoned[3]["equal"], poisoned[3]
-    else:  # the checksum catches it on rank 3; no rank returns the damaged iteration
-        assert all(out.get("error") == "CheckpointNotFoundError" for out in poisoned.values())
-        assert "damaged" in poisoned[3]["message"], poisoned[3]
+    for impl in impls:
+        poisoned = {rank: by_impl[impl]["poisoned"] for rank, by_impl in restarted.items()}
+        assert all(out["latest"] == 30 for out in poisoned.values()), (impl, poisoned)
+        if impl == "nvrx":
+            # NVRx trusts the replica: rank 3 silently gets the NaN (cf. NVRx issue #349)
+            assert poisoned[3]["has_nan"] and not poisoned[3]["equal"], poisoned[3]
+        else:  # the checksum catches it on rank 3; no rank returns the damaged iteration
+            assert all(out.get("error") == "CheckpointNotFoundError" for out in poisoned.values())
+            assert "damaged" in poisoned[3]["message"], poisoned[3]

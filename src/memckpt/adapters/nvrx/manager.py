@@ -136,9 +136,8 @@ class LocalCheckpointManager:
         self.root_local_ckpt_dir = root_local_ckpt_dir
         self.session_id = session_id
         self.job_id = _job_for(session_id)
-        if isinstance(repl_strategy, LazyCliqueReplicationStrategy):
-            repl_strategy = repl_strategy.replication_strategy
-        if repl_strategy is not None and not isinstance(repl_strategy, (str, ReplicationStrategy)):
+        known = (str, ReplicationStrategy, LazyCliqueReplicationStrategy)
+        if repl_strategy is not None and not isinstance(repl_strategy, known):
             raise UnsupportedValueError(
                 f"repl_strategy {type(repl_strategy).__name__} is not a memckpt strategy; use "
                 "memckpt.adapters.nvrx.CliqueReplicationStrategy.from_replication_params(...) "
@@ -158,6 +157,8 @@ class LocalCheckpointManager:
     def manager(self) -> CheckpointManager:
         """The memckpt CheckpointManager underneath (opened collectively on first use)."""
         if self._mgr is None:
+            if isinstance(self.repl_strategy, LazyCliqueReplicationStrategy):
+                self.repl_strategy = self.repl_strategy.replication_strategy
             self._mgr = CheckpointManager(
                 self.root_local_ckpt_dir,
                 self.job_id,
@@ -238,8 +239,9 @@ class LocalCheckpointManager:
         iteration = validate_step(iteration)
         if self.latest_iteration >= iteration:
             raise ValueError(
-                f"a newer checkpoint is already available: {self.latest_iteration} "
-                f"(saving {iteration})"
+                f"rank {self.rank}: a newer checkpoint is already available: iteration "
+                f"{self.latest_iteration} (saving {iteration}); save iterations in increasing "
+                "order, as with NVRx"
             )
         saved = _saved_form(state_dict)
         mgr = self.manager
