@@ -146,13 +146,25 @@ def test_custom_state_dict_loads_only_when_its_class_is_allowed(shm_dir):
     with LocalCheckpointManager(shm_dir) as mgr:
         mgr.save(ListStateDict("opt", [torch.arange(4.0), torch.ones(3)]), 2)
         assert mgr.find_latest() == 2
-        with pytest.raises(UnsupportedValueError, match="ListStateDict"):
+        with pytest.raises(UnsupportedValueError, match=r"ListStateDict.*LocalCheckpointManager"):
             mgr.load()
     with LocalCheckpointManager(shm_dir, safe_globals=[ListStateDict]) as mgr:
         assert mgr.find_latest() == 2
         loaded, _ = mgr.load()
     assert isinstance(loaded, ListStateDict) and loaded.name == "opt" and loaded.restored
     assert torch.equal(loaded.tensors[0], torch.arange(4.0))
+
+
+@needs_nvrx
+def test_nvrxs_own_basic_state_dict_is_stored_as_ours(shm_dir):
+    from nvrx_workers import CPUBasicTensorAwareStateDict  # NVRx's class, minus its CUDA check
+
+    with LocalCheckpointManager(shm_dir) as mgr:
+        mgr.save(CPUBasicTensorAwareStateDict({"x": torch.arange(3.0)}), 1)
+        assert mgr.find_latest() == 1
+        loaded, _ = mgr.load()  # no safe_globals needed
+    assert isinstance(loaded, BasicTensorAwareStateDict)
+    assert torch.equal(loaded.state_dict["x"], torch.arange(3.0))
 
 
 def test_async_save_finalizes_through_our_queue(shm_dir):

@@ -57,8 +57,18 @@ _FORMAT = "memckpt.nvrx"
 _FORMAT_VERSION = 1
 
 
-def _saved_form(state_dict: object) -> dict[str, Any]:
-    if isinstance(state_dict, BasicTensorAwareStateDict):
+def _is_nvrx_basic(obj: object) -> bool:
+    """Whether ``obj`` is NVRx's BasicTensorAwareStateDict or a subclass (NVRx not imported)."""
+    return any(
+        k.__name__ == "BasicTensorAwareStateDict"
+        and k.__module__.startswith("nvidia_resiliency_ext.")
+        for k in type(obj).__mro__
+    )
+
+
+def _saved_form(state_dict: Any) -> dict[str, Any]:
+    # NVRx's own basic wrapper is stored as ours: same content, and no class to allow
+    if isinstance(state_dict, BasicTensorAwareStateDict) or _is_nvrx_basic(state_dict):
         if state_dict.is_hollow:
             raise UnsupportedValueError(
                 "save() got a hollow BasicTensorAwareStateDict (its tensors were popped); "
@@ -70,7 +80,7 @@ def _saved_form(state_dict: object) -> dict[str, Any]:
             f"save() takes a TensorAwareStateDict, got {type(state_dict).__name__}; wrap a "
             "state dict in BasicTensorAwareStateDict(state_dict)"
         )
-    if state_dict.is_hollow:  # type: ignore[attr-defined]
+    if state_dict.is_hollow:
         raise UnsupportedValueError(
             f"save() got a hollow {type(state_dict).__name__} (its tensors were popped)"
         )
@@ -212,7 +222,12 @@ class LocalCheckpointManager:
                 "returned -1 or was not called"
             )
         mgr = self.manager
-        saved = mgr.load(safe_globals=self.safe_globals, on_world_size_mismatch="skip")
+        try:
+            saved = mgr.load(safe_globals=self.safe_globals, on_world_size_mismatch="skip")
+        except UnsupportedValueError as e:
+            raise UnsupportedValueError(
+                f"{e} (for this manager: LocalCheckpointManager(..., safe_globals=[...]))"
+            ) from e
         info = mgr.last_load
         if saved is None or info is None:
             raise CheckpointNotFoundError(
