@@ -162,6 +162,32 @@ def two_nodes(rank: int, world: int, base: str, regular: str) -> dict[str, Any]:
     check_loaded(loaded, rank, world, 30, "cols")
     out["steps"] = sorted(p.name for p in (node / "job").glob("step-*"))
 
+    # A save that fails on one rank fails on every rank, in Megatron's finalize, and
+    # leaves the previous step the newest complete one
+    from memckpt.core import transaction
+
+    real_finalize = transaction.SaveTransaction.finalize
+
+    def failing_finalize(txn: Any, *args: Any, **kwargs: Any) -> Any:
+        if rank == 1:
+            raise OSError("injected: the tmpfs write failed")
+        return real_finalize(txn, *args, **kwargs)
+
+    transaction.SaveTransaction.finalize = failing_finalize  # type: ignore[method-assign]
+    queue = AsyncCallsQueue(persistent=False)
+    cid40 = mm.checkpoint_id(node, "job", 40)
+    queue.schedule_async_request(mm.save(sharded_state(rank, world, 40, "rows"), cid40, strategy))
+    try:
+        queue.maybe_finalize_async_calls(blocking=True)
+        out["failed_40"] = None
+    except Exception as e:
+        out["failed_40"] = f"{type(e).__name__}: {e}"
+    finally:
+        transaction.SaveTransaction.finalize = real_finalize  # type: ignore[method-assign]
+    dist.barrier()
+    out["step_40_left"] = Path(cid40).exists()
+    assert mm.latest_checkpoint(node, "job", replication=rep) == cid
+
     # Node loss: node 1's processes restart and its memory is gone
     mm.close()
     dist.barrier()

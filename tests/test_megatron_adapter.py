@@ -164,13 +164,15 @@ def test_wait_for_signal_returns_on_signal_or_orphaning_and_times_out(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_two_nodes_async_queue_fallback_and_node_loss(shm_dir, tmp_path):
+def test_two_nodes_async_queue_failed_save_fallback_and_node_loss(shm_dir, tmp_path):
     out = run_ranks(two_nodes, 2, str(shm_dir), str(tmp_path / "regular"), timeout=200)
     for rank, r in out.items():
         # every node holds Megatron's files of every committed step, not only rank 0's
         for step in (10, 20, 30):
             assert {"common.pt", "metadata.json"} <= set(r[f"files_{step}"]), (rank, r)
         assert r["steps"] == ["step-20", "step-30"], r["steps"]  # keep_last=2
+        assert "injected: the tmpfs write failed" in r["failed_40"], r["failed_40"]
+        assert not r["step_40_left"]
         assert {"common.pt", "metadata.json", "manifest.json"} <= set(r["recovered_files"])
         assert r["common"] == 30
 
