@@ -53,10 +53,10 @@ def sharded_state(
 ) -> dict[str, Any]:
     """A Megatron sharded state dict of this rank: several shardings, objects, common state.
 
-    ``rows``: w and e split on axis 0, ffn in two fragments per rank on axis 0, v on
-    axis 1, b replicated (rank 0 the main replica), one ShardedObject per rank.
-    ``cols``: the other axes (e on a 2x2 grid with 4 ranks), one ffn piece per rank,
-    and rank r loads the objects r, r + world, ... of ``saved_world`` ranks.
+    ``rows``: w and e split on axis 0 (e on a 2 x 2 grid with 4 ranks), ffn in two
+    fragments per rank on axis 0, v on axis 1, b replicated (rank 0 the main replica),
+    one ShardedObject per rank. ``cols``: the other axes, one ffn piece per rank, and
+    rank r loads the objects r, r + world, ... of ``saved_world`` ranks.
     """
 
     def st(name: str, axis: int, i: int, n: int) -> ShardedTensor:
@@ -68,19 +68,19 @@ def sharded_state(
     sd["b"] = ShardedTensor.from_rank_offsets("b", b.zero_() if empty else b, replica_id=rank)
     if layout == "rows":
         sd["w"] = st("w", 0, rank, world)
-        sd["e"] = st("e", 0, rank, world)
-        sd["v"] = st("v", 1, rank, world)
-        sd["ffn"] = [st("ffn", 0, rank, 2 * world), st("ffn", 0, rank + world, 2 * world)]
-        sd["obj"] = ShardedObject("obj", {"rank": rank, "step": step}, (world,), (rank,))
-    else:
-        sd["w"] = st("w", 1, rank, world)
-        if world == 4:
+        if world == 4:  # a 2 x 2 grid
             data = full("e", step).view(2, 4, 2, 4)[rank // 2, :, rank % 2, :].clone()
             sd["e"] = ShardedTensor.from_rank_offsets(
                 "e", data.zero_() if empty else data, (0, rank // 2, 2), (1, rank % 2, 2)
             )
         else:
-            sd["e"] = st("e", 1, rank, world)
+            sd["e"] = st("e", 0, rank, world)
+        sd["v"] = st("v", 1, rank, world)
+        sd["ffn"] = [st("ffn", 0, rank, 2 * world), st("ffn", 0, rank + world, 2 * world)]
+        sd["obj"] = ShardedObject("obj", {"rank": rank, "step": step}, (world,), (rank,))
+    else:
+        sd["w"] = st("w", 1, rank, world)
+        sd["e"] = st("e", 1, rank, world)
         sd["v"] = st("v", 0, rank, world)
         sd["ffn"] = [st("ffn", 1, rank, world)]
         n = saved_world or world
@@ -197,9 +197,10 @@ def two_nodes(rank: int, world: int, base: str, regular: str) -> dict[str, Any]:
     latest, loaded = _load(node, rank, world, "rows", rep)
     assert latest == cid, latest
     check_loaded(loaded, rank, world, 30, "rows")
-    out["recovered_files"] = sorted(p.name for p in Path(cid).iterdir())
     out["common"] = dc.load_common_state_dict(latest)["iteration"]
-    mm.close()
+    mm.close()  # waits for the background restoring the lost copies
+    dist.barrier()
+    out["recovered_files"] = sorted(p.name for p in Path(cid).iterdir())
     return out
 
 

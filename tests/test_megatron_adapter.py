@@ -88,6 +88,7 @@ def test_one_rank_round_trip_with_objects_and_reshard_never_touches_cuda(
                  0, 1, 3, "cols")  # fmt: skip
     # Megatron's own metadata calls find our load strategy through metadata.json
     assert dc.load_common_state_dict(latest)["iteration"] == 3
+    check_loaded(dc.load(sharded_state(0, 1, 0, "rows", empty=True), latest), 0, 1, 3, "rows")
     tensors = dc.load_tensors_metadata(latest)
     assert {k: tuple(v.global_shape) for k, v in tensors.items()} == SHAPES
     assert "obj/shard_0_1" in load_sharded_metadata(latest)
@@ -173,7 +174,9 @@ def test_two_nodes_async_queue_failed_save_fallback_and_node_loss(shm_dir, tmp_p
         assert r["steps"] == ["step-20", "step-30"], r["steps"]  # keep_last=2
         assert "injected: the tmpfs write failed" in r["failed_40"], r["failed_40"]
         assert not r["step_40_left"]
-        assert {"common.pt", "metadata.json", "manifest.json"} <= set(r["recovered_files"])
+        # node 1 holds its rank's object and rank 0's replica again (pairwise)
+        want = {"common.pt", "metadata.json", "manifest.json", "rank-0.mck", "rank-1.mck"}
+        assert want <= set(r["recovered_files"]), (rank, r["recovered_files"])
         assert r["common"] == 30
 
 
