@@ -7,8 +7,9 @@ request fits NVRx's ``AsyncCallsQueue`` (same fields and methods) and this modul
 
 How a request tells a queue that the save is done: its ``async_fn`` is a
 :class:`CommitWait`, which waits for a marker file the engine writes once the save has
-finished (committed or failed). NVRx's queue runs it in a forked child (or its
-persistent worker) and sees the save done when that process ends; this module's queue
+finished (committed or failed). NVRx's queue (``persistent=False``, as NVRx requires for
+local checkpoints) runs it in a forked child and sees the save done when that child
+ends; this module's queue
 asks ``CommitWait.done()``. Either way the finalize functions then run on the caller's
 thread: the first one raises the save's error, if any.
 """
