@@ -1,4 +1,5 @@
-"""Command-line overrides on typed config dataclasses: the four forms, type checks, unknown keys."""
+"""Command-line overrides on typed config dataclasses: the four forms, Hydra's value grammar,
+type checks, unknown keys."""
 
 from __future__ import annotations
 
@@ -146,13 +147,79 @@ def test_overrides_apply_in_order() -> None:
         ("{a: 1, b: [x]}", {"a": 1, "b": ["x"]}),
         ('"5"', "5"),
         ("'true'", "true"),
-        ("a: b # c", "a: b # c"),
+        ("'a,b'", "a,b"),
+        ("a: b", "a: b"),
+        ("ring:2", "ring:2"),
+        ("/dev/shm/x", "/dev/shm/x"),
+        ("str(5)", "5"),
+        ("int(3.0)", 3),
         ("", ""),
     ],
 )
-def test_values_parse_as_yaml_1_2(text: str, value: Any) -> None:
+def test_values_parse_with_hydras_grammar(text: str, value: Any) -> None:
     assert parse_value(text)[0] == value
     assert type(parse_value(text)[0]) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # where Hydra's grammar differs from the YAML 1.2 of config files (docs/recipes.md)
+        ("0x10", "0x10"),
+        ("inf", float("inf")),
+        ("-inf", float("-inf")),
+        (".inf", ".inf"),
+        ("tRUE", True),
+        ("Null", None),
+        ("b\\,c", "b,c"),
+    ],
+)
+def test_values_where_hydra_differs_from_yaml(text: str, value: Any) -> None:
+    assert parse_value(text)[0] == value
+    assert type(parse_value(text)[0]) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: b # c", "unexpected character '#'"),
+        ("~", "unexpected character '~'"),
+        ("é", "unexpected character 'é'"),
+        ("x=y", "mismatched input '='"),
+    ],
+)
+def test_values_hydra_cannot_parse_are_errors_that_say_how_to_quote(
+    text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_value(text, source="value")
+    msg = str(info.value)
+    assert msg.startswith(f"value: cannot parse the value {text!r} with Hydra's override grammar")
+    assert message in msg and f"quote it: '{text}'" in msg
+
+
+def test_a_quoted_value_passes_any_text() -> None:
+    cfg = apply("++free.note='a: b # c, x=y, é'")
+    assert cfg.free == {"note": "a: b # c, x=y, é"}
+
+
+@pytest.mark.parametrize("text", ["count=1,2", "count=choice(1,2)", "count=range(1,5)",
+                                  "ratio=interval(0,1)", "label=glob(*)"])  # fmt: skip
+def test_sweeps_are_refused_with_how_to_quote(text: str) -> None:
+    msg = error_of(text)
+    key, _, value = text.partition("=")
+    assert f"'{value}' is a Hydra sweep" in msg
+    assert f"quote it inside the argument: \"{key}='{value}'\"" in msg
+
+
+def test_hydra_packages_and_config_groups_are_refused() -> None:
+    assert "'count@pkg' names a Hydra package" in error_of("count@pkg=1")
+    assert "'db/mysql' is not a key path" in error_of("db/mysql=1")
+
+
+def test_a_cast_is_not_kept_as_text_for_a_str_field() -> None:
+    assert apply("label=str(5)").label == "5"
+    assert "label: expected str, got int 5" in error_of("label=int(5)")
 
 
 def test_an_int_is_accepted_for_a_float_field() -> None:
@@ -303,7 +370,8 @@ def test_plus_plus_cannot_add_a_dataclass_field() -> None:
         ("++a.b=[1]", "force", "a.b", [1]),
         ("~a.b", "delete", "a.b", None),
         ("~a.b=2", "delete", "a.b", 2),
-        ("a.b=x=y", "set", "a.b", "x=y"),
+        ("a.b='x=y'", "set", "a.b", "x=y"),
+        ("~a.b=", "delete", "a.b", ""),
         ("a.run-1.0=1", "set", "a.run-1.0", 1),
     ],
 )
@@ -322,7 +390,9 @@ def test_override_grammar(text: str, op: str, key: str, value: Any) -> None:
         ("=5", "'' is not a key path"),
         ("train steps=5", "'train steps' is not a key path"),
         ("+++a=1", "'+a' is not a key path"),
-        ("a=[1, 2", "cannot parse '[1, 2' as YAML"),
+        ("a=[1, 2", "cannot parse the value '[1, 2' with Hydra's override grammar"),
+        ("a=x=y", "cannot parse the value 'x=y'"),
+        ("tags.é=1", "'tags.é' is not a key path"),
     ],
 )
 def test_malformed_overrides_are_errors(text: str, message: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -185,11 +184,3 @@ def test_merge_dict_leaves_its_input_unchanged() -> None:
     cfg = gpt_tiny()
     new = merge_dict(cfg, {"train": {"steps": 1}})
     assert new.train.steps == 1 and cfg.train.steps == 300
-
-
-def test_yaml_functions_name_the_extra_when_pyyaml_is_missing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(sys.modules, "yaml", None)
-    with pytest.raises(ConfigError, match=r"pip install 'memckpt\[recipes\]'"):
-        to_yaml(gpt_tiny())

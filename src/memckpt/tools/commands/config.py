@@ -14,7 +14,9 @@ overrides (applied after the YAML file):
   +key=value    add a key to a dict field        +logger.tags.team=infra
   ++key=value   set, adding it if missing        ++logger.tags.team=infra
   ~key          reset to the default / remove    ~optimizer.lr
-values are YAML: 5, 3e-4, true, null, [1, 2], {interval: 5}, "quoted"
+values in Hydra's grammar (hydra-core parses them): 5, 3e-4, true, null, [1, 2],
+{interval: 5}, 'quoted'; commas make a sweep, which is refused: quote the value
+inside the argument, "logger.tags.team='a,b'"
 """
 
 
