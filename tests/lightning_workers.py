@@ -16,7 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-NAMESPACES = {"lightning": "lightning.pytorch", "pl": "pytorch_lightning"}
+NAMESPACES = {
+    "lightning": "lightning.pytorch",
+    "pl": "pytorch_lightning",
+    "nemo": "lightning.pytorch",
+}
 
 
 def classes(ns: str) -> dict[str, Any]:
@@ -86,8 +90,13 @@ def fit(
     enabled: bool = True,
     keep: bool = True,
     saved_steps: list[int] | None = None,
+    auto_resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One fit of the test model; returns its final weights and what it resumed from."""
+    """One fit of the test model; returns its final weights and what it resumed from.
+
+    ``ns="nemo"``: a ``nemo.lightning.Trainer``, wrapped by ``wrap_trainer_and_auto_resume``
+    with ``nemo.lightning.AutoResume(**auto_resume)``, set up before the fit.
+    """
     from memckpt.adapters.lightning import MemoryCheckpointCallback, wrap_trainer
 
     c = classes(ns)
@@ -106,7 +115,12 @@ def fit(
             save_top_k=-1, save_last=True))  # fmt: skip
     if kill_at is not None:
         callbacks.append(c["KillAt"](kill_at, memory))
-    trainer = pl.Trainer(
+    trainer_cls = pl.Trainer
+    if ns == "nemo":
+        import nemo.lightning as nl
+
+        trainer_cls = nl.Trainer
+    trainer = trainer_cls(
         accelerator="cpu",
         devices=world,
         strategy="ddp" if world > 1 else "auto",
@@ -119,8 +133,19 @@ def fit(
         use_distributed_sampler=False,
         default_root_dir=str(Path(base) / "root"),
     )
-    tier = wrap_trainer(trainer, job_dir, replication=replication, node_id=f"node{node}",
-                        timeout_s=30)  # fmt: skip
+    options = {"replication": replication, "node_id": f"node{node}", "timeout_s": 30}
+    if ns == "nemo":
+        import nemo.lightning as nl
+
+        from memckpt.adapters.nemo import wrap_trainer_and_auto_resume
+
+        resume = wrap_trainer_and_auto_resume(
+            trainer, job_dir, default_auto_resume=nl.AutoResume(**(auto_resume or {})), **options
+        )
+        tier = resume.memory_tier
+        resume.setup(trainer, model)
+    else:
+        tier = wrap_trainer(trainer, job_dir, **options)
     if saved_steps is not None:
         save = tier.save
         tier.save = lambda step, ckpt: (saved_steps.append(step), save(step, ckpt))[1]  # type: ignore[method-assign]
