@@ -139,7 +139,12 @@ def _manager(ns: SimpleNamespace, base: str, impl: str, rank: int, replicate: bo
 
 def save_all(rank: int, world_size: int, base: str, impls: list[str]) -> dict:
     """Phase 1 for each implementation in turn, in the same ranks."""
-    return {impl: save_iterations(rank, base, impl, "nvrx" in impls) for impl in impls}
+    from memckpt.adapters.nvrx import default_replication_jump
+
+    os.environ["MEMCKPT_NODE_ID"] = f"node{rank // RANKS_PER_NODE}"
+    out: dict[str, Any] = {"default_jump": default_replication_jump()}  # collective
+    out.update((impl, save_iterations(rank, base, impl, "nvrx" in impls)) for impl in impls)
+    return out
 
 
 def save_iterations(rank: int, base: str, impl: str, with_nvrx: bool) -> dict:
