@@ -106,13 +106,15 @@ def test_single_device_resume_from_memory_is_bit_exact(shm_dir, ns):
 
 @pytest.mark.parametrize(
     ("ckpt_path", "source", "step"),
-    [("last", "persistent", 9), ("epoch=0-step=6.ckpt", "memory", 8)],
+    [("last", "persistent", 9), ("epoch=0-step=6.ckpt", "memory", 8), ("step-4", "memory", 4)],
 )
 def test_the_newer_of_memory_and_persistent_wins(shm_dir, ckpt_path, source, step):
     # Given memory checkpoints at 4 and 8 and persistent ones at 3, 6, 9 (and last = 9)
     base = str(shm_dir)
     fit(0, 1, base, max_steps=9, every=4, persist_every=3)
-    if ckpt_path != "last":
+    if ckpt_path.startswith("step-"):  # a memory checkpoint named explicitly
+        ckpt_path = str(shm_dir / "node0" / "job" / ckpt_path)
+    elif ckpt_path != "last":
         ckpt_path = str(shm_dir / "persistent" / ckpt_path)
     # When the fit restarts from the persistent checkpoint the user names
     out = fit(0, 1, base, max_steps=12, every=4, persist_every=3, ckpt_path=ckpt_path)

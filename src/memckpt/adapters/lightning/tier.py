@@ -140,6 +140,10 @@ class MemoryTier:
     def decide(self, persistent_path: str | None) -> ResumeDecision:
         """Agree on every rank where this fit resumes from (collective); see the module."""
         mgr = self.manager()
+        asked = self.step_of(persistent_path)
+        if asked is not None:  # fit(ckpt_path=<one of this job's memory checkpoints>)
+            self.resumed = ResumeDecision("memory", persistent_path, asked, None, None)
+            return self.resumed
         memory_step = mgr.latest(on_world_size_mismatch="skip")
         pstep = None
         if persistent_path is not None:
