@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from memckpt.core import events
 from memckpt.errors import ScheduleConfigError
@@ -31,12 +32,27 @@ from memckpt.schedule.progress import ProgressEvents
 from memckpt.schedule.signals import DEFAULT_SIGNALS, SignalEvent, SignalWatcher, signal_name
 from memckpt.schedule.stats import IterationStats, IterationTimer, SaveCosts
 
-__all__ = ["COMPILE_WARMUP_ITERS", "DEFAULT_WARMUP_ITERS", "IterManager", "save_times"]
+__all__ = [
+    "COMPILE_WARMUP_ITERS",
+    "DEFAULT_WARMUP_ITERS",
+    "IterManager",
+    "SavesThroughState",
+    "save_times",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WARMUP_ITERS: Final = 1
 COMPILE_WARMUP_ITERS: Final = 5
+
+
+class SavesThroughState(Protocol):
+    """What ``IterManager(state=...)`` uses of a ``memckpt.State``."""
+
+    step: int
+    last_save: Any
+
+    def save(self, step: int | None = None, *, sync: bool = True) -> Any: ...
 
 
 def _number(name: str, value: Any, *, minimum: float = 0.0) -> float:
@@ -104,6 +120,14 @@ class IterManager:
         environ: where deadline variables are read, at every decision (default os.environ).
         all_reduce_max: element-wise max across ranks; default torch.distributed's when
             initialised at decision time, else decisions stay local.
+        state: a ``memckpt.State`` whose saves this manager times and waits for. Each
+            ``iter()`` after the first advances ``state.step`` by one (``iter(step)`` sets
+            it), so the step counter starts from the checkpoint's. ``finalize()`` waits
+            for the state's latest save. A loop that goes on iterating after a deadline or
+            signal save (velastic's loop has no ``exit_requested`` check) is finalized at
+            the next ``iter()``: the save is waited for, the signal handlers are put back,
+            and a signal that already arrived is raised again, so it ends the process as
+            it would have without this manager, with the checkpoint committed.
     """
 
     def __init__(
@@ -128,6 +152,7 @@ class IterManager:
         wall_clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         all_reduce_max: AllReduceMax | None = None,
+        state: SavesThroughState | None = None,
     ) -> None:
         if isinstance(total_iters, bool) or not isinstance(total_iters, int):
             raise ScheduleConfigError(
@@ -182,6 +207,15 @@ class IterManager:
         self.last_decision: SaveDecision | None = None
         self._step: int | None = None
         self._progress = ProgressEvents(clock)
+        if state is not None and not (
+            hasattr(state, "step") and callable(getattr(state, "save", None))
+        ):
+            raise ScheduleConfigError(
+                f"state must be a memckpt.State (with step and save()), got {state!r}"
+            )
+        self._state = state
+        self._adopted: Any = None  # the state's latest save handle already recorded
+        self._finalized = False
 
         self._watcher: SignalWatcher | None = None
         if signals:
@@ -205,6 +239,15 @@ class IterManager:
         ``MEMCKPT_EVENTS_FILE`` set, progress goes there as ``step`` events (at most one
         per 0.5 s), which is how ``memckpt simulate-preemption`` counts lost steps.
         """
+        if self._state is not None:
+            if step is not None:
+                self._state.step = step
+            elif self._timer.ticks > 0:
+                self._state.step += 1
+            step = self._state.step
+            if self._exit_requested and not self._finalized:
+                self._leave_after_exit_save()
+            self._adopt_state_save()
         self._timer.tick()
         self._steps_since_save += 1
         if step is not None:
@@ -270,6 +313,26 @@ class IterManager:
         self._prediction = None
         log.debug("save took %.3fs blocking, %.3fs in total", blocking, total)
 
+    def _adopt_state_save(self) -> None:
+        handle = getattr(self._state, "last_save", None)
+        if handle is not None and handle is not self._adopted:
+            self._adopted = handle
+            self.record_save(handle)
+
+    def _leave_after_exit_save(self) -> None:
+        decision = self.last_decision
+        why = decision.reason if decision is not None else "exit requested"
+        log.warning(
+            "iter() called after the save for %s: the loop does not stop at exit_requested; "
+            "waiting for the save and restoring the signal handlers",
+            why,
+        )
+        self.finalize()
+        event = self.signal_event
+        if event is not None:
+            log.warning("raising %s again now that the checkpoint is committed", event.name)
+            signal.raise_signal(event.signum)
+
     def _collect_finished_saves(self) -> None:
         still_running = []
         for handle in self._pending:
@@ -309,15 +372,25 @@ class IterManager:
             raise ScheduleConfigError(f"persistent save must be callable, got {fn!r}")
         self._persistent_saves.append(fn)
 
-    def finalize(self, step: int) -> float:
+    def finalize(self, step: int | None = None) -> float:
         """Run the registered persistent saves for ``step``, then restore signal handlers.
 
         Call on every rank after the memory save of the exit step; save handles passed to
-        ``record_save`` are waited for first. Errors of a save propagate (the signal
+        ``record_save`` (and the state's latest save) are waited for first. ``step``
+        defaults to ``state.step`` with a state. Errors of a save propagate (the signal
         handlers are restored all the same). Returns the seconds it took.
         """
+        if step is None:
+            if self._state is None:
+                raise ScheduleConfigError(
+                    "finalize() needs the step (or an IterManager(state=...))"
+                )
+            step = self._state.step
         start = self._clock()
+        self._finalized = True
         try:
+            if self._state is not None:
+                self._adopt_state_save()
             pending, self._pending = self._pending, []
             for handle in pending:
                 self.record_save(handle.wait())
