@@ -55,25 +55,33 @@ def _find_callback(trainer: Any) -> MemoryCheckpointCallback | None:
     return found[0] if found else None
 
 
-def _install_resume_hook(trainer: Any, tier: MemoryTier) -> None:
+class _ResumeHook:
     """At fit start, resume from the newer of memory and the persistent checkpoint.
 
     Lightning resolves ``fit(ckpt_path=...)`` ("last", "hpc", a path, or NeMo's
     AutoResume's choice) before the process group exists, then calls
     ``_CheckpointConnector.resume_start(path)`` on every rank once it does; the hook
-    decides there (collectively) and hands Lightning the chosen path.
+    replaces that method on the Trainer's connector, decides there (collectively) and
+    hands Lightning the chosen path. A class, not a closure, so that the Trainer still
+    pickles (``ddp_spawn``).
     """
-    connector = trainer._checkpoint_connector
-    original = connector.resume_start
 
-    def resume_start(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
-        fn = getattr(trainer.state.fn, "value", trainer.state.fn)
-        if fn == "fit":
+    def __init__(self, connector: Any, tier: MemoryTier) -> None:
+        self.connector = connector
+        self.tier = tier
+
+    def __call__(self, checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> Any:
+        state = self.connector.trainer.state
+        if getattr(state.fn, "value", state.fn) == "fit":
             persistent = os.fspath(checkpoint_path) if checkpoint_path else None
-            checkpoint_path = tier.decide(persistent).path
-        return original(checkpoint_path, *args, **kwargs)
+            checkpoint_path = self.tier.decide(persistent).path
+        original = type(self.connector).resume_start
+        return original(self.connector, checkpoint_path, *args, **kwargs)
 
-    connector.resume_start = resume_start
+
+def _install_resume_hook(trainer: Any, tier: MemoryTier) -> None:
+    connector = trainer._checkpoint_connector
+    connector.resume_start = _ResumeHook(connector, tier)
     connector._memckpt_tier = tier
 
 
