@@ -73,7 +73,10 @@ def latest_checkpoint(
     replication: str | None = None,
     node_id: str | None = None,
     secret: bytes | None = None,
+    keep_last: int | None = None,
     timeout_s: float | None = None,
+    transfer_timeout_s: float | None = None,
+    limit_bytes: int | None = None,
 ) -> str | None:
     """The newest complete memory checkpoint, ready to load on every node; or None.
 
@@ -82,9 +85,12 @@ def latest_checkpoint(
     one) gets it from a peer; then every node's step directory holds Megatron's
     ``common.pt`` and ``metadata.json``, so ``dist_checkpointing.load`` works there.
     None: nothing complete in memory; load your regular checkpoint instead.
+
+    The options are the save strategy's: this call opens the job's node runtime in the
+    process, and the save strategy's options must agree with it later.
     """
-    settings = _Settings(replication=replication, node_id=node_id, secret=secret,
-                         timeout_s=timeout_s)  # fmt: skip
+    settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
+                         transfer_timeout_s, limit_bytes)  # fmt: skip
     options, explicit = settings.options()
     rt = _runtime(Path(base_dir), job_id, options, explicit, secret)
     plan, _ = _plan(rt, None)

@@ -49,6 +49,7 @@ __all__ = ["MemoryAsyncSaveStrategy", "wait_for_signal"]
 log = logging.getLogger(__name__)
 
 SIGNAL_DIR = ".megatron"
+_cleaned: set[Path] = set()  # signal directories this process has cleaned
 
 
 class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
@@ -74,7 +75,6 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
         super().__init__(BACKEND, BACKEND_VERSION)
         self._settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
                                    transfer_timeout_s, limit_bytes)  # fmt: skip
-        self._cleaned: set[Path] = set()
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -127,11 +127,12 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
 
     def _signal_path(self, rt: NodeRuntime, step: int) -> Path:
         d = rt.root / SIGNAL_DIR
-        if d not in self._cleaned:  # requests dropped unfinalized by an earlier process
+        if d not in _cleaned:  # signals of requests an earlier process left unfinalized
             d.mkdir(exist_ok=True)
             for p in d.glob(f"rank-{rt.rank}.*"):
-                p.unlink(missing_ok=True)
-            self._cleaned.add(d)
+                if f".{os.getpid()}." not in p.name:
+                    p.unlink(missing_ok=True)
+            _cleaned.add(d)
         return d / f"rank-{rt.rank}.step-{step}.{os.getpid()}.{time.monotonic_ns()}.done"
 
 
