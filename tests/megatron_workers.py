@@ -12,13 +12,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-warnings.filterwarnings("ignore")  # megatron warns at import without apex / transformer-engine
+with warnings.catch_warnings():  # megatron warns at import without apex / transformer-engine
+    warnings.simplefilter("ignore")
+    from megatron.core import dist_checkpointing as dc
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron.core import dist_checkpointing as dc  # noqa: E402
-from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor  # noqa: E402
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue  # noqa: E402
-
-from memckpt.adapters import megatron as mm  # noqa: E402
+from memckpt.adapters import megatron as mm
 
 SHAPES = {"w": (16, 6), "v": (6, 8), "e": (8, 8), "b": (5,), "ffn": (16, 4)}
 
