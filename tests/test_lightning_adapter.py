@@ -84,6 +84,10 @@ def test_sharding_strategies_are_refused_with_the_reason():
     check_strategy(DDPStrategy())
     with pytest.raises(MemckptError, match="does not support FSDPStrategy: FSDP gathers"):
         check_strategy(FSDPStrategy())
+    # NeMo's MegatronStrategy derives from DDPStrategy (megatron-core is needed to build it)
+    megatron = type("MegatronStrategy", (DDPStrategy,), {})
+    with pytest.raises(MemckptError, match="Megatron sharded state dicts"):
+        check_strategy(megatron())
 
 
 # -- single-device fits in this process --------------------------------------------------------

@@ -52,6 +52,11 @@ def test_nemo_fit_resumes_from_memory_when_nemo_finds_no_checkpoint(shm_dir):
     # and with nothing in memory either, the requirement fails the fit
     with pytest.raises(CheckpointNotFoundError, match="resume_ignore_no_checkpoint"):
         fit(0, 1, str(shm_dir / "c"), ns="nemo", max_steps=4, every=3, auto_resume=required)
+    # and with memory checkpoints turned off, NeMo's own error comes from setup, as without memckpt
+    from nemo.utils.exp_manager import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        fit(0, 1, base, ns="nemo", max_steps=12, every=3, auto_resume=required, enabled=False)
 
 
 @pytest.mark.parametrize(("name", "source", "step"),

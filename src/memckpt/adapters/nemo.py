@@ -73,7 +73,7 @@ def _build_class() -> type:
                     return inner.get_trainer_ckpt_path(model)
                 return super().get_trainer_ckpt_path(model)
             except NotFoundError:
-                if self.memory_tier is None:
+                if self.memory_tier is None or not self.memory_tier.enabled:
                     raise
                 self.memory_tier.require_checkpoint = True
                 return None

@@ -101,6 +101,7 @@ class MemoryTier:
         self.async_save = async_save
         self.safe_globals = tuple(safe_globals)
         self.require_checkpoint = require_checkpoint
+        self.enabled = True  # wrap_trainer(enabled=False): never consulted
         self.manager_options = manager_options
         self.resumed: ResumeDecision | None = None
         self.failed_steps: list[int] = []

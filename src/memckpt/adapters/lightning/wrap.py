@@ -142,7 +142,7 @@ def wrap_trainer(
             f"given {tier.root}; pass the same base_container to both"
         )
     if not (enabled and cb.enabled):
-        cb.enabled = False
+        cb.enabled = tier.enabled = False
         log.info("memory checkpoints disabled: the Trainer is left as it is")
         return tier
     check_strategy(trainer.strategy)
