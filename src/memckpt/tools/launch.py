@@ -11,6 +11,8 @@ script that wraps that torchrun in ``srun`` on a cluster.
 
 Plugins adjust the config and the environment before launch, like NeMo-Run
 plugins: :class:`ProfilerPlugin` and :class:`FaultInjectionPlugin`.
+``memckpt.tools.nemo_run`` launches through NeMo-Run instead and wraps both as
+``run.Plugin``s (the ``nemo-run`` extra).
 """
 
 from __future__ import annotations

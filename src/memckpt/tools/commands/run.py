@@ -1,4 +1,8 @@
-"""``memckpt run RECIPE [overrides] --nnodes N --nproc-per-node P``: train with torchrun."""
+"""``memckpt run RECIPE [overrides] --nnodes N --nproc-per-node P``: train with torchrun.
+
+``--launcher nemo-run`` launches through NeMo-Run's ``LocalExecutor(launcher="torchrun")``
+instead (one node; the ``nemo-run`` extra), with the plugins as NeMo-Run plugins.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,13 @@ def _options(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="profiler[:start=5,steps=3] or fault[:node=1,step=30]; repeatable",
     )
+    p.add_argument(
+        "--launcher",
+        choices=("torchrun", "nemo-run"),
+        default="torchrun",
+        help="torchrun agents per simulated node (default), or NeMo-Run's LocalExecutor "
+        "(one node; pip install 'memckpt[nemo-run]')",
+    )
     p.add_argument("--slurm", action="store_true", help="write an sbatch script; do not run")
     p.add_argument("--partition", help="with --slurm: the partition")
     p.add_argument("--time", default="04:00:00", help="with --slurm: the time limit")
@@ -45,6 +56,7 @@ def register(sub: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
+    from memckpt.errors import ConfigError
     from memckpt.recipes import build_config
     from memckpt.tools.launch import (
         LaunchSpec,
@@ -71,6 +83,8 @@ def handler(args: argparse.Namespace) -> int:
     run_dir = Path(tail.run_dir or f"runs/{cfg.checkpoint.job_id}")
     spec = LaunchSpec(tail.nnodes, tail.nproc_per_node, run_dir, timeout_s=tail.timeout)
     plugins = [plugin_from_spec(p) for p in tail.plugin]
+    if tail.slurm and tail.launcher == "nemo-run":
+        raise ConfigError("--slurm writes an sbatch script for torchrun; drop --launcher nemo-run")
     if tail.slurm:
         for p in plugins:
             p.setup(cfg, spec)
@@ -82,8 +96,20 @@ def handler(args: argparse.Namespace) -> int:
         path.write_text(script)
         print(f"wrote {path} (config {config_path}); submit it with: sbatch {path}")
         return 0
-    result = launch_local(cfg, spec, plugins)
-    summary = {"ok": result.ok, "exit_codes": result.returncodes, "seconds": result.seconds}
+    if tail.launcher == "nemo-run":
+        try:
+            from memckpt.tools.nemo_run import launch_nemo_run
+        except ImportError as e:
+            raise ConfigError(f"--launcher nemo-run: {e}") from e
+        result = launch_nemo_run(cfg, spec, plugins)
+    else:
+        result = launch_local(cfg, spec, plugins)
+    summary = {
+        "ok": result.ok,
+        "launcher": tail.launcher,
+        "exit_codes": result.returncodes,
+        "seconds": result.seconds,
+    }
     results = sorted((run_dir / "results").glob("rank*.json"))
     if results:
         r0 = json.loads(results[0].read_text())
