@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
+import shlex
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +300,68 @@ def test_fsdp_state_saved_by_two_ranks_resumes_on_one_and_on_three(
     # ranks that saved get their own part back; a rank that did not exist gets rank 0's
     assert [three[r]["rank"] for r in range(3)] == [0, 1, 0]
     assert all(three[r]["step"] == 3 for r in range(3))
+
+
+# -- the nanoGPT example under preemption -------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanogpt_state.py"
+
+
+def _torchrun(base: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", str(EXAMPLE), "--base-dir", str(base), "--max-iters", "500",
+            "--save-interval", "100", "--out", str(out), *extra]  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_nanogpt_example_preempted_on_two_ranks_ends_with_the_weights_of_an_uninterrupted_run(
+    shm_dir: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCKPT_")}
+    # Given an uninterrupted 2-rank run (in parallel with the drill, to save time)
+    reference = tmp_path / "reference.pt"
+    ref = subprocess.Popen(_torchrun(shm_dir / "ref", reference), env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)  # fmt: skip
+    # When the same job runs under `memckpt simulate-preemption`: a 40 s deadline, which the
+    # first run meets with a 15 s margin (a deadline save 25 s after its start, after the
+    # 3 to 18 s torchrun takes to start on 2 busy cores; each iteration sleeps 0.05 s, so
+    # it cannot finish first), then a restart without a deadline
+    preempted = tmp_path / "preempted.pt"
+    cmd = shlex.join(
+        _torchrun(shm_dir / "drill", preempted, "--margin", "15", "--step-time", "0.05")
+    )
+    drill = subprocess.Popen(
+        [sys.executable, "-m", "memckpt", "simulate-preemption", "--cmd", cmd, "--timeout",
+         "40", "--restarts", "1", "--grace", "5", "--final-timeout", "150", "--log-dir",
+         str(tmp_path / "logs"), "--json"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = drill.communicate(timeout=220)
+        _, ref_err = ref.communicate(timeout=60)
+    finally:
+        _stop(drill)
+        _stop(ref)
+    assert ref.returncode == 0, ref_err.decode()[-3000:]
+    report = json.loads(out)
+    logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    # Then the first run saved for the deadline, the second resumed that step and finished
+    assert drill.returncode == 0 and report["ok"], (report, err.decode()[-2000:], logs)
+    first, last = report["runs"]
+    assert first["end"] in ("exited_at_deadline", "exited_after_sigterm"), (first, logs)
+    assert first["last_saved_step"] > 0 and last["resumed_step"] == first["last_saved_step"]
+    assert last["end"] == "finished"
+    # and its weights are bit for bit those of the uninterrupted run
+    want = torch.load(reference, weights_only=True)
+    got = torch.load(preempted, weights_only=True)
+    assert want.keys() == got.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k

@@ -292,7 +292,9 @@ class IterManager:
                     trigger=decision.trigger.value,
                     reason=decision.reason,
                 )
-            log.info("save at step %d: %s", step, decision.reason)
+            # with a state, name the step the checkpoint will carry, not the iteration count
+            label = self._state.step if self._state is not None else step
+            log.info("save at step %d: %s", label, decision.reason)
         else:
             log.debug("step %d: %s", step, decision.reason)
         return decision.save
