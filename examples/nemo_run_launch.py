@@ -25,6 +25,7 @@ from pathlib import Path
 import nemo_run as run
 
 from memckpt.recipes import build_config
+from memckpt.recipes.overrides import quote_value
 from memckpt.tools.nemo_run import (
     NemoRunFaultInjectionPlugin,
     NemoRunProfilerPlugin,
@@ -68,8 +69,9 @@ def main() -> int:
             "train.log_every=5",
             "checkpoint.job_id=nemo-run-example",
             "checkpoint.memory.interval=5",
-            f"checkpoint.memory.base_dir={args.memory_dir}",
-            f"checkpoint.persistent.dir={run_dir / 'checkpoints'}",
+            # paths may hold characters Hydra's grammar refuses unquoted (spaces are fine)
+            f"checkpoint.memory.base_dir={quote_value(args.memory_dir)}",
+            f"checkpoint.persistent.dir={quote_value(str(run_dir / 'checkpoints'))}",
             "checkpoint.persistent.interval=1000",
         ],
     )

@@ -10,7 +10,7 @@ import pytest
 
 from memckpt.errors import ConfigError, MemckptError
 from memckpt.recipes import ConfigContainer, apply_overrides, gpt_tiny, parse_override
-from memckpt.recipes.overrides import parse_value
+from memckpt.recipes.overrides import parse_value, quote_value
 
 
 @dataclass
@@ -196,6 +196,14 @@ def test_values_hydra_cannot_parse_are_errors_that_say_how_to_quote(
     msg = str(info.value)
     assert msg.startswith(f"value: cannot parse the value {text!r} with Hydra's override grammar")
     assert message in msg and f"quote it: '{text}'" in msg
+
+
+@pytest.mark.parametrize(
+    "text", ["/My Project (copy)/run #1", "it's", "a\\", "a\\'b", "é=1,2", "", "~"]
+)
+def test_quote_value_round_trips_any_text(text: str) -> None:
+    assert parse_value(quote_value(text)) == (text, None)
+    assert apply(f"label={quote_value(text)}").label == text
 
 
 def test_a_quoted_value_passes_any_text() -> None:

@@ -74,6 +74,7 @@ __all__ = [
     "merge_yaml",
     "parse_override",
     "parse_value",
+    "quote_value",
     "to_dict",
     "to_yaml",
     "type_name",
@@ -172,6 +173,18 @@ def parse_value(text: str, *, source: str = "value") -> tuple[Any, str | None]:
     """
     ov = _parse(f"value={text}", source, key_in_hint=False)
     return ov.value, ov.raw
+
+
+def quote_value(text: str) -> str:
+    """``text`` as a quoted Hydra value that parses back to exactly ``text``.
+
+    For overrides built by code from paths or other free text:
+    ``f"train.final_weights={quote_value(path)}"``. Unquoted, Hydra refuses ``,``
+    ``=`` ``(`` ``#`` ``!`` ``~`` non-ASCII and more.
+    """
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    return str(QuotedString(text=text, quote=Quote.single).with_quotes())
 
 
 def _parse_error(text: str, src: str, e: Exception, key_in_hint: bool) -> ConfigError:
