@@ -238,6 +238,7 @@ class State:
             self._writer_options = dict(
                 options, replication=replication, keep_last=keep_last, timeout_s=timeout_s
             )
+            dcp_adapter.MemoryStorageWriter(**self._writer_options)  # bad options fail here
         else:
             from memckpt.manager import CheckpointManager
 
