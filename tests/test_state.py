@@ -289,16 +289,13 @@ def test_ddp_ranks_resume_their_own_extra_state_and_rng(shm_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_fsdp_state_saved_by_two_ranks_resumes_on_one_and_on_three(
-    shm_dir: Path, tmp_path: Path
-) -> None:
+def test_fsdp_state_saved_by_two_ranks_resumes_on_three(shm_dir: Path, tmp_path: Path) -> None:
     reference = str(tmp_path / "reference.pt")
     run_ranks(state_workers.fsdp_save, 2, str(shm_dir), reference, timeout=90)
-    (one,) = run_ranks(state_workers.fsdp_resume, 1, str(shm_dir), reference, timeout=90).values()
-    assert one == {"step": 3, "rank": 0, "x": [0.0, 0.0]}
     three = run_ranks(state_workers.fsdp_resume, 3, str(shm_dir), reference, timeout=120)
     # ranks that saved get their own part back; a rank that did not exist gets rank 0's
     assert [three[r]["rank"] for r in range(3)] == [0, 1, 0]
+    assert [three[r]["x"] for r in range(3)] == [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
     assert all(three[r]["step"] == 3 for r in range(3))
 
 
