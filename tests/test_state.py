@@ -272,6 +272,8 @@ def test_loop_that_ignores_exit_requested_has_the_signal_raised_again(shm_dir: P
 def test_iter_manager_refuses_a_state_without_step_and_save() -> None:
     with pytest.raises(memckpt.errors.ScheduleConfigError, match="state"):
         IterManager(signals=(), state=object())  # type: ignore[arg-type]
+    with pytest.raises(memckpt.errors.ScheduleConfigError, match="step"):
+        IterManager(signals=()).finalize()  # no state: the step must be given
 
 
 # -- several ranks -------------------------------------------------------------------------------
