@@ -202,6 +202,7 @@ def run_demo(
     ``device``: "cpu", "cuda" or "auto" (``choose_demo_placement``).
     """
     from memckpt.recipes import build_config
+    from memckpt.recipes.overrides import quote_value
     from memckpt.tools.launch import FaultInjectionPlugin, LaunchSpec, launch_local
 
     if steps < 3 * memory_interval:
@@ -231,13 +232,13 @@ def run_demo(
                 f"train.steps={steps}",
                 "train.log_every=2",
                 "train.progress=false",
-                f"train.final_weights={out / name / 'final.pt'}",
+                f"train.final_weights={quote_value(str(out / name / 'final.pt'))}",
                 f"checkpoint.memory.interval={memory_interval}",
-                f"checkpoint.memory.base_dir={mem_root / name}",
-                f"checkpoint.persistent.dir={out / name / 'persistent'}",
+                f"checkpoint.memory.base_dir={quote_value(str(mem_root / name))}",
+                f"checkpoint.persistent.dir={quote_value(str(out / name / 'persistent'))}",
                 f"checkpoint.persistent.interval={steps}",
                 "checkpoint.job_id=demo",
-                f"logger.metrics_file={out / name / 'metrics.jsonl'}",
+                f"logger.metrics_file={quote_value(str(out / name / 'metrics.jsonl'))}",
                 "logger.level=WARNING",
                 "dist.timeout_s=30",
                 f"dist.backend={placement.backend}",
