@@ -14,6 +14,7 @@ from memckpt.recipes.overrides import (
     merge_dict,
     merge_yaml,
     parse_override,
+    quote_value,
     to_dict,
     to_yaml,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "merge_yaml",
     "mlp_synthetic",
     "parse_override",
+    "quote_value",
     "register_recipe",
     "to_dict",
     "to_yaml",
