@@ -91,6 +91,7 @@ def fit(
     keep: bool = True,
     saved_steps: list[int] | None = None,
     auto_resume: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One fit of the test model; returns its final weights and what it resumed from.
 
@@ -133,7 +134,8 @@ def fit(
         use_distributed_sampler=False,
         default_root_dir=str(Path(base) / "root"),
     )
-    options = {"replication": replication, "node_id": f"node{node}", "timeout_s": 30}
+    options = {"replication": replication, "node_id": f"node{node}", "timeout_s": 30,
+               **(options or {})}  # fmt: skip
     if ns == "nemo":
         import nemo.lightning as nl
 
@@ -153,7 +155,9 @@ def fit(
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     resumed = tier.resumed
     return {
-        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        # bytes, not tensors: a tensor put on a multiprocessing queue is shared through a
+        # file descriptor the parent must fetch before the child exits
+        "weights": {k: v.detach().numpy().tobytes() for k, v in model.state_dict().items()},
         "source": resumed.source if resumed else None,
         "step": resumed.step if resumed else None,
         "memory_step": resumed.memory_step if resumed else None,

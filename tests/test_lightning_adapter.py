@@ -34,7 +34,7 @@ from multiproc import _rank_main, free_port, run_ranks
 def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:
-        assert torch.equal(a["weights"][k], b["weights"][k]), k
+        assert a["weights"][k] == b["weights"][k], k
 
 
 # -- pure parts -------------------------------------------------------------------------------
@@ -134,6 +134,12 @@ def test_skip_steps_are_not_saved_and_train_end_removes_the_job(shm_dir):
     assert not (shm_dir / "node0" / "job").exists()
 
 
+def test_a_failed_memory_save_is_recorded_and_training_goes_on(shm_dir, caplog):
+    out = fit(0, 1, str(shm_dir), max_steps=4, every=2, options={"limit_bytes": 256})
+    assert out["failed"] == [2, 4] and out["global_step"] == 4
+    assert "memory checkpoint of step 2 failed" in caplog.text
+
+
 def test_disabled_callback_leaves_the_trainer_as_it_is(shm_dir):
     fit(0, 1, str(shm_dir), max_steps=4, every=2)  # memory checkpoints exist
     out = fit(0, 1, str(shm_dir), max_steps=6, every=2, enabled=False)
@@ -145,6 +151,9 @@ def test_trainer_save_checkpoint_to_a_memory_path_is_refused(shm_dir):
     import lightning.pytorch as pl
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(TypeError, match=r"unknown options \['replicaton'\]"):
+        wrap_trainer(trainer, shm_dir / "job", every_n_steps=2, replicaton="pairwise")
+    assert not any(isinstance(cb, MemoryCheckpointCallback) for cb in trainer.callbacks)
     tier = wrap_trainer(trainer, shm_dir / "job", every_n_steps=2)
     io = trainer.strategy.checkpoint_io
     assert isinstance(io, MemoryCheckpointIO)
@@ -174,7 +183,11 @@ def _fit_until_killed(base: str, **kw: Any) -> None:
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
         codes = [p.exitcode for p in procs]
-        assert codes == [-signal.SIGKILL] * 2, f"exit codes {codes}, expected both killed"
+        if codes != [-signal.SIGKILL] * 2:
+            reports = []
+            while not results.empty():
+                reports.append(results.get(timeout=1))
+            raise AssertionError(f"exit codes {codes}, expected both killed; reports: {reports}")
     finally:
         for p in procs:
             if p.is_alive():

@@ -20,6 +20,7 @@ Call sequence, every rank, in this order:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -98,6 +99,14 @@ class MemoryTier:
         **manager_options: Any,
     ) -> None:
         self.base_dir, self.job_id = split_base_container(base_container)
+        known = set(inspect.signature(CheckpointManager.__init__).parameters)
+        known -= {"self", "base_dir", "job_id"}
+        unknown = sorted(k for k in manager_options if k not in known)
+        if unknown:
+            raise TypeError(
+                f"unknown options {unknown}: wrap_trainer passes its other keyword arguments to "
+                "memckpt.CheckpointManager (replication, node_id, keep_last, timeout_s, ...)"
+            )
         self.async_save = async_save
         self.safe_globals = tuple(safe_globals)
         self.require_checkpoint = require_checkpoint

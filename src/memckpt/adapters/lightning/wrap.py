@@ -103,7 +103,7 @@ def wrap_trainer(
     ``base_container`` is the job's node-local directory ``<base_dir>/<job_id>`` (e.g.
     ``/dev/shm/memckpt/job-7``): the same on every node and across restarts of the job,
     different for another job. The Trainer's ``MemoryCheckpointCallback`` is used (one
-    is added when ``every_n_steps`` is given and it has none), the strategy's
+    is added when ``every_n_steps`` is given and it has none) and moved last, the strategy's
     CheckpointIO is wrapped by ``MemoryCheckpointIO``, and ``fit`` resumes from the
     newest complete memory checkpoint when it is newer than the persistent checkpoint
     ``fit(ckpt_path=...)`` would load. ``manager_options`` go to ``CheckpointManager``
@@ -114,6 +114,8 @@ def wrap_trainer(
     Returns the job's MemoryTier (``.resumed`` tells where the last fit resumed from).
     With ``enabled=False`` (or a disabled callback) the Trainer is left as it is.
     """
+    tier = MemoryTier(base_container, async_save=async_save, safe_globals=safe_globals,
+                      require_checkpoint=require_checkpoint, **manager_options)  # fmt: skip
     cb = _find_callback(trainer)
     if cb is None:
         if every_n_steps is None:
@@ -128,14 +130,11 @@ def wrap_trainer(
             enabled=enabled,
             keep_on_train_end=keep_on_train_end,
         )
-        trainer.callbacks.append(cb)
     elif every_n_steps is not None and every_n_steps != cb.every_n_steps:
         raise ValueError(
             f"every_n_steps={every_n_steps} differs from the Trainer's MemoryCheckpointCallback "
             f"({cb.every_n_steps}); pass one of them"
         )
-    tier = MemoryTier(base_container, async_save=async_save, safe_globals=safe_globals,
-                      require_checkpoint=require_checkpoint, **manager_options)  # fmt: skip
     if os.path.realpath(cb.base_container) != os.path.realpath(tier.root):
         raise ValueError(
             f"the MemoryCheckpointCallback saves under {cb.base_container}, wrap_trainer was "
@@ -149,7 +148,8 @@ def wrap_trainer(
     if getattr(trainer._checkpoint_connector, "_memckpt_tier", None) is not None:
         raise MemckptError("wrap_trainer was already called on this Trainer")
     # last, so callbacks that change their state at a step's end have done so when it saves
-    trainer.callbacks.remove(cb)
+    if cb in trainer.callbacks:
+        trainer.callbacks.remove(cb)
     trainer.callbacks.append(cb)
     cb.tier = tier
     trainer.strategy.checkpoint_io = MemoryCheckpointIO(trainer.strategy.checkpoint_io, tier)
