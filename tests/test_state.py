@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -319,36 +320,43 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_nanogpt_example_preempted_on_two_ranks_ends_with_the_weights_of_an_uninterrupted_run(
     shm_dir: Path, tmp_path: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMCKPT_")}
-    # Given an uninterrupted 2-rank run (in parallel with the drill, to save time)
-    reference = tmp_path / "reference.pt"
-    ref = subprocess.Popen(_torchrun(shm_dir / "ref", reference), env=env,
-                           start_new_session=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)  # fmt: skip
-    # When the same job runs under `memckpt simulate-preemption`: a 40 s deadline, which the
-    # first run meets with a 15 s margin (a deadline save 25 s after its start, after the
-    # 3 to 18 s torchrun takes to start on 2 busy cores; each iteration sleeps 0.05 s, so
-    # it cannot finish first), then a restart without a deadline
-    preempted = tmp_path / "preempted.pt"
+    # Given the job under `memckpt simulate-preemption`: a 40 s deadline, which the first
+    # run meets with a 15 s margin (a deadline save 25 s after its start, after the 3 to
+    # 18 s torchrun takes to start on 2 busy cores; each iteration sleeps 0.05 s, so it
+    # cannot finish first), then a restart without a deadline
+    reference, preempted, logs_dir = (tmp_path / "reference.pt", tmp_path / "preempted.pt",
+                                      tmp_path / "logs")  # fmt: skip
     cmd = shlex.join(
         _torchrun(shm_dir / "drill", preempted, "--margin", "15", "--step-time", "0.05")
     )
     drill = subprocess.Popen(
         [sys.executable, "-m", "memckpt", "simulate-preemption", "--cmd", cmd, "--timeout",
          "40", "--restarts", "1", "--grace", "5", "--final-timeout", "150", "--log-dir",
-         str(tmp_path / "logs"), "--json"],
+         str(logs_dir), "--json"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+    ref: subprocess.Popen[bytes] | None = None
     try:
-        out, err = drill.communicate(timeout=220)
-        _, ref_err = ref.communicate(timeout=60)
+        # and the same job uninterrupted, started with the second run (the first run's
+        # start-up must not compete with it: it has to train before its deadline save)
+        wait_until = time.monotonic() + 120
+        while not (logs_dir / "run-1.log").exists() and drill.poll() is None:
+            assert time.monotonic() < wait_until, "the drill's second run did not start"
+            time.sleep(0.2)
+        ref = subprocess.Popen(_torchrun(shm_dir / "ref", reference), env=env,
+                               start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+        out, err = drill.communicate(timeout=200)
+        _, ref_err = ref.communicate(timeout=120)
     finally:
         _stop(drill)
-        _stop(ref)
+        if ref is not None:
+            _stop(ref)
     assert ref.returncode == 0, ref_err.decode()[-3000:]
     report = json.loads(out)
     logs = "\n".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
