@@ -92,6 +92,7 @@ def fit(
     saved_steps: list[int] | None = None,
     auto_resume: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
+    accumulate: int = 1,
 ) -> dict[str, Any]:
     """One fit of the test model; returns its final weights and what it resumed from.
 
@@ -126,6 +127,7 @@ def fit(
         devices=world,
         strategy="ddp" if world > 1 else "auto",
         max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,

@@ -134,6 +134,21 @@ def test_skip_steps_are_not_saved_and_train_end_removes_the_job(shm_dir):
     assert not (shm_dir / "node0" / "job").exists()
 
 
+def test_gradient_accumulation_saves_once_per_optimizer_step_and_resumes_exactly(shm_dir):
+    saved: list[int] = []
+    fit(0, 1, str(shm_dir / "a"), max_steps=5, every=2, accumulate=2, saved_steps=saved)
+    assert saved == [2, 4]  # not again on the accumulating batch after each
+    out = fit(0, 1, str(shm_dir / "a"), max_steps=8, every=2, accumulate=2)
+    assert (out["source"], out["step"]) == ("memory", 4)
+    import lightning.pytorch as pl
+
+    if tuple(int(x) for x in pl.__version__.split(".")[:2]) < (2, 6):
+        # Lightning 2.4 restarts any checkpoint saved at a batch's end one batch early (its
+        # own ModelCheckpoint's too), which shifts the accumulation boundaries
+        pytest.skip(f"Lightning {pl.__version__} resumes mid-accumulation one batch early")
+    assert_same_weights(out, fit(0, 1, str(shm_dir / "b"), max_steps=8, every=2, accumulate=2))
+
+
 def test_a_failed_memory_save_is_recorded_and_training_goes_on(shm_dir, caplog):
     out = fit(0, 1, str(shm_dir), max_steps=4, every=2, options={"limit_bytes": 256})
     assert out["failed"] == [2, 4] and out["global_step"] == 4
