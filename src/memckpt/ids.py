@@ -8,6 +8,7 @@ once, in :class:`JobLayout`::
     <base_dir>/<job_id>/
       .pool/rank-<r>.<n>.buf       free, pre-faulted buffers of rank r
       .peers/rank-<r>.json         rank r's node, address and replication plan
+      .signals/rank-<r>.step-<N>.*.done   a save of rank r has ended (for async queues)
       step-<N>.writing.<r>         present while rank r writes step N
       step-<N>/rank-<r>.mck        rank r's object of step N (appears atomically)
       step-<N>/rank-<r>.mck.prev   the committed object a re-save of step N replaces,
@@ -30,6 +31,7 @@ __all__ = [
     "PEERS_DIR",
     "POOL_DIR",
     "PREV_SUFFIX",
+    "SIGNALS_DIR",
     "JobLayout",
     "object_name",
     "parse_object_name",
@@ -44,6 +46,7 @@ __all__ = [
 
 POOL_DIR: Final = ".pool"
 PEERS_DIR: Final = ".peers"
+SIGNALS_DIR: Final = ".signals"
 MANIFEST_NAME: Final = "manifest.json"
 PREV_SUFFIX: Final = ".prev"
 OBJECT_SUFFIX: Final = ".mck"
@@ -137,6 +140,11 @@ class JobLayout:
     @property
     def peers_dir(self) -> Path:
         return self.root / PEERS_DIR
+
+    @property
+    def signals_dir(self) -> Path:
+        """Files that tell other processes a save has ended (``core.done_signal``)."""
+        return self.root / SIGNALS_DIR
 
     def peer_file(self, rank: int) -> Path:
         return self.peers_dir / f"rank-{validate_rank(rank)}.json"
