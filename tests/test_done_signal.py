@@ -63,6 +63,12 @@ def test_the_wait_times_out_with_the_path_in_the_error(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_a_waiter_whose_trainer_is_gone_returns_at_once(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    DoneSignal(tmp_path / "never", owner_pid=-1, timeout_s=60)()  # made by a process now gone
+    assert time.monotonic() - t0 < 1
+
+
 def test_signals_left_by_an_earlier_process_are_swept(tmp_path: Path) -> None:
     layout = JobLayout(tmp_path, "sweep-job")
     layout.signals_dir.mkdir(parents=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +28,9 @@ from megatron_workers import (
 )
 from memckpt.adapters import megatron as mm
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, step_metadata
-from memckpt.adapters.megatron.save_strategy import wait_for_signal
 from memckpt.core.handle import SaveHandle
 from memckpt.core.manifest import ObjectDigest, new_manifest
-from memckpt.errors import CorruptCheckpointError, MemckptError
+from memckpt.errors import CorruptCheckpointError
 from multiproc import free_port, run_ranks
 
 
@@ -150,17 +147,6 @@ def test_save_handle_runs_callbacks_once_done():
     fut.set_result(None)
     handle.add_done_callback(lambda h: seen.append(h.step * 10))  # already done: at once
     assert seen == [4, 40]
-
-
-def test_wait_for_signal_returns_on_signal_or_orphaning_and_times_out(tmp_path):
-    signal = tmp_path / "done"
-    signal.touch()
-    wait_for_signal(str(signal), os.getpid(), 5)
-    t0 = time.monotonic()
-    wait_for_signal(str(tmp_path / "never"), -1, 60)  # started by a process that is gone
-    assert time.monotonic() - t0 < 1
-    with pytest.raises(MemckptError, match="still not finished"):
-        wait_for_signal(str(tmp_path / "never"), os.getpid(), 0.05)
 
 
 @pytest.mark.slow

@@ -21,8 +21,6 @@ import functools
 import json
 import logging
 import os
-import time
-from pathlib import Path
 
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
@@ -39,17 +37,15 @@ from memckpt.adapters.megatron.files import (
     write_step_files,
 )
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, rank_items
+from memckpt.core.done_signal import DoneSignal, new_signal, signal_when_done
 from memckpt.core.handle import SaveHandle
 from memckpt.core.runtime import NodeRuntime
 from memckpt.core.statedict import flatten_state_dict
 from memckpt.errors import CheckpointNotFoundError, MemckptError
 
-__all__ = ["MemoryAsyncSaveStrategy", "wait_for_signal"]
+__all__ = ["MemoryAsyncSaveStrategy"]
 
 log = logging.getLogger(__name__)
-
-SIGNAL_DIR = ".megatron"
-_cleaned: set[Path] = set()  # signal directories this process has cleaned
 
 
 class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
@@ -101,7 +97,6 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
         """
         _, _, step = parse_checkpoint_id(checkpoint_dir)
         rt = self.runtime(checkpoint_dir)
-        signal = self._signal_path(rt, step)
         items, chunks = rank_items(sharded_state_dict, rt.rank)
         flat = flatten_state_dict(items)
         # a tensor two items share is stored once: record which stored name holds each key
@@ -115,31 +110,18 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
             common = common_state if common_state is not None else read_common_file(checkpoint_dir)
             if common is not None:
                 blobs[COMMON_BLOB] = common
+        timeout_s = 3 * rt.options.timeout_s + 60
+        signal = new_signal(rt.store.layout, rt.rank, step, timeout_s)
         handle = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=False)
         done = _Completion(rt, step, signal)
-        handle.add_done_callback(done)
-        timeout_s = 3 * rt.options.timeout_s + 60
-        return AsyncRequest(
-            wait_for_signal,
-            (str(signal), os.getpid(), timeout_s),
-            [functools.partial(done.finalize, handle, timeout_s)],
-        )
-
-    def _signal_path(self, rt: NodeRuntime, step: int) -> Path:
-        d = rt.root / SIGNAL_DIR
-        if d not in _cleaned:  # signals of requests an earlier process left unfinalized
-            d.mkdir(exist_ok=True)
-            for p in d.glob(f"rank-{rt.rank}.*"):
-                if f".{os.getpid()}." not in p.name:
-                    p.unlink(missing_ok=True)
-            _cleaned.add(d)
-        return d / f"rank-{rt.rank}.step-{step}.{os.getpid()}.{time.monotonic_ns()}.done"
+        signal_when_done(handle, signal, before=done)
+        return AsyncRequest(signal, (), [functools.partial(done.finalize, handle, timeout_s)])
 
 
 class _Completion:
-    """Runs when the engine's save ends: the step's files, then the signal file."""
+    """Runs when the engine's save ends, before its signal is set: the step's files."""
 
-    def __init__(self, rt: NodeRuntime, step: int, signal: Path) -> None:
+    def __init__(self, rt: NodeRuntime, step: int, signal: DoneSignal) -> None:
         self.rt, self.step, self.signal = rt, step, signal
         self.error: BaseException | None = None
 
@@ -156,18 +138,12 @@ class _Completion:
                                  f"{self.rt.rank}.{os.getpid()}")  # fmt: skip
         except BaseException as e:  # reported by finalize
             self.error = e
-        finally:
-            tmp = self.signal.with_suffix(".tmp")
-            tmp.write_bytes(b"")
-            os.replace(tmp, self.signal)
 
     def finalize(self, handle: SaveHandle, timeout_s: float) -> None:
         """Megatron's finalize function: wait for the save, raise its error."""
         try:
             result = handle.wait(timeout_s)
-            deadline = time.monotonic() + timeout_s
-            while not self.signal.exists() and time.monotonic() < deadline:
-                time.sleep(0.001)  # the done callback runs just after the handle completes
+            self.signal.wait()  # the step's files are written just before it is set
             if self.error is not None:
                 raise MemckptError(
                     f"rank {self.rt.rank}: step {self.step} committed, but writing Megatron's "
@@ -176,26 +152,4 @@ class _Completion:
             log.debug("rank %d: megatron step %d in memory (%.3fs blocking, %.3fs total)",
                       self.rt.rank, self.step, result.blocking_s, result.total_s)  # fmt: skip
         finally:
-            self.signal.unlink(missing_ok=True)
-
-
-def wait_for_signal(signal: str, parent_pid: int, timeout_s: float) -> None:
-    """The request's ``async_fn``: return once ``signal`` exists (the save has ended).
-
-    Runs in Megatron's forked (``AsyncCallsQueue(persistent=False)``) or spawned
-    (``persistent=True``) checkpoint process, or in the caller's (``execute_sync``): it
-    only polls a file, so it is safe after a fork of a process with threads. Returns
-    early when the training process that started it is gone.
-    """
-    deadline = time.monotonic() + timeout_s
-    delay = 0.0005
-    while not os.path.exists(signal):
-        if os.getpid() != parent_pid and os.getppid() != parent_pid:
-            return  # the training process died: nobody waits for us
-        if time.monotonic() > deadline:
-            raise MemckptError(
-                f"memory checkpoint save still not finished after {timeout_s:.0f}s "
-                f"(waiting for {signal}); see the training process's log"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.01)
+            self.signal.clear()
