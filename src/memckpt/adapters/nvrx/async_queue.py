@@ -5,54 +5,31 @@
 request fits NVRx's ``AsyncCallsQueue`` (same fields and methods) and this module's
 :class:`AsyncCallsQueue`, which has the same methods and needs no NVRx.
 
-How a request tells a queue that the save is done: its ``async_fn`` is a
-:class:`CommitWait`, which waits for a marker file the engine writes once the save has
-finished (committed or failed). NVRx's queue (``persistent=False``, as NVRx requires for
-local checkpoints) runs it in a forked child and sees the save done when that child
-ends; this module's queue
-asks ``CommitWait.done()``. Either way the finalize functions then run on the caller's
-thread: the first one raises the save's error, if any.
+How a request tells a queue that the save is done: its ``async_fn`` is the engine's
+:class:`memckpt.core.done_signal.DoneSignal`, which waits for a file the engine creates
+once the save has finished (committed or failed). NVRx's queue (``persistent=False``,
+as NVRx requires for local checkpoints) runs it in a forked child and sees the save done
+when that child ends; this module's queue asks ``DoneSignal.is_set()``. Either way the
+finalize functions then run on the caller's thread: the first one raises the save's
+error, if any.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["AsyncCallsQueue", "AsyncRequest", "CommitWait"]
+from memckpt.core.done_signal import DoneSignal
+
+__all__ = ["AsyncCallsQueue", "AsyncRequest"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.005
-
-
-class CommitWait:
-    """Waits, in any process, until the engine marks a save finished (picklable).
-
-    The wait also ends when the process that made it is gone (its parent id changes), so
-    a forked or spawned waiter never outlives the trainer.
-    """
-
-    def __init__(self, marker: str, owner_pid: int) -> None:
-        self.marker = marker
-        self.owner_pid = owner_pid
-
-    def done(self) -> bool:
-        return os.path.exists(self.marker)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        while not self.done():
-            if os.getpid() != self.owner_pid and os.getppid() != self.owner_pid:
-                return
-            time.sleep(_POLL_S)
-
-    def __repr__(self) -> str:
-        return f"CommitWait({self.marker!r})"
 
 
 def _agree(value: int, op: str) -> int:
@@ -138,8 +115,8 @@ class AsyncCallsQueue:
         req = AsyncRequest(*async_request).freeze()
         req = req._replace(call_idx=self.call_idx)
         fn = req.async_fn
-        if isinstance(fn, CommitWait):
-            done = fn.done
+        if isinstance(fn, DoneSignal):
+            done = fn.is_set
         elif fn is None:
 
             def done() -> bool:

@@ -16,22 +16,19 @@ read from a peer holding its replica and verified chunk by chunk.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from memckpt.adapters.nvrx.async_queue import AsyncRequest, CommitWait
+from memckpt.adapters.nvrx.async_queue import AsyncRequest
 from memckpt.adapters.nvrx.replication import LazyCliqueReplicationStrategy
 from memckpt.adapters.nvrx.state_dict import (
     BasicTensorAwareStateDict,
     TensorAwareStateDict,
     is_tensor_aware,
 )
+from memckpt.core.done_signal import new_signal, signal_when_done
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -160,7 +157,6 @@ class LocalCheckpointManager:
         self._options = options
         self.latest_iteration = -1
         self._mgr: CheckpointManager | None = None
-        self._markers: str | None = None
 
     # -- runtime -----------------------------------------------------------------------
     @property
@@ -265,42 +261,27 @@ class LocalCheckpointManager:
             mgr.engine.save(iteration, saved, blocking=True).wait()
             log.info("rank %d: saved local checkpoint of iteration %d", self.rank, iteration)
             return None
+        timeout_s = 3 * mgr.runtime.options.timeout_s + 60
+        signal = new_signal(mgr.store.layout, mgr.rank, iteration, timeout_s)
         handle = mgr.engine.save(iteration, saved, blocking=False)
-        marker = str(Path(self._marker_dir()) / f"iter-{iteration}-{os.getpid()}")
-        mgr.engine.submit_background(_mark_done, marker)
+        signal_when_done(handle, signal)
 
         def finalize() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(marker)
+            signal.clear()
             self.latest_iteration = -1
-            handle.wait()  # raises the save's error
+            handle.wait(timeout_s)  # raises the save's error
             log.info("rank %d: saved local checkpoint of iteration %d", self.rank, iteration)
 
-        return AsyncRequest(CommitWait(marker, os.getpid()), (), [finalize])
-
-    def _marker_dir(self) -> str:
-        if self._markers is None:
-            shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-            self._markers = tempfile.mkdtemp(prefix="memckpt-nvrx-", dir=shm)
-        return self._markers
+        return AsyncRequest(signal, (), [finalize])
 
     def close(self) -> None:
         """Wait for the save in flight and close memckpt's runtime (this process's share)."""
         if self._mgr is not None:
             self._mgr.close()
             self._mgr = None
-        if self._markers is not None:
-            shutil.rmtree(self._markers, ignore_errors=True)
-            self._markers = None
 
     def __enter__(self) -> LocalCheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _mark_done(marker: str) -> None:
-    """Tell the request's waiters that the save before this call has finished."""
-    with open(marker, "wb"):
-        pass
