@@ -169,6 +169,41 @@ def test_scheduler_in_checkpoint_but_not_in_state_is_an_error(shm_dir: Path) -> 
         s2.maybe_resume_from_ckpt()
 
 
+def test_extra_state_of_plain_python_and_numpy_values_round_trips(shm_dir: Path) -> None:
+    model, opt, sched = make()
+    extra = {"f": 1.5, "i": 3, "s": "x", "l": [1, "a", 2.0], "a": np.arange(3.0), "n": None}
+    with new_state(shm_dir, model, opt, sched, get_extra_fn=lambda: extra) as s:
+        s.save(4, sync=False).wait()
+    with new_state(shm_dir, *make()) as s2:
+        got = s2.maybe_resume_from_ckpt()
+        assert s2.step == 4
+    assert got is not None and {k: v for k, v in got.items() if k != "a"} == {
+        k: v for k, v in extra.items() if k != "a"
+    }
+    np.testing.assert_array_equal(got["a"], extra["a"])
+
+
+def test_a_user_class_error_names_states_safe_globals(shm_dir: Path) -> None:
+    model, opt, _ = make()
+    with new_state(shm_dir, model, opt, get_extra_fn=lambda: {"c": Counter(5)}) as s:
+        s.save(1, sync=True)
+    with (
+        new_state(shm_dir, *make()[:2]) as s2,
+        pytest.raises(UnsupportedValueError, match=r"memckpt\.State\(\.\.\., safe_globals"),
+    ):
+        s2.maybe_resume_from_ckpt()
+
+
+def test_wrong_argument_types_are_refused_at_construction(shm_dir: Path) -> None:
+    model, opt, _ = make()
+    with pytest.raises(MemckptError, match=r"torch\.nn\.Module"):
+        State({"w": 1}, opt, "single", base_dir=shm_dir)  # type: ignore[arg-type]
+    with pytest.raises(MemckptError, match="optimizer"):
+        State(model, "adam", "single", base_dir=shm_dir)  # type: ignore[arg-type]
+    with pytest.raises(MemckptError, match="lr_scheduler"):
+        State(model, opt, "single", base_dir=shm_dir, lr_scheduler=0.1)
+
+
 def test_extra_state_must_be_a_dict(shm_dir: Path) -> None:
     model, opt, _ = make()
     with (

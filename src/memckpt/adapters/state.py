@@ -204,6 +204,16 @@ class State:
             )
         if get_extra_fn is not None and not callable(get_extra_fn):
             raise MemckptError(f"get_extra_fn must be callable, got {get_extra_fn!r}")
+        if not isinstance(model, torch.nn.Module):
+            raise MemckptError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, obj in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if obj is not None and not (
+                callable(getattr(obj, "state_dict", None))
+                and callable(getattr(obj, "load_state_dict", None))
+            ):
+                raise MemckptError(
+                    f"{name} must have state_dict() and load_state_dict(), got {type(obj).__name__}"
+                )
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
@@ -440,7 +450,12 @@ class State:
         newest = self._manager.latest() if step is None else step
         out = None
         if newest is not None:
-            out = self._manager.load(step, state_dict=template, safe_globals=self.safe_globals)
+            try:
+                out = self._manager.load(step, state_dict=template, safe_globals=self.safe_globals)
+            except UnsupportedValueError as e:
+                raise UnsupportedValueError(
+                    f"{e} (for State: memckpt.State(..., safe_globals=[...]))"
+                ) from e
         if out is None:
             if newest is not None:
                 # CheckpointManager passed over damaged steps and found no older one
