@@ -116,6 +116,8 @@ def test_session_id_names_the_job_directory(shm_dir):
     assert (shm_dir / DEFAULT_SESSION_JOB / "step-1").is_dir()
     with pytest.raises(InvalidNameError, match="session_id 'a/b'"):
         LocalCheckpointManager(shm_dir, "a/b")
+    with pytest.raises(UnsupportedValueError, match="root_local_ckpt_dir"):
+        LocalCheckpointManager(123)  # refused at construction, not at the first collective
 
 
 def test_hollow_or_plain_state_dicts_are_refused(shm_dir):

@@ -140,6 +140,11 @@ class LocalCheckpointManager:
         safe_globals: Iterable[Any] = (),
         **options: Any,
     ) -> None:
+        if not isinstance(root_local_ckpt_dir, (str, os.PathLike)):
+            raise UnsupportedValueError(
+                "root_local_ckpt_dir must be a directory path (str or os.PathLike), got "
+                f"{type(root_local_ckpt_dir).__name__}"
+            )
         self.root_local_ckpt_dir = root_local_ckpt_dir
         self.session_id = session_id
         self.job_id = _job_for(session_id)
