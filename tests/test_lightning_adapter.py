@@ -178,6 +178,22 @@ def test_trainer_save_checkpoint_to_a_memory_path_is_refused(shm_dir):
         wrap_trainer(trainer, shm_dir / "job")
 
 
+def test_wrap_trainer_disabled_needs_no_callback_and_is_refused_inside_fit(shm_dir):
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    io = trainer.strategy.checkpoint_io
+    tier = wrap_trainer(trainer, shm_dir / "job", enabled=False)  # no callback, no every_n_steps
+    assert not tier.enabled and trainer.strategy.checkpoint_io is io
+    assert not any(isinstance(cb, MemoryCheckpointCallback) for cb in trainer.callbacks)
+    running = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    running.state.status = TrainerStatus.RUNNING  # what a callback inside fit sees
+    with pytest.raises(MemckptError, match="while the Trainer is running"):
+        wrap_trainer(running, shm_dir / "job", every_n_steps=2)
+    assert not isinstance(running.strategy.checkpoint_io, MemoryCheckpointIO)
+
+
 # -- DDP on two processes (gloo, CPU), one simulated node each ----------------------------------
 
 

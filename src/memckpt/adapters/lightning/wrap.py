@@ -116,7 +116,17 @@ def wrap_trainer(
     """
     tier = MemoryTier(base_container, async_save=async_save, safe_globals=safe_globals,
                       require_checkpoint=require_checkpoint, **manager_options)  # fmt: skip
+    status = getattr(trainer.state, "status", None)
+    if getattr(status, "value", status) == "running":
+        raise MemckptError(
+            "wrap_trainer was called while the Trainer is running (inside fit): memory "
+            "checkpoints and resume are set up before fit; call it right after creating the Trainer"
+        )
     cb = _find_callback(trainer)
+    if cb is None and not enabled:
+        tier.enabled = False
+        log.info("memory checkpoints disabled: the Trainer is left as it is")
+        return tier
     if cb is None:
         if every_n_steps is None:
             raise ValueError(
