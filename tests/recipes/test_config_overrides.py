@@ -413,3 +413,31 @@ def test_malformed_overrides_are_errors(text: str, message: str) -> None:
 def test_a_string_instead_of_a_list_of_overrides_is_an_error() -> None:
     with pytest.raises(ConfigError, match="must be a list of strings"):
         apply_overrides(Sample(), "count=2")  # type: ignore[arg-type]
+
+
+def test_str_fields_keep_text_only_as_a_whole_value_inside_a_mapping_quote_it() -> None:
+    """docs/recipes.md: an unquoted number keeps its text only as the whole value."""
+    cfg = apply_overrides(gpt_tiny(), ["+logger.tags.team=7", "++logger.tags.n=010"])
+    assert cfg.logger.tags == {"team": "7", "n": "010"}
+    with pytest.raises(ConfigError, match=r"logger\.tags\.team: expected str, got int 7.*quote"):
+        apply_overrides(gpt_tiny(), ["logger.tags={team: 7}"])
+    assert apply_overrides(gpt_tiny(), ["logger.tags={team: '7'}"]).logger.tags == {"team": "7"}
+
+
+def test_demo_help_and_errors_name_defaults_and_what_to_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``memckpt demo --help`` says what the demo does and its defaults; a too-short run
+    names the interval it was measured against."""
+    from memckpt.tools.cli import main as cli_main
+    from memckpt.tools.demo import choose_demo_placement, run_demo
+
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "``" not in out and "Train gpt_tiny on 2 simulated nodes" in out
+    assert "(default: memckpt-demo)" in out and "(default 10)" in out
+    with pytest.raises(MemckptError, match=r"--steps 12 .*3 x --interval 5 = 15"):
+        run_demo("unused", steps=12, memory_interval=5)
+    with pytest.raises(MemckptError, match=r"--device cpu, or --device auto \(the GPUs"):
+        choose_demo_placement("cuda", cuda_available=False, visible_gpus=[])

@@ -68,7 +68,7 @@ def choose_demo_placement(
     if not cuda_available or not visible_gpus:
         raise MemckptError(
             "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False); "
-            "run with --device cpu, or --device auto to pick"
+            "run with --device cpu, or --device auto (the GPUs where 2 are visible, else the CPU)"
         )
     if not enough:
         raise MemckptError(
@@ -206,7 +206,10 @@ def run_demo(
     from memckpt.tools.launch import FaultInjectionPlugin, LaunchSpec, launch_local
 
     if steps < 3 * memory_interval:
-        raise MemckptError(f"steps ({steps}) must be at least 3 memory intervals")
+        raise MemckptError(
+            f"--steps {steps} must be at least 3 memory intervals "
+            f"(3 x --interval {memory_interval} = {3 * memory_interval})"
+        )
     if device == "cpu":  # no CUDA initialisation in this process
         placement = choose_demo_placement("cpu", cuda_available=False, visible_gpus=[])
     else:

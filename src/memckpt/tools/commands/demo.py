@@ -9,11 +9,18 @@ from typing import Any
 
 __all__ = ["handler", "register"]
 
+DESCRIPTION = (
+    "Train gpt_tiny on 2 simulated nodes, kill node 1 and delete its memory, resume it "
+    "from its peer's memory, and check the final weights equal an uninterrupted run's."
+)
+
 
 def register(sub: Any) -> None:
     sp = sub.add_parser("demo", help="the main job: node loss and recovery from peer memory",
-                        description=__doc__)  # fmt: skip
-    sp.add_argument("--out", default="memckpt-demo", help="output directory")
+                        description=DESCRIPTION)  # fmt: skip
+    sp.add_argument(
+        "--out", default="memckpt-demo", help="output directory (default: memckpt-demo)"
+    )
     sp.add_argument(
         "--steps",
         type=int,
@@ -21,8 +28,14 @@ def register(sub: Any) -> None:
         help="training steps (default 200; at least 3 intervals, e.g. "
         "--steps 6 --interval 2 for a quick check)",
     )
-    sp.add_argument("--kill-step", type=int, help="node 1 dies right before this step")
-    sp.add_argument("--interval", type=int, default=10, help="memory save every N steps")
+    sp.add_argument(
+        "--kill-step",
+        type=int,
+        help="node 1 dies right before this step (default: about 3/5 of the steps, mid-interval)",
+    )
+    sp.add_argument(
+        "--interval", type=int, default=10, help="memory save every N steps (default 10)"
+    )
     sp.add_argument(
         "--device",
         choices=("cpu", "cuda", "auto"),
