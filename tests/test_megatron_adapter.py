@@ -30,7 +30,7 @@ from memckpt.adapters import megatron as mm
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, step_metadata
 from memckpt.core.handle import SaveHandle
 from memckpt.core.manifest import ObjectDigest, new_manifest
-from memckpt.errors import CorruptCheckpointError
+from memckpt.errors import CorruptCheckpointError, MemckptError
 from multiproc import free_port, run_ranks
 
 
@@ -90,6 +90,21 @@ def test_one_rank_round_trip_with_objects_and_reshard_never_touches_cuda(
     assert {k: tuple(v.global_shape) for k, v in tensors.items()} == SHAPES
     assert "obj/shard_0_1" in load_sharded_metadata(latest)
     assert calls == []
+
+
+def test_a_strategy_with_other_options_is_refused_at_first_use_until_close(shm_dir, one_rank):
+    """docs/megatron.md: a later strategy whose options differ from the open runtime's is
+    refused (when it first saves), naming both values; mm.close(base, job) lets it open."""
+    mm.save(sharded_state(0, 1, 1, "rows"), mm.checkpoint_id(shm_dir, "job", 1),
+            mm.MemoryAsyncSaveStrategy(), async_sharded_save=False)  # fmt: skip
+    other = mm.MemoryAsyncSaveStrategy(keep_last=5)  # constructing it opens nothing
+    with pytest.raises(MemckptError, match=r"open in this process with keep_last=2.*asks for 5"):
+        mm.save(sharded_state(0, 1, 2, "rows"), mm.checkpoint_id(shm_dir, "job", 2), other,
+                async_sharded_save=False)  # fmt: skip
+    mm.close(shm_dir, "job")
+    mm.save(sharded_state(0, 1, 2, "rows"), mm.checkpoint_id(shm_dir, "job", 2), other,
+            async_sharded_save=False)  # fmt: skip
+    assert mm.latest_checkpoint(shm_dir, "job") == mm.checkpoint_id(shm_dir, "job", 2)
 
 
 def test_regular_checkpoints_are_refused_by_the_memory_load_strategy():
