@@ -162,7 +162,8 @@ def _runtime(base: Path, job: str, options: RuntimeOptions, explicit: set[str],
                 f"job {job!r} under {base} is open in this process with {name}="
                 f"{getattr(rt.options, name)!r}; this writer or reader asks for "
                 f"{getattr(options, name)!r}. Use the same settings, or call "
-                "memckpt.adapters.dcp.close(base_dir, job_id) first"
+                "close(base_dir, job_id) of the adapter you use (memckpt.adapters.dcp or "
+                "memckpt.adapters.megatron) first"
             )
     return rt
 
