@@ -1,6 +1,7 @@
 """Megatron-Core async saves: memckpt's save strategy against Megatron's torch_dist, same tmpfs.
 
-    python benchmarks/megatron_save.py [--size-mib 1024] [--tensors 16] [--repeats 5] [--dir /dev/shm]
+    python benchmarks/megatron_save.py [--size-mib 1024] [--tensors 16] [--repeats 5]
+                                        [--dir /dev/shm]
 
 Two spawned gloo ranks on this node (no replication). Each rank holds ``--size-mib``
 MiB in ``--tensors`` float32 ShardedTensors, each the rank's half (axis 0) of a global
