@@ -93,6 +93,7 @@ def fit(
     auto_resume: dict[str, Any] | None = None,
     options: dict[str, Any] | None = None,
     accumulate: int = 1,
+    epoch_len: int = 64,
 ) -> dict[str, Any]:
     """One fit of the test model; returns its final weights and what it resumed from.
 
@@ -153,7 +154,10 @@ def fit(
     if saved_steps is not None:
         save = tier.save
         tier.save = lambda step, ckpt: (saved_steps.append(step), save(step, ckpt))[1]  # type: ignore[method-assign]
-    loader = torch.utils.data.DataLoader(list(range(64)), batch_size=1)
+    # a shuffled loader without its own generator draws from torch's global RNG whenever
+    # an epoch's iterator is made (the batches' values come from the step, not the data)
+    loader = torch.utils.data.DataLoader(list(range(epoch_len)), batch_size=1,
+                                         shuffle=epoch_len != 64)  # fmt: skip
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     resumed = tier.resumed
     return {

@@ -108,6 +108,19 @@ def test_single_device_resume_from_memory_is_bit_exact(shm_dir, ns):
     assert resumed["lr"] == straight["lr"] == 0.05 * 0.5**4  # the LR scheduler's too
 
 
+def test_resume_from_a_save_on_an_epochs_last_batch_is_bit_exact(shm_dir):
+    # Given 4-batch epochs from a shuffled loader without its own generator, and a fit
+    # that stopped at step 6 with a memory checkpoint at step 4, an epoch's last batch
+    first = fit(0, 1, str(shm_dir / "a"), max_steps=6, every=4, epoch_len=4)
+    assert first["source"] == "none"
+    # When it is run again to step 10
+    resumed = fit(0, 1, str(shm_dir / "a"), max_steps=10, every=4, epoch_len=4)
+    # Then the next epoch's loader drew from the restored RNG, as the uninterrupted run's did
+    assert (resumed["source"], resumed["step"]) == ("memory", 8 - 4)
+    straight = fit(0, 1, str(shm_dir / "b"), max_steps=10, every=4, epoch_len=4)
+    assert_same_weights(resumed, straight)
+
+
 @pytest.mark.parametrize(
     ("ckpt_path", "source", "step"),
     [("last", "persistent", 9), ("epoch=0-step=6.ckpt", "memory", 8), ("step-4", "memory", 4)],

@@ -6,7 +6,12 @@ import logging
 import os
 from typing import Any
 
-from memckpt.adapters.lightning.checkpoint_dict import RNG_KEY, capture_rng, restore_rng
+from memckpt.adapters.lightning.checkpoint_dict import (
+    EPOCH_END_KEY,
+    RNG_KEY,
+    capture_rng,
+    restore_rng,
+)
 from memckpt.adapters.lightning.checkpoint_io import EVERY_RANK, MemoryCheckpointIO
 from memckpt.adapters.lightning.namespaces import callback_bases
 from memckpt.adapters.lightning.tier import MemoryTier, split_base_container
@@ -86,14 +91,22 @@ class MemoryCheckpointCallback(*callback_bases()):  # type: ignore[misc]
         self._last_step = trainer.global_step  # the step resumed from is saved already
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        # RNG states are restored right before the first batch, after Lightning's own
-        # start-up (which may draw random numbers) and where the saving run went on
+        # RNG states are restored where the saving run went on: right before the next
+        # batch (after Lightning's start-up, which may draw random numbers), or, after a
+        # save on an epoch's last batch, now: Lightning makes the next epoch's data
+        # iterator before any later hook, and a DataLoader without its own generator
+        # draws its seed and shuffle order from torch's RNG there
         self._pending_rng = checkpoint.pop(RNG_KEY, None)
+        if checkpoint.pop(EPOCH_END_KEY, False):
+            self._restore_rng()
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+    def _restore_rng(self) -> None:
         if self._pending_rng is not None:
             restore_rng(self._pending_rng)
             self._pending_rng = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+        self._restore_rng()
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -110,6 +123,7 @@ class MemoryCheckpointCallback(*callback_bases()):  # type: ignore[misc]
             )
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         checkpoint[RNG_KEY] = capture_rng()
+        checkpoint[EPOCH_END_KEY] = batch_idx + 1 >= trainer.num_training_batches
         io.save_checkpoint(checkpoint, self.tier.checkpoint_path(step), storage_options=EVERY_RANK)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -29,6 +29,7 @@ import torch
 from memckpt.errors import UnsupportedValueError
 
 __all__ = [
+    "EPOCH_END_KEY",
     "RNG_KEY",
     "capture_rng",
     "persistent_step",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 RNG_KEY: Final = "memckpt_rng_states"
+EPOCH_END_KEY: Final = "memckpt_saved_at_epoch_end"
 """Top-level key of a memory checkpoint that holds the saving rank's RNG states."""
 
 _LEAVES: Final = (
