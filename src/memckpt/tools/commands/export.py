@@ -18,7 +18,9 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     sp = sub.add_parser(
-        "export", help="write a memory checkpoint as a plain DCP directory", description=__doc__
+        "export",
+        help="write a memory checkpoint as a plain DCP directory",
+        description=(__doc__ or "").replace("``", ""),
     )
     sp.add_argument("path", help="the job directory (base_dir/job_id)")
     sp.add_argument("--step", type=int, help="default: the newest committed step")

@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
     sp = sub.add_parser(
         "run",
         help="train a recipe with torchrun on simulated nodes, or write an sbatch script",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),
     )
     sp.add_argument("recipe", help="recipe name (memckpt config list) or package.module:function")
     sp.add_argument("overrides", nargs=argparse.REMAINDER, metavar="OVERRIDE",

@@ -13,7 +13,7 @@ def register(sub: Any) -> None:
     sp = sub.add_parser(
         "status",
         help="which node holds which rank's data per step, and what a restart would load",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", ""),
     )
     sp.add_argument("paths", nargs="+", help="one directory per node (base dir or job dir)")
     sp.add_argument("--job", help="job id, when a directory holds several")
