@@ -140,3 +140,14 @@ def test_cold_save_on_a_full_tmpfs_fails_cleanly_and_keeps_the_previous(tmp_path
     # and the previous checkpoint stays and loads, and later saves work
     assert report["latest"] == 1 and report["previous_intact"]
     assert report["after"] == 3 and report["after_intact"]
+
+
+def test_closing_a_pool_during_a_prefault_leaves_nothing_for_the_next_pool(shm_dir: Path) -> None:
+    # Given a pool pre-faulting a spare buffer in the background
+    pool = BufferPool(shm_dir / "pool", 0)
+    pool.prefault_in_background(128 << 20)
+    # When it is closed, and a new pool of the same rank opens the directory
+    pool.close()
+    # Then the pre-fault's buffer is already gone (not deleted under the new pool's feet)
+    assert list((shm_dir / "pool").glob("rank-0.*.buf")) == []
+    BufferPool(shm_dir / "pool", 0).close()

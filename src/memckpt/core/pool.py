@@ -243,6 +243,8 @@ class BufferPool:
                 self._free.append(self._open(p))
             except _BufferBusy:
                 continue  # another live process of this rank (e.g. DCP's async saver) owns it
+            except FileNotFoundError:
+                continue  # deleted since the listing (a closing pool's last pre-fault)
             except InsufficientSpaceError as e:
                 log.warning("rank %d: dropping pool file %s: %s", rank, p, e)
                 p.unlink(missing_ok=True)
@@ -620,11 +622,16 @@ class BufferPool:
     def close(self, delete_free: bool = True) -> None:
         """Unmap every buffer; delete free buffer files (they hold no checkpoint).
 
-        A pre-fault still running hands its buffer back to a closed pool, which deletes it.
+        A pre-fault still running hands its buffer back to the closed pool, which deletes
+        it; close waits for that (up to a minute), so a pool opened next on the same
+        directory never sees the file vanish.
         """
         with self._lock:
             self._closed = True
             self._delete_free = delete_free
+        if not self._prefaulting.wait(60):
+            log.warning("rank %d: a buffer pre-fault in %s is still running", self.rank, self.dir)
+        with self._lock:
             free, self._free = self._free, []
             in_use, self._in_use = self._in_use, {}
         for b in free:
