@@ -142,12 +142,18 @@ def test_cold_save_on_a_full_tmpfs_fails_cleanly_and_keeps_the_previous(tmp_path
     assert report["after"] == 3 and report["after_intact"]
 
 
-def test_closing_a_pool_during_a_prefault_leaves_nothing_for_the_next_pool(shm_dir: Path) -> None:
-    # Given a pool pre-faulting a spare buffer in the background
-    pool = BufferPool(shm_dir / "pool", 0)
-    pool.prefault_in_background(128 << 20)
-    # When it is closed, and a new pool of the same rank opens the directory
-    pool.close()
-    # Then the pre-fault's buffer is already gone (not deleted under the new pool's feet)
-    assert list((shm_dir / "pool").glob("rank-0.*.buf")) == []
-    BufferPool(shm_dir / "pool", 0).close()
+def test_a_pool_opened_while_a_closed_pool_prefaults_adopts_no_vanishing_file(
+    shm_dir: Path,
+) -> None:
+    # Given a pool closed while it pre-faults a spare buffer in the background
+    old = BufferPool(shm_dir / "pool", 0)
+    old.prefault_in_background(128 << 20)
+    old.close()
+    # When a new pool of the same rank opens the directory at once
+    new = BufferPool(shm_dir / "pool", 0)
+    # Then once the old pre-fault has ended, its file is gone and every buffer the new
+    # pool adopted still exists
+    assert old.wait_prefault(60)
+    assert all(b.path.exists() for b in new._free)
+    assert list((shm_dir / "pool").glob("rank-0.*.buf")) == [b.path for b in new._free]
+    new.close()

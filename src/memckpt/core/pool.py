@@ -494,10 +494,9 @@ class BufferPool:
                 self._free.append(buf)
             delete = buf.fresh or self._delete_free
         if not keep:
-            path = buf.path
+            if delete:  # before close: while its lock is held no other pool can adopt it
+                buf.path.unlink(missing_ok=True)
             buf.close()
-            if delete:
-                path.unlink(missing_ok=True)
 
     def release(self, path: Path) -> None:
         """Retire an object file: move it back into the pool as a free buffer.
@@ -623,21 +622,17 @@ class BufferPool:
         """Unmap every buffer; delete free buffer files (they hold no checkpoint).
 
         A pre-fault still running hands its buffer back to the closed pool, which deletes
-        it; close waits for that (up to a minute), so a pool opened next on the same
-        directory never sees the file vanish.
+        it while still holding its lock: a pool opened meanwhile on the same directory
+        finds the file busy or gone, never adopts it.
         """
         with self._lock:
             self._closed = True
             self._delete_free = delete_free
-        if not self._prefaulting.wait(60):
-            log.warning("rank %d: a buffer pre-fault in %s is still running", self.rank, self.dir)
-        with self._lock:
             free, self._free = self._free, []
             in_use, self._in_use = self._in_use, {}
         for b in free:
-            path = b.path
-            b.close()
             if delete_free:
-                path.unlink(missing_ok=True)
+                b.path.unlink(missing_ok=True)
+            b.close()
         for b in in_use.values():
             b.close()
