@@ -32,15 +32,11 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import queue
 import shutil
-import socket
 import statistics
 import tempfile
 import time
-import traceback
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -50,6 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from gloo_world import run_world
 
 from memckpt.adapters import dcp as mdcp
 
@@ -259,63 +256,6 @@ def reshard_load(rank: int, world: int, a: argparse.Namespace, base: str) -> Tim
 
 
 # -- spawning ranks --------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_entry(fn: Callable[..., Any], rank: int, world: int, port: int,
-               args: tuple[Any, ...], q: Any) -> None:  # fmt: skip
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        q.put((rank, True, fn(rank, world, *args)))
-    except BaseException:
-        q.put((rank, False, traceback.format_exc()))
-    finally:
-        mdcp.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_world(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1800) -> Any:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; rank 0's result."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=rank_entry, args=(fn, r, world, port, args, q))
-             for r in range(world)]  # fmt: skip
-    try:
-        for p in procs:
-            p.start()
-        out: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while len(out) < world:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{fn.__name__} on {world} ranks passed {timeout}s")
-            try:
-                rank, ok, value = q.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode]
-                if dead:
-                    raise SystemExit(f"{fn.__name__}: ranks {dead} died") from None
-                continue
-            if not ok:
-                raise SystemExit(f"{fn.__name__} failed on rank {rank}:\n{value}")
-            out[rank] = value
-        for p in procs:
-            p.join(timeout=60)
-        return out[0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-mib", type=int, help="MiB per rank (default 1024; --quick 256)")
@@ -349,7 +289,7 @@ def main() -> None:
     t_start = time.perf_counter()
     try:
         for world in (1, 2):
-            times = run_world(bench_rank, world, a, base)
+            times = run_world(bench_rank, world, a, base, cleanup=mdcp.close)
             samples |= {f"{k} ({world}r)": v for k, v in times.items()}
             for key, label in rows.items():
                 name = f"{label} ({world}r)"
@@ -367,8 +307,8 @@ def main() -> None:
                 f"async_save blocking: memckpt / DCP FileSystemWriter, process, {w} "
                 "(target <= 1.0)": med["mem async process"] / med["fs async process"],
             }  # fmt: skip
-        nbytes = run_world(reshard_save, 4, a, base)
-        times = run_world(reshard_load, 2, a, base)
+        nbytes = run_world(reshard_save, 4, a, base, cleanup=mdcp.close)
+        times = run_world(reshard_load, 2, a, base, cleanup=mdcp.close)
         samples |= {f"{k} (2r)": v for k, v in times.items()}
         for key, label in (("mem", "MemoryStorageReader"), ("fs", "FileSystemReader")):
             name = f"4->2 reshard dcp.load, {label} (2r)"
