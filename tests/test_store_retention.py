@@ -65,3 +65,19 @@ def test_size_limit_fails_the_save_cleanly_and_keeps_the_previous(shm_dir):
         assert torch.equal(m.load()["t"], torch.ones(1 << 20))
         m.save(3, {"t": torch.zeros(1 << 20)}).wait()
         assert m.latest() == 3
+
+
+def test_delete_job_removes_the_nodes_whole_tree(tmp_path) -> None:
+    import torch
+
+    from memckpt import CheckpointManager
+    from memckpt.core.store import delete_job
+    from memckpt.ids import JobLayout
+
+    with CheckpointManager(tmp_path, "gone") as mgr:
+        mgr.save(1, {"w": torch.ones(10)}, blocking=True)
+    layout = JobLayout(tmp_path, "gone")
+    assert layout.manifest_path(1).exists()
+    delete_job(layout)
+    assert not layout.root.exists()
+    delete_job(layout)  # nothing left: a no-op

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from memckpt.core.manifest import StepManifest, read_manifest, write_manifest
 from memckpt.core.pool import Buffer, BufferPool
 from memckpt.errors import CorruptCheckpointError
 
-__all__ = ["CheckpointStore", "ObjectInfo", "node_inventory", "object_digest"]
+__all__ = ["CheckpointStore", "ObjectInfo", "delete_job", "node_inventory", "object_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,18 @@ def node_inventory(layout: ids.JobLayout) -> dict[int, StepHoldings]:
         if objects or m is not None:
             inv[step] = StepHoldings(objects, ManifestInfo.of(m) if m is not None else None)
     return inv
+
+
+def delete_job(layout: ids.JobLayout) -> None:
+    """Delete one node's whole tree of a job: every step, buffer and peer file.
+
+    Only once no process of the job runs on this node (close its runtimes first). Step
+    manifests go first, so a node inventory taken meanwhile never counts a step complete
+    whose objects are being deleted.
+    """
+    for step in _step_dirs(layout):
+        layout.manifest_path(step).unlink(missing_ok=True)
+    shutil.rmtree(layout.root, ignore_errors=True)
 
 
 class CheckpointStore:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from memckpt import ids
 from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
 from memckpt.core.handle import SaveHandle
+from memckpt.core.store import delete_job
 from memckpt.errors import CheckpointNotFoundError, MemckptError
 from memckpt.manager import CheckpointManager, LoadInfo
 
@@ -243,7 +243,7 @@ class MemoryTier:
             return
         barrier("memckpt_cleanup")
         if rank == min(r for r, root in enumerate(roots) if root == mine):
-            shutil.rmtree(mine, ignore_errors=True)
+            delete_job(ids.JobLayout(self.base_dir, self.job_id))
             log.info("rank %d: removed the memory checkpoints of job %s (%s)",
                      rank, self.job_id, mine)  # fmt: skip
 
