@@ -16,7 +16,7 @@ from ``tests/``), at audit scale, on 127.0.0.1 and a scratch directory under --d
             a live TransferServer: each must be answered with ERROR or a close, the
             server must log no unexpected exception, keep its threads and descriptors
             bounded and still serve an authenticated client afterwards;
-- crash:    SIGKILL at every ``memckpt.core.faults.FAULT_POINTS`` of a save and of a
+- crash:    SIGKILL at every ``memckpt.storage.faults.FAULT_POINTS`` of a save and of a
             re-save, and at random instants (``tests/crash_worker.py``); after each, a
             restart must load the newest complete step bit-exactly;
 - objects:  crafted object files with valid checksums (``tests/test_hostile_objects.py``
@@ -64,10 +64,7 @@ from typing import Any
 import torch
 
 import memckpt
-from memckpt.core.faults import FAULT_POINTS
-from memckpt.core.reader import ObjectReader, load_object, verify_object_bytes
-from memckpt.core.store import CheckpointStore
-from memckpt.core.transaction import Ballot, single_rank_vote
+from memckpt.engine.save_transaction import Ballot, single_rank_vote
 from memckpt.errors import (
     CollectiveError,
     CommitError,
@@ -76,6 +73,9 @@ from memckpt.errors import (
     TransferError,
     UnsupportedValueError,
 )
+from memckpt.storage.faults import FAULT_POINTS
+from memckpt.storage.reader import ObjectReader, load_object, verify_object_bytes
+from memckpt.storage.store import CheckpointStore
 from memckpt.tools.tables import emit_json, print_table
 from memckpt.transport.client import TransferClient
 from memckpt.transport.protocol import (

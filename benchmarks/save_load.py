@@ -34,10 +34,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import memckpt
-from memckpt.core.format import DEFAULT_CHUNK_SIZE
-from memckpt.core.pool import BufferPool
-from memckpt.core.statedict import flatten_state_dict
-from memckpt.core.writer import finalize, meta_estimate, plan_layout, stage
+from memckpt.storage.format import DEFAULT_CHUNK_SIZE
+from memckpt.storage.pool import BufferPool
+from memckpt.storage.statedict import flatten_state_dict
+from memckpt.storage.writer import finalize, meta_estimate, plan_layout, stage
 
 HERE = Path(__file__).resolve()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import memckpt
-from memckpt.core.pool import BufferPool, free_bytes
+from memckpt.storage.pool import BufferPool, free_bytes
 
 
 def main() -> None:

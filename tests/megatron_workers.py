@@ -162,7 +162,7 @@ def two_nodes(rank: int, world: int, base: str, regular: str) -> dict[str, Any]:
 
     # A save that fails on one rank fails on every rank, in Megatron's finalize, and
     # leaves the previous step the newest complete one
-    from memckpt.core import transaction
+    from memckpt.engine import save_transaction as transaction
 
     real_finalize = transaction.SaveTransaction.finalize
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.format import HEADER_SIZE
-from memckpt.core.pool import Buffer, BufferPool
-from memckpt.core.writer import ObjectLayout, _unwritten_pages
+from memckpt.storage.format import HEADER_SIZE
+from memckpt.storage.pool import Buffer, BufferPool
+from memckpt.storage.writer import ObjectLayout, _unwritten_pages
 from test_full_disk import _can_mount_private_tmpfs
 from zoo import assert_same, make_zoo
 

@@ -15,7 +15,7 @@ import torch
 
 import memckpt
 from crash_worker import state_for
-from memckpt.core.faults import FAULT_POINTS
+from memckpt.storage.faults import FAULT_POINTS
 from memckpt.tools.cli import main as cli_main
 from multiproc import run_ranks
 from zoo import assert_same
@@ -59,7 +59,8 @@ def test_four_rank_checkpoint_does_not_load_silently_into_two_ranks(shm_dir):
 
 
 def test_world_size_rule_is_in_the_pure_plan():
-    from memckpt.core.coordination import ManifestInfo, StepHoldings, plan_recovery
+    from memckpt.engine.recovery_plan import plan_recovery
+    from memckpt.storage.inventory import ManifestInfo, StepHoldings
 
     m4 = ManifestInfo(4, (1, 2, 3, 4), checksum=9)
     m2 = ManifestInfo(2, (5, 6), checksum=8)
@@ -147,7 +148,7 @@ def test_kill_during_a_resave_keeps_the_committed_copy(shm_dir, point):
 
 
 def test_failed_resave_vote_restores_the_committed_copy(shm_dir):
-    from memckpt.core.transaction import Ballot
+    from memckpt.engine.save_transaction import Ballot
 
     def failing_vote(step, ballot):
         return [ballot, Ballot(1, False, "rank 1 ran out of memory")]

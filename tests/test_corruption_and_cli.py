@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.reader import ObjectReader
+from memckpt.storage.reader import ObjectReader
 from memckpt.tools.cli import main as cli_main
 
 

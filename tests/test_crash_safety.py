@@ -12,7 +12,7 @@ import pytest
 
 import memckpt
 from crash_worker import state_for
-from memckpt.core.faults import FAULT_POINTS
+from memckpt.storage.faults import FAULT_POINTS
 from zoo import assert_same
 
 WORKER = str(Path(__file__).with_name("crash_worker.py"))

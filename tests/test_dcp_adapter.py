@@ -66,7 +66,7 @@ def test_single_process_round_trip_in_place(shm_dir):
     assert torch.equal(dest["optim"]["state"][0]["exp_avg"], state["optim"]["state"][0]["exp_avg"])
     assert dest["extra"] == {"step": 1}
     # the step manifest carries DCP's .metadata: any node can plan a load
-    m = memckpt.core.manifest.read_manifest(Path(cid) / "manifest.json")
+    m = memckpt.storage.manifest.read_manifest(Path(cid) / "manifest.json")
     assert ".metadata" in m.blobs and m.world_size == 1
 
 
@@ -135,7 +135,7 @@ def test_persist_every_drains_in_the_background_to_a_plain_dcp_directory(shm_dir
         dcp.save(rank_state(0, step), checkpoint_id=checkpoint_id(shm_dir, "job", step),
                  storage_writer=MemoryStorageWriter(keep_last=1, persist_every=2,
                                                     persist_dir=persist))  # fmt: skip
-    from memckpt.core.drain import wait_for_drains
+    from memckpt.engine.drain import wait_for_drains
 
     wait_for_drains(timeout=60)
     assert sorted(p.name for p in persist.iterdir()) == ["step-2", "step-4"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memckpt import CheckpointManager
-from memckpt.core.done_signal import DoneSignal, new_signal, signal_when_done
+from memckpt.engine.done_signal import DoneSignal, new_signal, signal_when_done
 from memckpt.errors import MemckptError
 from memckpt.ids import JobLayout
 

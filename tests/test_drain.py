@@ -7,7 +7,7 @@ import threading
 import torch
 
 import memckpt
-from memckpt.core import drain
+from memckpt.engine import drain
 
 
 def test_manager_drains_every_kth_step_to_a_loadable_tree(shm_dir):

@@ -7,20 +7,20 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.coordination import StepHoldings
-from memckpt.core.manifest import (
+from memckpt.engine.save_transaction import Ballot, SaveTransaction, single_rank_vote
+from memckpt.engine.sources import ObjectLocator
+from memckpt.errors import CommitError, CorruptCheckpointError, MemckptError
+from memckpt.storage.inventory import StepHoldings
+from memckpt.storage.manifest import (
     ObjectDigest,
     decode_manifest,
     encode_manifest,
     new_manifest,
 )
-from memckpt.core.retention import plan_retention
-from memckpt.core.sources import ObjectLocator
-from memckpt.core.statedict import flatten_state_dict
-from memckpt.core.store import CheckpointStore
-from memckpt.core.transaction import Ballot, SaveTransaction, single_rank_vote
-from memckpt.core.writer import plan_layout
-from memckpt.errors import CommitError, CorruptCheckpointError, MemckptError
+from memckpt.storage.retention import plan_retention
+from memckpt.storage.statedict import flatten_state_dict
+from memckpt.storage.store import CheckpointStore
+from memckpt.storage.writer import plan_layout
 
 # -- manifest -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.engine import space_needed
+from memckpt.engine.save_engine import space_needed
 from multiproc import run_ranks
 
 
@@ -62,9 +62,9 @@ def test_space_formula_counts_the_pinned_step_and_replicas():
 
 
 def test_first_save_warns_when_the_tmpfs_is_too_small(shm_dir, caplog, monkeypatch):
-    monkeypatch.setattr("memckpt.core.engine.free_bytes", lambda path: 1 << 20)
+    monkeypatch.setattr("memckpt.engine.save_engine.free_bytes", lambda path: 1 << 20)
     with (
-        caplog.at_level(logging.WARNING, logger="memckpt.core.engine"),
+        caplog.at_level(logging.WARNING, logger="memckpt.engine.save_engine"),
         memckpt.CheckpointManager(shm_dir, "job", keep_last=2) as m,
     ):
         m.save(1, {"t": torch.ones(1 << 20)}).wait()  # 4 MiB state, 16 MiB needed

@@ -33,7 +33,8 @@ import torch
 import xxhash
 
 import memckpt
-from memckpt.core.format import (
+from memckpt.errors import CorruptCheckpointError, UnsupportedValueError
+from memckpt.storage.format import (
     HEADER_SIZE,
     MAX_CHUNK_SIZE,
     ObjectHeader,
@@ -42,10 +43,9 @@ from memckpt.core.format import (
     decode_header,
     encode_header,
 )
-from memckpt.core.manifest import ObjectDigest, read_manifest, write_manifest
-from memckpt.core.reader import ObjectReader, verify_object_bytes
-from memckpt.core.statedict import flatten_state_dict
-from memckpt.errors import CorruptCheckpointError, UnsupportedValueError
+from memckpt.storage.manifest import ObjectDigest, read_manifest, write_manifest
+from memckpt.storage.reader import ObjectReader, verify_object_bytes
+from memckpt.storage.statedict import flatten_state_dict
 from memckpt.tools.cli import main as cli_main
 
 FAST_S = 2.0
@@ -481,7 +481,7 @@ def test_non_tensor_part_over_2GiB_round_trips(shm_dir):
 def test_tuples_shared_through_the_memo_are_refused_before_hashing(shm_dir):
     import time
 
-    from memckpt.core.statedict import restore_state_dict
+    from memckpt.storage.statedict import restore_state_dict
 
     # Given 172 bytes of pickle: a tuple nested 40 deep, both halves of every level the same
     # memo entry, used as a dict key (hashing it would visit 2**40 elements)

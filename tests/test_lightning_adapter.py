@@ -48,11 +48,11 @@ def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
         (None, "p.ckpt", 3, "persistent"),
         (8, "p.ckpt", 6, "memory"),
         (4, "p.ckpt", 6, "persistent"),
-        (6, "p.ckpt", 6, "persistent"),  # equal: the persistent one
+        (6, "p.ckpt", 6, "memory"),  # equal: memory (the engine's tier rule)
         (6, "last.ckpt", None, "persistent"),  # unknown step: what the user asked for
     ],
 )
-def test_resume_goes_to_memory_only_when_strictly_newer(memory, path, step, expected):
+def test_resume_goes_to_the_newer_tier_and_to_memory_on_a_tie(memory, path, step, expected):
     assert choose_resume(memory, path, step) == expected
 
 
@@ -138,6 +138,28 @@ def test_the_newer_of_memory_and_persistent_wins(shm_dir, ckpt_path, source, ste
     # Then it resumes from whichever is newer, and finishes the run
     assert (out["source"], out["step"]) == (source, step)
     assert out["global_step"] == 12 and out["batches"] == 12
+
+
+def test_damaged_newest_memory_step_falls_back_to_the_older_one(shm_dir):
+    """Every copy of step 4 has a flipped byte: the fit resumes from step 2, and says so."""
+    from memckpt.storage.reader import ObjectReader
+
+    fit(0, 1, str(shm_dir), max_steps=4, every=2)  # memory steps 2 and 4, kept at train end
+    obj = shm_dir / "node0" / "job" / "step-4" / "rank-0.mck"
+    with ObjectReader(obj) as r:
+        offset = r.index.tensors[0].offset
+    with open(obj, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+    out = fit(0, 1, str(shm_dir), max_steps=6, every=2)
+    assert (out["source"], out["step"], out["memory_step"]) == ("memory", 2, 2)
+    assert out["global_step"] == 6 and out["batches"] == 6
+    assert_same_weights(out, fit(0, 1, str(shm_dir / "b"), max_steps=6, every=2))
+    # and a restart after that agrees (the damage is remembered in the job's tree)
+    again = fit(0, 1, str(shm_dir), max_steps=6, every=2)
+    assert again["source"] == "memory" and again["step"] == 6
 
 
 def test_skip_steps_are_not_saved_and_train_end_removes_the_job(shm_dir):

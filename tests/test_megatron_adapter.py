@@ -28,9 +28,9 @@ from megatron_workers import (
 )
 from memckpt.adapters import megatron as mm
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, step_metadata
-from memckpt.core.handle import SaveHandle
-from memckpt.core.manifest import ObjectDigest, new_manifest
+from memckpt.engine.handle import SaveHandle
 from memckpt.errors import CorruptCheckpointError, MemckptError
+from memckpt.storage.manifest import ObjectDigest, new_manifest
 from multiproc import free_port, run_ranks
 
 

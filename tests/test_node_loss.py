@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from memckpt.core.reader import ObjectReader
 from memckpt.replication import NodeTopology, strategy_from_spec
+from memckpt.storage.reader import ObjectReader
 from memckpt.tools.cli import main
 from multiproc import run_ranks
 from replication_workers import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import memckpt
-from memckpt.core.store import CheckpointStore
+from memckpt.storage.store import CheckpointStore
 
 
 def test_buffers_handed_out_count_against_the_limit(shm_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.coordination import LocalCollectives
+from memckpt.collectives import LocalCollectives
 from memckpt.replication import RingReplicationStrategy
 from memckpt.replication.replicator import check_strategy, default_host, default_node_id
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import memckpt
-from memckpt.core.events import EVENTS_FILE_ENV, read_events
+from memckpt.storage.events import EVENTS_FILE_ENV, read_events
 from memckpt.tools.cli import main as cli_main
 from memckpt.tools.commands.simulate_preemption import handle
 from memckpt.tools.simulate import End, SimulationConfig, run_command, simulate

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from memckpt.core.events import EVENTS_FILE_ENV, read_events
 from memckpt.errors import ScheduleConfigError
 from memckpt.schedule import IterManager
+from memckpt.storage.events import EVENTS_FILE_ENV, read_events
 from memckpt.tools.simulate import (
     End,
     RunOutcome,

@@ -21,7 +21,6 @@ import torch
 import memckpt
 import state_workers
 from memckpt.adapters.state import State
-from memckpt.core.reader import ObjectReader
 from memckpt.errors import (
     CorruptCheckpointError,
     MemckptError,
@@ -30,6 +29,7 @@ from memckpt.errors import (
     UnsupportedValueError,
 )
 from memckpt.schedule import IterManager
+from memckpt.storage.reader import ObjectReader
 from multiproc import run_ranks
 
 

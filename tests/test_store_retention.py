@@ -71,8 +71,8 @@ def test_delete_job_removes_the_nodes_whole_tree(tmp_path) -> None:
     import torch
 
     from memckpt import CheckpointManager
-    from memckpt.core.store import delete_job
     from memckpt.ids import JobLayout
+    from memckpt.storage.store import delete_job
 
     with CheckpointManager(tmp_path, "gone") as mgr:
         mgr.save(1, {"w": torch.ones(10)}, blocking=True)

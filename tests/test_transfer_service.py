@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.reader import load_object
-from memckpt.core.store import CheckpointStore
 from memckpt.errors import TransferError
+from memckpt.storage.reader import load_object
+from memckpt.storage.store import CheckpointStore
 from memckpt.transport.client import TransferClient
 from memckpt.transport.protocol import (
     HEADER,
@@ -201,7 +201,7 @@ def test_path_tricks_cannot_read_or_write_outside_the_job(node, ref):
 def test_corrupt_replica_is_rejected_and_never_visible(node):
     data = bytearray(node["src"].read_bytes())
     total = len(data)
-    with memckpt.core.reader.ObjectReader(node["src"]) as r:
+    with memckpt.storage.reader.ObjectReader(node["src"]) as r:
         total = r.header.end
         data[r.index.tensors[0].offset + 5] ^= 0xFF
     s = _raw(node)
@@ -306,7 +306,7 @@ def test_streaming_load_from_a_peer_fills_tensors_in_place_and_checks_chunks(shm
         assert dest["w"].data_ptr() == w_before and torch.equal(dest["w"], sd["w"])
         assert dest["step"] == 4
         # a flipped byte on the peer is caught on arrival, naming the tensor
-        with memckpt.core.reader.ObjectReader(src) as r:
+        with memckpt.storage.reader.ObjectReader(src) as r:
             off = next(e for e in r.index.tensors if e.name == "w").offset + 12345
         with open(src, "r+b") as f:
             f.seek(off)

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import memckpt
-from memckpt.core.reader import ObjectReader, load_object
-from memckpt.core.store import CheckpointStore
 from memckpt.errors import ProtocolError, TransferError
 from memckpt.replication import NodeTopology, strategy_from_spec
 from memckpt.replication.replicator import PeerInfo, Replicator
+from memckpt.storage.reader import ObjectReader, load_object
+from memckpt.storage.store import CheckpointStore
 from memckpt.transport.client import CircuitBreaker, TransferClient
 from memckpt.transport.protocol import (
     HEADER,

@@ -1,26 +1,18 @@
-"""memckpt: memory-first checkpoints for distributed PyTorch training."""
+"""memckpt: memory-first checkpoints for distributed PyTorch training.
+
+This package exports the user API: managers, adapters' entry points, results and errors.
+Engine seams (``SaveTransaction``, ``Ballot``, ``NodeRuntime``, ``ObjectLocator``, ...) are
+imported from ``memckpt.engine``.
+"""
 
 from memckpt import _warnings  # noqa: F401  (first: filters before torch is imported)
-from memckpt.core.coordination import (
-    Collectives,
-    LocalCollectives,
-    ManifestInfo,
-    RecoveryPlan,
-    StepHoldings,
-    plan_recovery,
-)
-from memckpt.core.handle import SaveHandle, SaveResult
-from memckpt.core.manifest import ObjectDigest, StepManifest
-from memckpt.core.reader import ObjectReader, load_object
-from memckpt.core.retention import RetentionPlan, plan_retention
-from memckpt.core.runtime import NodeRuntime
-from memckpt.core.sources import ObjectLocator, ObjectSource
-from memckpt.core.transaction import Ballot, SaveTransaction, Vote, collective_vote
+from memckpt.engine.handle import SaveHandle, SaveResult
 from memckpt.errors import (
     AuthenticationError,
     CheckpointNotFoundError,
     CollectiveError,
     CommitError,
+    ConfigError,
     CorruptCheckpointError,
     DeadlineFormatError,
     InsufficientSpaceError,
@@ -33,10 +25,12 @@ from memckpt.errors import (
     SignalInstallError,
     StateDictMismatchError,
     StateModifiedError,
+    TransferError,
     UnsupportedValueError,
     WorldSizeMismatchError,
 )
 from memckpt.manager import CheckpointManager, LoadInfo
+from memckpt.storage.reader import load_object
 
 __version__ = "0.1.0"
 
@@ -58,48 +52,32 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AuthenticationError",
-    "Ballot",
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CollectiveError",
-    "Collectives",
     "CommitError",
+    "ConfigError",
     "CorruptCheckpointError",
     "DeadlineFormatError",
     "InsufficientSpaceError",
     "InvalidNameError",
     "LoadInfo",
-    "LocalCollectives",
-    "ManifestInfo",
     "MemckptError",
     "MemoryStorageReader",
     "MemoryStorageWriter",
-    "NodeRuntime",
-    "ObjectDigest",
-    "ObjectLocator",
-    "ObjectReader",
-    "ObjectSource",
     "PeerClosedError",
     "ProtocolError",
-    "RecoveryPlan",
     "ReplicationConfigError",
-    "RetentionPlan",
     "SaveHandle",
     "SaveResult",
-    "SaveTransaction",
     "ScheduleConfigError",
     "SignalInstallError",
     "State",
     "StateDictMismatchError",
     "StateModifiedError",
-    "StepHoldings",
-    "StepManifest",
+    "TransferError",
     "UnsupportedValueError",
-    "Vote",
     "WorldSizeMismatchError",
     "__version__",
-    "collective_vote",
     "load_object",
-    "plan_recovery",
-    "plan_retention",
 ]

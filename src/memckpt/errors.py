@@ -9,6 +9,7 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "CorruptCheckpointError",
+    "DataDamagedError",
     "DeadlineFormatError",
     "InsufficientSpaceError",
     "InvalidNameError",
@@ -40,6 +41,12 @@ class UnsupportedValueError(MemckptError, TypeError):
 
 class CorruptCheckpointError(MemckptError):
     """Stored bytes do not match their recorded checksum or structure."""
+
+
+class DataDamagedError(CorruptCheckpointError):
+    """An object's stored bytes fail their checksums: this copy is damaged (not a mismatch
+    of settings or devices). A load tries the next copy and, when every copy is damaged,
+    marks the step so every rank and restart passes over it."""
 
 
 class StateDictMismatchError(MemckptError, ValueError):

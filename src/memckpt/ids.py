@@ -14,6 +14,9 @@ once, in :class:`JobLayout`::
       step-<N>/rank-<r>.mck.prev   the committed object a re-save of step N replaces,
                                    kept until the re-save commits or rolls back
       step-<N>/manifest.json       the step manifest, written at the global commit
+      step-<N>/damaged.<c>         a load found the data of the step whose manifest has
+                                   checksum <c> (16 hex digits) damaged on every holder
+      step-<N>/rank-<r>.mck.damaged  a copy whose data failed its checksums, set aside
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Final
 from memckpt.errors import InvalidNameError
 
 __all__ = [
+    "DAMAGED_SUFFIX",
     "MANIFEST_NAME",
     "OBJECT_SUFFIX",
     "PEERS_DIR",
@@ -33,7 +37,9 @@ __all__ = [
     "PREV_SUFFIX",
     "SIGNALS_DIR",
     "JobLayout",
+    "damage_mark_name",
     "object_name",
+    "parse_damage_mark",
     "parse_object_name",
     "parse_step_dir",
     "parse_writing_marker",
@@ -49,11 +55,13 @@ PEERS_DIR: Final = ".peers"
 SIGNALS_DIR: Final = ".signals"
 MANIFEST_NAME: Final = "manifest.json"
 PREV_SUFFIX: Final = ".prev"
+DAMAGED_SUFFIX: Final = ".damaged"
 OBJECT_SUFFIX: Final = ".mck"
 
 _JOB_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _STEP_DIR_RE: Final = re.compile(r"step-(0|[1-9][0-9]{0,18})")
 _WRITING_RE: Final = re.compile(r"step-(0|[1-9][0-9]{0,18})\.writing\.(0|[1-9][0-9]{0,8})")
+_DAMAGE_RE: Final = re.compile(r"damaged\.([0-9a-f]{16})")
 _OBJECT_RE: Final = re.compile(r"rank-(0|[1-9][0-9]{0,8})\.mck")
 MAX_STEP: Final = 2**63 - 1
 
@@ -125,6 +133,17 @@ def parse_object_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def damage_mark_name(manifest_checksum: int) -> str:
+    """Name of the mark that a step (with this manifest) failed verification on load."""
+    return f"damaged.{manifest_checksum & (2**64 - 1):016x}"
+
+
+def parse_damage_mark(name: str) -> int | None:
+    """The manifest checksum a damage mark names, or None if ``name`` is not one."""
+    m = _DAMAGE_RE.fullmatch(name)
+    return int(m.group(1), 16) if m else None
+
+
 class JobLayout:
     """Where everything of one job lives under a base directory (see the module docstring)."""
 
@@ -160,6 +179,12 @@ class JobLayout:
 
     def manifest_path(self, step: int) -> Path:
         return self.step_dir(step) / MANIFEST_NAME
+
+    def damage_mark_path(self, step: int, manifest_checksum: int) -> Path:
+        return self.step_dir(step) / damage_mark_name(manifest_checksum)
+
+    def damaged_object_path(self, step: int, rank: int) -> Path:
+        return self.step_dir(step) / (object_name(rank) + DAMAGED_SUFFIX)
 
     def marker_path(self, step: int, rank: int) -> Path:
         return self.root / writing_marker_name(step, rank)

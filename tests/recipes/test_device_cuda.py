@@ -14,11 +14,11 @@ import torch
 import train_workers as w
 
 import memckpt
-from memckpt.core.reader import ObjectReader
 from memckpt.recipes.checkpointing import TrainingState
 from memckpt.recipes.config import ConfigContainer
 from memckpt.recipes.models import build_model
 from memckpt.recipes.train import train
+from memckpt.storage.reader import ObjectReader
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -34,6 +34,12 @@ def on_gpu(cfg: ConfigContainer) -> ConfigContainer:
 def test_gpu_resume_from_memory_is_bit_identical_and_staged_from_cuda(shm_dir: Path) -> None:
     reference = train(on_gpu(w.tiny_config(shm_dir, "ref")))
     stopped = train(on_gpu(w.stopped_at(w.tiny_config(shm_dir, "run"), 7)))
+    # the memory objects hold the model as CUDA tensors (staged by memckpt's CUDA path);
+    # read before the resumed run, which completes and so deletes the memory tier
+    objects = sorted((shm_dir / "run" / "mem" / "run").rglob("*.mck"))
+    assert objects, list((shm_dir / "run" / "mem").rglob("*"))
+    with ObjectReader(objects[-1]) as r:
+        devices = {t.name: t.device for t in r.index.tensors}
 
     resumed = train(on_gpu(w.tiny_config(shm_dir, "run")))
 
@@ -41,11 +47,6 @@ def test_gpu_resume_from_memory_is_bit_identical_and_staged_from_cuda(shm_dir: P
     assert resumed.resumed_from is not None
     assert (resumed.resumed_from.tier, resumed.resumed_from.step) == ("memory", 7)
     assert resumed.weights_sha256 == reference.weights_sha256
-    # the memory objects hold the model as CUDA tensors (staged by memckpt's CUDA path)
-    objects = sorted((shm_dir / "run" / "mem" / "run").rglob("*.mck"))
-    assert objects, list((shm_dir / "run" / "mem").rglob("*"))
-    with ObjectReader(objects[-1]) as r:
-        devices = {t.name: t.device for t in r.index.tensors}
     model_devices = {d for name, d in devices.items() if name.startswith("model")}
     assert model_devices == {"cuda:0"}, devices
 

@@ -15,7 +15,6 @@ import train_workers as w
 
 import memckpt.recipes.train as train_mod
 from memckpt.errors import ConfigError, MemckptError
-from memckpt.recipes.checkpointing import rng_state, set_rng_state
 from memckpt.recipes.train import Placement, choose_placement, local_placement, train
 from memckpt.tools.cli import main as cli_main
 from memckpt.tools.demo import choose_demo_placement
@@ -126,17 +125,6 @@ def test_auto_on_a_cpu_machine_trains_exactly_as_gloo(shm_dir: Path) -> None:
 
     assert auto.weights_sha256 == gloo.weights_sha256
     assert auto.final_loss == gloo.final_loss
-
-
-def test_cpu_rng_state_is_unchanged_by_the_gpu_support() -> None:
-    """A CPU run's checkpoints hold the same RNG entries as before GPU support."""
-    state = rng_state(CPU)
-    torch.rand(3)
-
-    set_rng_state(state, CPU)
-
-    assert set(state) == set(rng_state()) == {"torch", "python", "numpy"}
-    assert torch.equal(torch.get_rng_state(), state["torch"])
 
 
 # ---- the demo's placement

@@ -97,8 +97,10 @@ def test_run_refuses_slurm_with_the_nemo_run_launcher(capsys):
 @pytest.mark.slow
 def test_run_mlp_on_two_simulated_nodes_end_to_end(shm_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
+    # it leaves at step 24 of 30, as a preempted run would: a completed run deletes its memory tier
     rc = main(["run", "mlp_synthetic", "--nnodes", "2", "--nproc-per-node", "1",
-               "--run-dir", str(run_dir), "train.steps=24", "checkpoint.memory.interval=8",
+               "--run-dir", str(run_dir), "train.steps=30", "train.stop_after=24",
+               "checkpoint.memory.interval=8",
                f"checkpoint.memory.base_dir={shm_dir}", "train.progress=false",
                f"checkpoint.persistent.dir={tmp_path / 'persist'}",
                "--plugin", "profiler:start=2,steps=2"])  # fmt: skip
@@ -112,7 +114,7 @@ def test_run_mlp_on_two_simulated_nodes_end_to_end(shm_dir, tmp_path, capsys):
     for node in (0, 1):
         step24 = shm_dir / f"node{node}" / "mlp-synthetic" / "step-24"
         assert sorted(p.name for p in step24.glob("rank-*.mck")) == ["rank-0.mck", "rank-1.mck"]
-    assert (tmp_path / "persist" / "step-24").is_dir()
+    assert (tmp_path / "persist" / "mlp-synthetic" / "step-24").is_dir()
     traces = sorted((run_dir / "profile").glob("rank*.json"))
     assert [t.name for t in traces] == ["rank0.json", "rank1.json"]
     assert "traceEvents" in traces[0].read_text()[:2000]

@@ -16,6 +16,7 @@ import pytest
 import torch
 import train_workers as w
 
+from memckpt.recipes.checkpointing import persistent_job_dir
 from memckpt.recipes.config import ConfigContainer
 from memckpt.recipes.train import KILL_AT_STEP_ENV, RESTART_COUNT_ENV, train
 from multiproc import run_ranks
@@ -114,7 +115,7 @@ def test_persistent_tier_alone_resumes_when_memory_is_empty(shm_dir: Path) -> No
     train(w.stopped_at(w.tiny_config(shm_dir, "run"), 7))
     cfg = w.tiny_config(shm_dir, "run")
     shutil.rmtree(cfg.checkpoint.memory.base_dir)
-    half_written = Path(cfg.checkpoint.persistent.dir) / "step-11"  # no completion marker
+    half_written = persistent_job_dir(cfg.checkpoint) / "step-11"  # no completion marker
     half_written.mkdir()
     (half_written / "__0_0.distcp").write_bytes(b"torn")
 
@@ -146,9 +147,12 @@ def test_two_ranks_resume_bit_identically_from_either_tier(shm_dir: Path) -> Non
     reference = w.tiny_config(shm_dir, "ref")
     stopping = w.stopped_at(w.tiny_config(shm_dir, "run"), 7)
     persistent_copy = w.tiny_config(shm_dir, "copy")  # its memory tier stays empty
-    copy = [stopping.checkpoint.persistent.dir, persistent_copy.checkpoint.persistent.dir]
+    copy = [str(persistent_job_dir(c.checkpoint)) for c in (stopping, persistent_copy)]
     first = run_ranks(w.train_reference_and_stop, 2, reference, stopping, copy,
                       env_per_rank=nodes, timeout=60)  # fmt: skip
+    # the completed reference run gave each node's RAM back; the stopped run kept its own
+    assert [(shm_dir / f"node{r}" / "ref").exists() for r in (0, 1)] == [False, False]
+    assert [(shm_dir / f"node{r}" / "run").is_dir() for r in (0, 1)] == [True, True]
     shutil.rmtree(shm_dir / "node1")  # node 1 lost its memory
 
     second = run_ranks(w.train_configs, 2,

@@ -31,20 +31,18 @@ needed object from this node or from the peers that hold it, verifying every chu
 
 from __future__ import annotations
 
-import atexit
 import io
 import json
 import logging
 import os
 import pickle
 import shutil
-import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     _MEM_FORMAT_ENCODING,
     BytesStorageMetadata,
@@ -68,21 +66,22 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from memckpt import ids
-from memckpt.core.coordination import Inventory, RecoveryPlan, plan_recovery
-from memckpt.core.drain import schedule_drain, wait_for_parts
-from memckpt.core.format import TensorEntry
-from memckpt.core.manifest import StepManifest, read_manifest
-from memckpt.core.reader import ObjectReader
-from memckpt.core.runtime import NodeRuntime, RuntimeOptions
-from memckpt.core.sources import ObjectLocator, ObjectSource
-from memckpt.core.statedict import flatten_state_dict, restore_state_dict
-from memckpt.core.tensorbytes import is_plain_cpu, tensor_memoryview
+from memckpt.engine.drain import check_persist, schedule_drain, wait_for_parts
+from memckpt.engine.load_transaction import LoadTransaction
+from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
+from memckpt.engine.sources import ObjectLocator, ObjectSource
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DataDamagedError,
     InvalidNameError,
     MemckptError,
 )
+from memckpt.storage.format import TensorEntry
+from memckpt.storage.manifest import StepManifest, read_manifest
+from memckpt.storage.reader import ObjectReader
+from memckpt.storage.statedict import flatten_state_dict, restore_state_dict
+from memckpt.storage.tensorbytes import is_plain_cpu, tensor_memoryview
 
 __all__ = [
     "DCP_METADATA_FILE",
@@ -92,6 +91,7 @@ __all__ = [
     "close",
     "complete_steps",
     "export",
+    "item_key",
     "latest_checkpoint",
     "parse_checkpoint_id",
     "prune_steps",
@@ -139,63 +139,15 @@ def parse_checkpoint_id(cid: str | os.PathLike[str]) -> tuple[Path, str, int]:
 
 # -- runtimes the adapter keeps open ---------------------------------------------------------
 
-_held: dict[tuple[str, str], NodeRuntime] = {}
-_held_lock = threading.Lock()
-
-
-def _runtime(base: Path, job: str, options: RuntimeOptions, explicit: set[str],
-             secret: bytes | None) -> NodeRuntime:  # fmt: skip
-    """The job's runtime, opened once per process and kept for later writers and readers.
-
-    An open runtime is reused when the options the caller set explicitly agree with it.
-    """
-    key = (os.path.realpath(base), job)
-    with _held_lock:
-        rt = _held.get(key)
-    if rt is None:
-        rt = NodeRuntime.find(base, job) or NodeRuntime.acquire(base, job, options, secret=secret)
-        with _held_lock:
-            _held[key] = rt
-    for name in explicit:
-        if getattr(rt.options, name) != getattr(options, name):
-            raise MemckptError(
-                f"job {job!r} under {base} is open in this process with {name}="
-                f"{getattr(rt.options, name)!r}; this writer or reader asks for "
-                f"{getattr(options, name)!r}. Use the same settings, or call "
-                "close(base_dir, job_id) of the adapter you use (memckpt.adapters.dcp or "
-                "memckpt.adapters.megatron) first"
-            )
-    return rt
-
 
 def close(base_dir: str | os.PathLike[str] | None = None, job_id: str | None = None) -> None:
-    """Close the runtimes the adapter opened (all, or one job's); waits for saves in flight."""
-    with _held_lock:
-        keys = [k for k in _held if base_dir is None or k == (os.path.realpath(base_dir), job_id)]
-        rts = [_held.pop(k) for k in keys]
-    for rt in rts:
-        rt.release()
+    """Close the runtimes DCP and Megatron calls opened (all, or one job's); waits for saves
+    in flight. They are kept open between calls (DCP has no close) and closed at exit."""
+    NodeRuntime.release_held(base_dir, job_id)
 
 
-atexit.register(close)
-
-
-@dataclass
-class _Settings:
-    replication: str | None = None
-    node_id: str | None = None
-    secret: bytes | None = None
-    keep_last: int | None = None
-    timeout_s: float | None = None
-    transfer_timeout_s: float | None = None
-    limit_bytes: int | None = None
-
-    def options(self) -> tuple[RuntimeOptions, set[str]]:
-        given = {k: v for k, v in vars(self).items() if v is not None and k != "secret"}
-        return RuntimeOptions(**given), set(given)
-
-
-def _key(index: MetadataIndex) -> str:
+def item_key(index: MetadataIndex) -> str:
+    """The key a DCP item is stored under in a rank's object (its fqn and offset, as JSON)."""
     return json.dumps([index.fqn, list(index.offset) if index.offset is not None else None])
 
 
@@ -235,16 +187,16 @@ class MemoryStorageWriter(StorageWriter):
         persist_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        if persist_every is not None and (persist_every < 1 or persist_dir is None):
-            raise MemckptError("persist_every needs a value >= 1 and a persist_dir")
-        self._settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
-                                   transfer_timeout_s, limit_bytes)  # fmt: skip
+        check_persist(persist_every, persist_dir)
+        self._settings = RuntimeSettings(replication, node_id, secret, keep_last, timeout_s,
+                                         transfer_timeout_s, limit_bytes)  # fmt: skip
         self.persist_every = persist_every
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
         self.checkpoint_id: str | None = None
         self._where: tuple[Path, str, int] | None = None
         self._runtime: NodeRuntime | None = None
         self._is_coordinator = False
+        self._metadata: Metadata | None = None  # the coordinator's, from the global plan
         if checkpoint_id is not None:
             self.reset(checkpoint_id)
 
@@ -268,14 +220,22 @@ class MemoryStorageWriter(StorageWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         assert self._where is not None
         base, job, _ = self._where
-        options, explicit = self._settings.options()
-        self._runtime = _runtime(base, job, options, explicit, self._settings.secret)
+        self._runtime = NodeRuntime.hold(base, job, self._settings)
         self._is_coordinator = is_coordinator
+        self._metadata = None
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # DCP's .metadata travels in the coordinator's ballot, inside the save transaction,
+        # so every node writes the same manifest. A planner that keeps none of its own
+        # (custom planners) gets the one DCP's default planner builds from these plans.
+        try:
+            self._metadata = create_default_global_save_plan(plans, rewrite_index_hints=False)[1]
+        except (AssertionError, ValueError) as e:  # a planner with its own item rules
+            log.debug("no default metadata for %s: %s", self.checkpoint_id, e)
+            self._metadata = None
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -284,7 +244,7 @@ class MemoryStorageWriter(StorageWriter):
         items: dict[str, Any] = {}
         for item in plan.items:
             data = planner.resolve_data(item)
-            key = _key(item.index)
+            key = item_key(item.index)
             if item.type == WriteItemType.BYTE_IO:
                 items[key] = bytes(data.getbuffer())
             else:
@@ -296,12 +256,19 @@ class MemoryStorageWriter(StorageWriter):
                 for k, v in items.items()}  # fmt: skip
         blobs = {KEYS_BLOB.format(rank=rt.rank): json.dumps(keys).encode()}
         metadata = getattr(planner, "metadata", None)
-        if self._is_coordinator and isinstance(metadata, Metadata):
+        if not isinstance(metadata, Metadata):
+            metadata = self._metadata
+        if self._is_coordinator:
+            if metadata is None:
+                raise MemckptError(
+                    f"{self.checkpoint_id}: no DCP metadata on the coordinator (neither the "
+                    "planner nor the global plan gave one); the step would not load"
+                )
             blobs[METADATA_BLOB] = pickle.dumps(metadata)
         result = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=True).wait()
         results = [
-            WriteResult(index=item.index, size_in_bytes=_item_bytes(items[_key(item.index)]),
-                        storage_data=(rt.rank, _key(item.index)))
+            WriteResult(index=item.index, size_in_bytes=_item_bytes(items[item_key(item.index)]),
+                        storage_data=(rt.rank, item_key(item.index)))
             for item in plan.items
         ]  # fmt: skip
         log.debug("rank %d: dcp step %d in memory (%.3fs blocking)", rt.rank, step,
@@ -314,16 +281,8 @@ class MemoryStorageWriter(StorageWriter):
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        rt, (_, job, step) = self._runtime, self._where  # type: ignore[misc]
-        assert rt is not None
-        m = rt.store.manifest(step)
-        if m is not None and METADATA_BLOB not in m.blobs:
-            # a custom planner without .metadata: this node's manifest gets it now; others
-            # get it from here at the next load (the newer manifest wins)
-            from memckpt.core.manifest import new_manifest
-
-            blobs = {**m.blobs, METADATA_BLOB: pickle.dumps(metadata)}
-            rt.store.write_manifest(new_manifest(job, step, m.world_size, m.objects, blobs))
+        """Nothing left to do: write_data's transaction committed the step and its manifest
+        (with ``.metadata``) on every node."""
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id) if self.checkpoint_id else None
@@ -344,13 +303,6 @@ def _item_bytes(v: Any) -> int:
 # -- latest and the reader -------------------------------------------------------------------
 
 
-def _plan(rt: NodeRuntime, step: int | None) -> tuple[RecoveryPlan, list[Inventory]]:
-    invs = rt.exchange_inventories()
-    plan = plan_recovery(invs, rt.world_size, allow_fetch=rt.replicator is not None, step=step,
-                         on_world_size_mismatch="allow")  # fmt: skip
-    return plan, invs
-
-
 def latest_checkpoint(
     base_dir: str | os.PathLike[str],
     job_id: str,
@@ -362,15 +314,17 @@ def latest_checkpoint(
 ) -> str | None:
     """The newest complete memory checkpoint's id, or None (collective: every rank calls it).
 
-    Complete as ``CheckpointManager.latest`` defines it, whatever world size saved it:
-    DCP's planners reshard on load. Pass the replication the writer used, so that a rank
-    whose node lost its data can read it from its peers.
+    Complete as ``CheckpointManager.latest`` defines it, whatever world size saved it
+    (DCP's planners reshard on load) and wherever its bytes are: no replication setting
+    is needed to read copies on other nodes. A step whose data a load found damaged on
+    every holder is passed over, by every rank and after every restart. ``replication``
+    only says how to push copies again after the load (skipped, in one log line, when
+    today's layout cannot host it).
     """
-    settings = _Settings(replication=replication, node_id=node_id, secret=secret,
-                         timeout_s=timeout_s)  # fmt: skip
-    options, explicit = settings.options()
-    rt = _runtime(Path(base_dir), job_id, options, explicit, secret)
-    plan, _ = _plan(rt, None)
+    settings = RuntimeSettings(replication=replication, node_id=node_id, secret=secret,
+                               timeout_s=timeout_s)  # fmt: skip
+    rt = NodeRuntime.hold(Path(base_dir), job_id, settings)
+    plan = LoadTransaction(rt, on_world_size_mismatch="allow").plan()
     if plan.step is None:
         return None
     return checkpoint_id(base_dir, job_id, plan.step)
@@ -428,12 +382,13 @@ class MemoryStorageReader(StorageReader):
         threads: int = 2,
     ) -> None:
         super().__init__()
-        self._settings = _Settings(replication=replication, node_id=node_id, secret=secret,
-                                   timeout_s=timeout_s)  # fmt: skip
+        self._settings = RuntimeSettings(replication=replication, node_id=node_id,
+                                         secret=secret, timeout_s=timeout_s)  # fmt: skip
         self.threads = threads
         self.checkpoint_id: str | None = None
         self._where: tuple[Path, str, int] | None = None
         self._runtime: NodeRuntime | None = None
+        self._txn: LoadTransaction | None = None
         self._locator: ObjectLocator | None = None
         if checkpoint_id is not None:
             self.reset(checkpoint_id)
@@ -447,18 +402,17 @@ class MemoryStorageReader(StorageReader):
         if self._where is None:
             raise MemckptError("MemoryStorageReader needs a checkpoint id")
         base, job, step = self._where
-        options, explicit = self._settings.options()
-        rt = self._runtime = _runtime(base, job, options, explicit, self._settings.secret)
-        plan, invs = _plan(rt, step)
+        rt = self._runtime = NodeRuntime.hold(base, job, self._settings)
+        txn = self._txn = LoadTransaction(rt, step, on_world_size_mismatch="allow")
+        plan = txn.plan()
         if plan.step is None:
             raise CheckpointNotFoundError(
                 f"memory checkpoint {self.checkpoint_id} cannot be loaded: "
-                f"{plan.skipped.get(step, 'no rank holds it')}"
+                f"{plan.skipped.get(step, 'no rank holds it')}; "
+                "latest_checkpoint(base_dir, job_id) names the newest one that can"
             )
         manifest = rt.ensure_manifest(plan)
-        assert plan.manifest is not None
-        self._locator = ObjectLocator(rt.store, rt.replicator, invs, step,
-                                      dict(enumerate(plan.manifest.digests)))  # fmt: skip
+        self._locator = txn.locator()
         return self.step_metadata(manifest)
 
     def step_metadata(self, manifest: StepManifest) -> Metadata:
@@ -521,6 +475,8 @@ class MemoryStorageReader(StorageReader):
                         )
                     target.copy_(src)
                 planner.commit_tensor(item, target)
+        assert self._txn is not None
+        self._txn.restore_copies()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -555,7 +511,7 @@ def _read_values(
     damage = src.read_all(targets, threads) if targets else []
     if damage:
         shown = ", ".join(str(d) for d in damage[:5])
-        raise CorruptCheckpointError(f"{src.where}: checksum mismatch in {shown}")
+        raise DataDamagedError(f"{src.where}: checksum mismatch in {shown}")
     rest = wanted - entries.keys()
     if rest:
         empty = torch.empty(0)
@@ -590,11 +546,11 @@ def complete_steps(directory: str | os.PathLike[str]) -> tuple[list[int], list[i
 def prune_steps(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
     """Delete complete ``step-<N>`` DCP directories older than the newest ``keep_last``.
 
-    The engine's retention policy decides (``memckpt.core.retention``). ``.metadata``
+    The engine's retention policy decides (``memckpt.storage.retention``). ``.metadata``
     goes first, so a directory being deleted never looks complete; incomplete ones (a
     save in progress, or a crashed one) are left alone. Returns the deleted steps.
     """
-    from memckpt.core.retention import plan_retention
+    from memckpt.storage.retention import plan_retention
 
     root = Path(directory)
     present, complete = complete_steps(root)
@@ -706,7 +662,7 @@ def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: 
 
     Every rank writes ``__<rank>_0.distcp`` and a small index beside it; the coordinator
     then waits for every rank's index and writes ``.metadata`` last, so the directory
-    is a plain DCP checkpoint once it is loadable (``memckpt.core.drain``).
+    is a plain DCP checkpoint once it is loadable (``memckpt.engine.drain``).
     """
     dest = persist_dir / ids.step_dir_name(step)
 
@@ -720,7 +676,7 @@ def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: 
         with ObjectReader(rt.store.object_path(step, rt.rank)) as reader:
             values = _read_values(reader, {n for _, n in mine}, 2)
         info = _write_rank_file(dest, rt.rank, mine, values)
-        idx = [[_key(i), v.relative_path, v.offset, v.length] for i, v in info.items()]
+        idx = [[item_key(i), v.relative_path, v.offset, v.length] for i, v in info.items()]
         tmp = dest / f".__{rt.rank}_0.index.tmp"
         tmp.write_text(json.dumps(idx))
         os.replace(tmp, dest / f".__{rt.rank}_0.index")

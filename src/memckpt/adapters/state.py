@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
@@ -35,8 +33,8 @@ from typing import Any, Final, Literal
 import torch
 
 from memckpt import settings
-from memckpt.core.handle import SaveHandle, SaveResult
-from memckpt.core.statedict import flatten_state_dict, restore_state_dict
+from memckpt.engine.handle import SaveHandle, SaveResult
+from memckpt.engine.rng import capture_rng_state, restore_rng_state
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -45,8 +43,9 @@ from memckpt.errors import (
     UnsupportedValueError,
 )
 from memckpt.ids import validate_step
+from memckpt.storage.statedict import flatten_state_dict, restore_state_dict
 
-__all__ = ["DEFAULT_BASE_DIR", "FRAMEWORKS", "State", "capture_rng", "restore_rng"]
+__all__ = ["DEFAULT_BASE_DIR", "FRAMEWORKS", "State"]
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +56,6 @@ _RANK_KEY: Final = "memckpt_state_rank{rank}"
 """DCP key of one saving rank's own part (step, extra state, scheduler, RNG) in fsdp mode."""
 
 Framework = Literal["single", "ddp", "fsdp"]
-
-
-# -- RNG states ---------------------------------------------------------------------------
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states: python, numpy (when imported), torch CPU, CUDA (when used)."""
-    rng: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        rng["numpy"] = (str(name), keys.copy(), int(pos), int(has_gauss), float(cached))
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def restore_rng(rng: Mapping[str, Any]) -> None:
-    """Set the RNG states ``capture_rng`` returned (the parts this process has)."""
-    random.setstate(_as_python_state(rng["python"]))
-    torch.set_rng_state(rng["torch"])
-    if "numpy" in rng:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in rng and torch.cuda.is_available():
-        states = list(rng["cuda"])
-        if len(states) != torch.cuda.device_count():
-            log.warning("CUDA RNG states of %d devices saved, %d here: not restored",
-                        len(states), torch.cuda.device_count())  # fmt: skip
-        else:
-            torch.cuda.set_rng_state_all(states)
-
-
-def _as_python_state(state: Any) -> Any:
-    # random.setstate needs tuples; a checkpoint may hand back lists
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
 
 
 # -- one rank's own part in fsdp mode ---------------------------------------------------------
@@ -297,7 +257,7 @@ class State:
         if self.lr_scheduler is not None:
             part["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.include_rng:
-            part["rng"] = capture_rng()
+            part["rng"] = capture_rng_state()
         return part
 
     def state_dict(self, step: int | None = None) -> dict[str, Any]:
@@ -427,7 +387,7 @@ class State:
             )
         if self.include_rng:
             if "rng" in part:
-                restore_rng(part["rng"])
+                restore_rng_state(part["rng"])
             else:
                 log.warning("%s holds no RNG states (saved without include_rng): not restored",
                             where)  # fmt: skip

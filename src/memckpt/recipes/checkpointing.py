@@ -1,23 +1,25 @@
 """What the recipes' training loop checkpoints, and how each tier stores and restores it.
 
 ``TrainingState`` holds one rank's model, optimizer, LR scheduler, step, last loss and
-RNG states (torch CPU, python ``random``, numpy, and the training GPU's when it trains on
-one). The memory tier stores
-``memory_state()`` through memckpt (each rank its own object, loaded in place). The
-persistent tier stores the same through torch DCP into ``<dir>/step-<N>`` and writes
-``COMPLETE_MARKER`` last, so a half-written directory is never picked.
+RNG states (``memckpt.engine.rng``: python ``random``, numpy, torch CPU and every GPU's
+once CUDA is initialised). The memory tier stores ``memory_state()`` through memckpt
+(each rank its own object, loaded in place). The persistent tier stores the same
+through torch DCP into ``<checkpoint.persistent.dir>/<job_id>/step-<N>``
+(``persistent_job_dir``) and writes ``COMPLETE_MARKER`` last, so a half-written
+directory is never picked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import random
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,7 +30,9 @@ from torch import nn
 import memckpt
 from memckpt import ids
 from memckpt.adapters.dcp import DCP_METADATA_FILE, complete_steps, prune_steps
-from memckpt.errors import ConfigError
+from memckpt.engine.rng import capture_rng_state, restore_rng_state
+from memckpt.errors import ConfigError, CorruptCheckpointError
+from memckpt.recipes.config import CheckpointConfig
 
 try:
     import numpy as np
@@ -40,21 +44,29 @@ __all__ = [
     "TrainingState",
     "choose_resume_tier",
     "latest_persistent_step",
+    "persistent_job_dir",
     "prune_persistent",
-    "rng_state",
     "seed_process",
-    "set_rng_state",
     "weights_sha256",
 ]
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER: Final = DCP_METADATA_FILE
-"""DCP's own ``.metadata``, written last into ``<persistent.dir>/step-<N>``: a directory
+"""DCP's own ``.metadata``, written last into ``<persistent job dir>/step-<N>``: a directory
 without it is never loaded (the DCP adapter's rule, ``memckpt.adapters.dcp.complete_steps``)."""
 
 
 # ---- pure decisions and fingerprints
+
+
+def persistent_job_dir(ckpt: CheckpointConfig) -> Path:
+    """``<checkpoint.persistent.dir>/<checkpoint.job_id>``: the job's persistent steps.
+
+    Keyed by the job as the memory tier is (``<memory.base_dir>/<job_id>``), so a run
+    with another ``job_id`` never resumes this job's checkpoints.
+    """
+    return ids.JobLayout(ckpt.persistent.dir, ckpt.job_id).root
 
 
 def latest_persistent_step(directory: str | os.PathLike[str]) -> int | None:
@@ -70,11 +82,8 @@ def prune_persistent(directory: str | os.PathLike[str], keep_last: int) -> list[
     return prune_steps(directory, keep_last)
 
 
-def _saved_world_size(path: Path) -> int | None:
+def _saved_world_size(keys: Iterable[str]) -> int | None:
     """How many ranks wrote a persistent step: each wrote its ``local.rank<r>`` entries."""
-    import torch.distributed.checkpoint as dcp
-
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     ranks = {k.split(".")[1] for k in keys if k.startswith("local.rank")}
     return len(ranks) or None
 
@@ -102,52 +111,22 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 # ---- RNG states
 
 
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """This process's RNG states (torch CPU, python, numpy) as tensors and plain data.
-
-    With a CUDA ``device`` the state of that GPU's generator (dropout on the GPU) is
-    added under ``"cuda"``; without one the dict is what it always was.
-    """
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    if np is not None:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {
-            "kind": str(kind),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        }
-    return state
+def _packed_rng() -> bytes:
+    """This process's RNG states as one DCP item: a dict of DCP tensors would need a
+    template of the same GPU count on load, and a persistent step may load elsewhere."""
+    buf = io.BytesIO()
+    torch.save(capture_rng_state(), buf)
+    return buf.getvalue()
 
 
-def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
-    """Restore what ``rng_state(device)`` returned (the GPU state only with a CUDA ``device``)."""
-    torch.set_rng_state(state["torch"])
-    cuda_state = state.get("cuda")
-    if cuda_state is not None and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_state.cpu(), device)
-    random.setstate(_as_tuple(state["python"]))
-    numpy_state = state.get("numpy")
-    if np is not None and numpy_state is not None:
-        np.random.set_state(
-            (
-                numpy_state["kind"],
-                numpy_state["keys"].numpy().astype(np.uint32),
-                int(numpy_state["pos"]),
-                int(numpy_state["has_gauss"]),
-                float(numpy_state["gauss"]),
-            )
-        )
-
-
-def _as_tuple(value: Any) -> Any:
-    """random.setstate needs tuples; a serializer may hand back lists."""
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuple(v) for v in value)
-    return value
+def _unpacked_rng(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, (bytes, bytearray)):
+        raise CorruptCheckpointError(f"{where}: RNG states are a {type(raw).__name__}, not bytes")
+    try:
+        state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CorruptCheckpointError(f"{where}: unreadable RNG states ({e})") from e
+    return state  # type: ignore[no-any-return]
 
 
 def seed_process(seed: int) -> None:
@@ -205,7 +184,8 @@ class TrainingState:
         self.step = int(state["train"]["step"])
         if local is not None:
             self.local_loss = local["loss"]
-            set_rng_state(local["rng"], self.device)
+            if local.get("rng") is not None:
+                restore_rng_state(local["rng"])
 
     # -- memory tier
 
@@ -216,12 +196,15 @@ class TrainingState:
             "optim": self.optimizer.state_dict(),
             "sched": self.scheduler.state_dict(),
             "train": {"step": self.step, "world_size": self.world_size},
-            "local": {"loss": self.local_loss, "rng": rng_state(self.device)},
+            "local": {"loss": self.local_loss, "rng": capture_rng_state()},
         }
 
     def load_memory(self, manager: memckpt.CheckpointManager) -> int | None:
         """Load the newest complete memory checkpoint in place (collective); its step or None."""
         state = self.memory_state()
+        # The RNG states load as they were saved (another GPU count, an older layout),
+        # not into a template of this process's generators.
+        state["local"]["rng"] = {}
         if manager.load(state_dict=state) is None:
             return None
         self.module.load_state_dict(state["model"])
@@ -242,9 +225,7 @@ class TrainingState:
             "train": {"step": self.step, "world_size": self.world_size},
         }
         if with_local:  # keyed by rank: DCP keeps one copy of a key that every rank writes
-            state["local"] = {
-                f"rank{self.rank}": {"loss": self.local_loss, "rng": rng_state(self.device)}
-            }
+            state["local"] = {f"rank{self.rank}": {"loss": self.local_loss, "rng": _packed_rng()}}
         return state
 
     def save_persistent(self, directory: str | os.PathLike[str]) -> Path:
@@ -275,7 +256,8 @@ class TrainingState:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         path = Path(directory) / ids.step_dir_name(step)
-        saved = _saved_world_size(path)
+        keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = _saved_world_size(keys)
         same_world = saved == self.world_size
         if not same_world:
             log.warning(
@@ -287,6 +269,12 @@ class TrainingState:
                 self.world_size,
             )
         state = self._persistent_state(with_local=same_world)
+        mine = f"rank{self.rank}"
+        if same_world and f"local.{mine}.rng" not in keys:
+            # written before the RNG states became one item (a dict of tensors per key)
+            log.warning("rank %d: persistent step %d holds RNG states in an older layout; "
+                        "RNG states start fresh", self.rank, step)  # fmt: skip
+            del state["local"][mine]["rng"]
         with _quiet_single_process():
             dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not self.distributed)
         set_state_dict(
@@ -295,7 +283,10 @@ class TrainingState:
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
-        self._apply(state, state["local"][f"rank{self.rank}"] if same_world else None)
+        local = state["local"][mine] if same_world else None
+        if local is not None and "rng" in local:
+            local["rng"] = _unpacked_rng(local["rng"], f"persistent step {step} rank {self.rank}")
+        self._apply(state, local)
 
     def broadcast_from_rank0(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (collective when distributed)."""

@@ -97,7 +97,11 @@ class MemoryTierConfig:
 
 @dataclass
 class PersistentTierConfig:
-    """Checkpoints to a directory in torch DCP format (the long-term tier and fallback)."""
+    """Checkpoints in torch DCP format (the long-term tier and fallback).
+
+    A job's steps go to ``<dir>/<checkpoint.job_id>/step-<N>``, as its memory tier goes to
+    ``<memory.base_dir>/<checkpoint.job_id>``: one ``dir`` holds the steps of many jobs.
+    """
 
     enabled: bool = True
     dir: str = "checkpoints"

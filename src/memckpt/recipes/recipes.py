@@ -82,7 +82,7 @@ def gpt_tiny() -> ConfigContainer:
         checkpoint=CheckpointConfig(
             job_id="gpt-tiny",
             memory=MemoryTierConfig(interval=20, keep_last=2),
-            persistent=PersistentTierConfig(dir="checkpoints/gpt-tiny", interval=100),
+            persistent=PersistentTierConfig(dir="checkpoints", interval=100),
         ),
     )
 
@@ -98,7 +98,7 @@ def mlp_synthetic() -> ConfigContainer:
         checkpoint=CheckpointConfig(
             job_id="mlp-synthetic",
             memory=MemoryTierConfig(interval=10, keep_last=2),
-            persistent=PersistentTierConfig(dir="checkpoints/mlp-synthetic", interval=50),
+            persistent=PersistentTierConfig(dir="checkpoints", interval=50),
         ),
     )
 
@@ -122,7 +122,7 @@ def gpt_small_lm() -> ConfigContainer:
             job_id="gpt-small-lm",
             # In RAM every 50 steps costs about a copy of weights plus optimizer state (~1.5 GB).
             memory=MemoryTierConfig(interval=50, keep_last=2, timeout_s=600.0),
-            persistent=PersistentTierConfig(dir="checkpoints/gpt-small-lm", interval=2000),
+            persistent=PersistentTierConfig(dir="checkpoints", interval=2000),
         ),
         # With a measured mean time between failures, IterManager picks the Young/Daly interval.
         schedule=ScheduleConfig(redundant_time=30.0, mtbf_s=None),

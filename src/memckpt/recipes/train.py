@@ -23,7 +23,13 @@ holds the state after it. Call sequence on every rank (collectives in this order
     each step: fault hook, forward/backward/step,
                IterManager.should_save_ckpt()      collective
                memory save (async), persistent DCP save (collective), loss mean (collective)
-    persistent save of the last step, mgr.close(), final loss mean (collective)
+    persistent save of the last step, mgr.close()
+    completed, and the last step persisted:        barrier; then one rank per node
+               deletes the job's memory tier (its RAM goes back)
+    final loss mean (collective)
+
+Both tiers are keyed by ``checkpoint.job_id``: memory under
+``<memory.base_dir>/<job_id>``, persistent under ``<persistent.dir>/<job_id>``.
 """
 
 from __future__ import annotations
@@ -45,11 +51,13 @@ import torch.distributed as dist
 from torch import nn
 
 import memckpt
+from memckpt import ids
 from memckpt.errors import ConfigError
 from memckpt.recipes.checkpointing import (
     TrainingState,
     choose_resume_tier,
     latest_persistent_step,
+    persistent_job_dir,
     prune_persistent,
     seed_process,
     weights_sha256,
@@ -66,6 +74,7 @@ from memckpt.settings import (
     NODE_ID_ENV,
     RESTART_COUNT_ENV,
 )
+from memckpt.storage.store import delete_job
 
 __all__ = [
     "BACKENDS",
@@ -364,6 +373,8 @@ class _Run:
                                    world_size=self.world_size,
                                    distributed=self.distributed,
                                    device=self.device)  # fmt: skip
+        self.memory_base_dir = os.environ.get(BASE_DIR_ENV) or cfg.checkpoint.memory.base_dir
+        self.removes_memory_tier = False  # the lowest rank with this node's job directory
         self.manager = self._manager() if cfg.checkpoint.memory.enabled else None
         self.memory_handles: list[memckpt.SaveHandle] = []
         self.persistent_saves = 0
@@ -381,14 +392,19 @@ class _Run:
     def _manager(self) -> memckpt.CheckpointManager:
         ckpt = self.cfg.checkpoint
         node_id = os.environ.get(NODE_ID_ENV) or socket.gethostname()
-        num_nodes = 1
+        root = os.path.realpath(ids.JobLayout(self.memory_base_dir, ckpt.job_id).root)
+        nodes: list[Any] = [(node_id, root)]
         if self.distributed:
-            nodes: list[Any] = [None] * self.world_size
-            dist.all_gather_object(nodes, node_id)
-            num_nodes = len(set(nodes))
+            nodes = [None] * self.world_size
+            dist.all_gather_object(nodes, (node_id, root))
+        num_nodes = len({node for node, _ in nodes})
+        # one rank per node and job directory: the same path on two hosts is two directories
+        sharing = [r for r, entry in enumerate(nodes) if tuple(entry) == (node_id, root)]
+        self.removes_memory_tier = self.rank == min(sharing)
         kwargs = memory_manager_kwargs(ckpt, num_nodes, node_id)
-        base_dir = os.environ.get(BASE_DIR_ENV) or ckpt.memory.base_dir
-        return memckpt.CheckpointManager(base_dir, ckpt.job_id, ckpt.memory.keep_last, **kwargs)
+        return memckpt.CheckpointManager(
+            self.memory_base_dir, ckpt.job_id, ckpt.memory.keep_last, **kwargs
+        )
 
     # -- checkpoints
 
@@ -398,9 +414,10 @@ class _Run:
             return
         assert step == self.state.step
         persistent = self.cfg.checkpoint.persistent
-        self.state.save_persistent(persistent.dir)
+        directory = persistent_job_dir(self.cfg.checkpoint)
+        self.state.save_persistent(directory)
         if persistent.keep_last is not None and self.rank == 0:
-            prune_persistent(persistent.dir, persistent.keep_last)
+            prune_persistent(directory, persistent.keep_last)
         self._last_persistent_step = step
         self.persistent_saves += 1
 
@@ -414,7 +431,7 @@ class _Run:
     def resume(self) -> ResumeInfo | None:
         """Load the newer of the newest complete memory and persistent checkpoints."""
         t0 = time.perf_counter()
-        persistent_dir = self.cfg.checkpoint.persistent.dir
+        persistent_dir = persistent_job_dir(self.cfg.checkpoint)
         persistent_step = None
         if self.cfg.checkpoint.persistent.enabled:
             found = latest_persistent_step(persistent_dir) if self.rank == 0 else None
@@ -552,7 +569,29 @@ class _Run:
                 im.close()
             if self.manager is not None:
                 self.manager.close()  # waits for the save in flight
+        self._release_memory_tier()
         return self._result(t0, resumed, steps_run, reporter)
+
+    def _release_memory_tier(self) -> None:
+        """Delete this job's memory tier once the run is complete and persisted (every rank).
+
+        The same decision on every rank (the step, the config); after the barrier every
+        rank has closed its manager, and one rank per job directory deletes it.
+        """
+        persisted = self._last_persistent_step == self.state.step
+        completed = self.state.step >= self.cfg.train.steps
+        if self.manager is None or not (completed and persisted):
+            return
+        if self.distributed:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+        if self.removes_memory_tier:
+            layout = ids.JobLayout(self.memory_base_dir, self.cfg.checkpoint.job_id)
+            delete_job(layout)
+            log.info("rank %d: run complete and step %d persisted: removed the memory tier %s",
+                     self.rank, self.state.step, layout.root)  # fmt: skip
 
     def _result(
         self,

@@ -26,12 +26,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from memckpt import settings
-from memckpt.core.coordination import Collectives, Inventory
-from memckpt.core.store import CheckpointStore
+from memckpt.collectives import Collectives
 from memckpt.errors import MemckptError, ReplicationConfigError, TransferError
 from memckpt.replication import (
     NodeTopology,
@@ -39,6 +38,8 @@ from memckpt.replication import (
     ReplicationStrategy,
     strategy_from_spec,
 )
+from memckpt.storage.inventory import Inventory
+from memckpt.storage.store import CheckpointStore
 from memckpt.transport.client import RemoteObjectReader, TransferClient
 from memckpt.transport.protocol import (
     MIN_THROUGHPUT,
@@ -48,7 +49,7 @@ from memckpt.transport.protocol import (
 )
 from memckpt.transport.server import TransferServer, format_address
 
-__all__ = ["PeerInfo", "ReplicationOutcome", "Replicator", "default_node_id"]
+__all__ = ["PeerInfo", "ReplicationOutcome", "Replicator", "default_node_id", "plan_copies"]
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,11 @@ class Replicator:
         self,
         store: CheckpointStore,
         peers: Sequence[PeerInfo],
-        plan: ReplicationPlan,
+        topology: NodeTopology,
+        plan: ReplicationPlan | None,
         server: TransferServer,
         client: TransferClient,
-        strategy: ReplicationStrategy,
+        strategy: ReplicationStrategy | None,
     ) -> None:
         self.store = store
         self.rank = store.rank
@@ -136,7 +138,7 @@ class Replicator:
         self.server = server
         self.client = client
         self.strategy = strategy
-        self.topology = plan.topology
+        self.topology = topology
         # pushes outlive a replicate() call that stopped waiting for them: never a `with`
         self._pushes = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, self.topology.num_nodes),
@@ -150,7 +152,7 @@ class Replicator:
         cls,
         store: CheckpointStore,
         coll: Collectives,
-        strategy: str | ReplicationStrategy,
+        strategy: str | ReplicationStrategy | None,
         *,
         node_id: str | None = None,
         host: str | None = None,
@@ -161,8 +163,14 @@ class Replicator:
         retries: int = 2,
         min_throughput: float = MIN_THROUGHPUT,
     ) -> Replicator | None:
-        """Start the server and meet the peers (collective). None when there is one node."""
-        strategy = check_strategy(strategy)
+        """Start the server and meet the peers (collective). None when there is one node.
+
+        The peers and their transfer servers serve reads whatever the strategy: where a
+        copy lives is in the inventories, not in the strategy that pushed it. A strategy
+        that does not fit today's layout (or None) leaves ``plan`` None: loads still read
+        from any holder, and nothing is pushed (``pushes`` is False), said in one log line.
+        """
+        strategy = check_strategy(strategy) if strategy is not None else None
         rank = coll.rank
         node_id = node_id or default_node_id(rank)
         secret = secret if secret is not None else secret_from_env()
@@ -176,38 +184,67 @@ class Replicator:
             port = int(env_port) + local if env_port.isdigit() else 0
         server = TransferServer(store, secret, host=host or default_host(), port=port,
                                 timeout_s=timeout_s, min_throughput=min_throughput)  # fmt: skip
+        plan: ReplicationPlan | None = None
         try:
             me = PeerInfo(rank, node_id, server.host, server.port)
             peers = coll.all_gather_object(me, "transfer address exchange")
             topology = NodeTopology.from_node_ids([p.node_id for p in peers])
             if topology.num_nodes < 2:
-                log.warning(
-                    "rank %d: all %d ranks run on one node (%s); nothing to replicate to, "
-                    "replication is off. Set MEMCKPT_NODE_ID per node if that is wrong.",
-                    rank,
-                    coll.world_size,
-                    node_id,
-                )
+                if strategy is not None:
+                    log.warning(
+                        "rank %d: all %d ranks run on one node (%s); nothing to replicate to, "
+                        "replication is off. Set MEMCKPT_NODE_ID per node if that is wrong.",
+                        rank,
+                        coll.world_size,
+                        node_id,
+                    )
                 server.close()
                 return None
-            plan = strategy.plan(topology)
+            if strategy is not None:
+                try:
+                    plan = strategy.plan(topology)
+                except ReplicationConfigError as e:
+                    if rank == 0:
+                        log.warning(
+                            "replication %r does not fit this layout (%s): saves are not "
+                            "replicated and re-replication is skipped; loads still read "
+                            "every copy from any node",
+                            strategy.spec,
+                            e,
+                        )
         except BaseException:
             server.close()
             raise
         client = TransferClient(store.job_id, secret, rank=rank, connections=connections,
                                 timeout_s=timeout_s, retries=retries,
                                 min_throughput=min_throughput)  # fmt: skip
-        log.info("rank %d on node %s: replicating with %s to ranks %s", rank, node_id,
-                 strategy.spec, plan.holders_of(rank))  # fmt: skip
-        return cls(store, peers, plan, server, client, strategy)
+        if plan is not None:
+            assert strategy is not None
+            log.info("rank %d on node %s: replicating with %s to ranks %s", rank, node_id,
+                     strategy.spec, plan.holders_of(rank))  # fmt: skip
+        return cls(store, peers, topology, plan, server, client, strategy)
 
     # -- who ----------------------------------------------------------------------------
     def _addr(self, rank: int) -> tuple[str, int]:
         p = self.peers[rank]
         return p.host, p.port
 
+    @property
+    def pushes(self) -> bool:
+        """Whether a strategy that fits this layout pushes copies (else it only reads)."""
+        return self.plan is not None
+
+    @property
+    def copies(self) -> int:
+        """Nodes the strategy keeps each rank's data on, its own included (1 without one)."""
+        if self.plan is None:
+            return 1
+        return 1 + len({self.topology.node(h) for h in self.plan.holders_of(self.rank)})
+
     def holders(self) -> tuple[int, ...]:
         """One holder rank per node that must keep a copy of this rank's data."""
+        if self.plan is None:
+            return ()
         seen: set[int] = set()
         out = []
         for h in self.plan.holders_of(self.rank):
@@ -219,22 +256,25 @@ class Replicator:
 
     def held(self) -> tuple[int, ...]:
         """Ranks whose copies this rank receives (and retires with retention)."""
-        return self.plan.held_by(self.rank)
+        return self.plan.held_by(self.rank) if self.plan is not None else ()
 
     # -- moving data ----------------------------------------------------------------------
     def push_bound_s(self, nbytes: int) -> float:
         """Longest ``replicate`` waits for a push of ``nbytes`` before reporting it unreplicated."""
         return self.client.call_bound_s(nbytes) + 1.0
 
-    def _push(self, step: int, targets: Sequence[int]) -> ReplicationOutcome:
+    def _push(
+        self, step: int, targets: Sequence[int], owner: int | None = None
+    ) -> ReplicationOutcome:
         """Push the object to ``targets`` in parallel; waits at most ``push_bound_s``.
 
         A push still running then (or still running from an earlier step) is reported
         as a failure for this step and left to end on its own deadline.
         """
         t0 = time.perf_counter()
-        path = self.store.object_path(step, self.rank)
-        ref = ObjectRef(self.store.job_id, step, self.rank)
+        owner = self.rank if owner is None else owner
+        path = self.store.object_path(step, owner)
+        ref = ObjectRef(self.store.job_id, step, owner)
         out = ReplicationOutcome(ok=True, holders=tuple(targets))
         if not targets:
             return out
@@ -321,6 +361,32 @@ class Replicator:
             log.info("rank %d: re-replicating step %d to ranks %s", self.rank, step, missing)
         return self._push(step, missing)
 
+    def move_copies(self, step: int, moves: Sequence[tuple[str, int, int]]) -> ReplicationOutcome:
+        """Carry out this rank's part of ``plan_copies`` for ``step``, in turn.
+
+        Restores the copies of a step whatever world size saved it.
+        """
+        out = ReplicationOutcome(ok=True)
+        for kind, owner, other in moves:
+            if kind == "fetch":
+                t0 = time.perf_counter()
+                try:
+                    n = self.fetch(step, owner, other)
+                except MemckptError as e:
+                    out.ok = False
+                    out.errors.append(str(e))
+                    continue
+                out.nbytes += n
+                out.seconds += time.perf_counter() - t0
+                continue
+            o = self._push(step, [other], owner)
+            out.ok &= o.ok
+            out.nbytes += o.nbytes
+            out.seconds += o.seconds
+            out.holders += o.holders
+            out.errors += o.errors
+        return out
+
     def write_peer_file(self, world_size: int) -> None:
         """Record this rank's node, address and replication plan for ``memckpt status``."""
         layout = self.store.layout
@@ -330,10 +396,13 @@ class Replicator:
             "world_size": world_size,
             "node_id": self.peers[self.rank].node_id,
             "address": self.server.address,
-            "strategy": self.strategy.spec,
+            "strategy": self.strategy.spec if self.plan is not None and self.strategy else None,
             "node_of": list(self.topology.node_of),
             "node_ids": [p.node_id for p in self.peers],
-            "holders": {str(r): list(self.plan.holders_of(r)) for r in range(world_size)},
+            "holders": {
+                str(r): list(self.plan.holders_of(r)) if self.plan is not None else []
+                for r in range(world_size)
+            },
             "time": time.time(),
         }
         final = layout.peer_file(self.rank)
@@ -358,3 +427,42 @@ def check_strategy(strategy: object) -> ReplicationStrategy:
         f"replication must be a spec string like 'pairwise' or a ReplicationStrategy, "
         f"got {type(strategy).__name__}"
     )
+
+
+def plan_copies(
+    holders: Mapping[int, Sequence[int]],
+    node_of: Sequence[int],
+    copies: int,
+) -> dict[int, list[tuple[str, int, int]]]:
+    """Who moves which object where so each is on ``copies`` nodes again (pure).
+
+    ``holders[obj]`` lists the current ranks whose nodes hold object ``obj`` (a saved rank's
+    object, whatever world size saved it); ``node_of[r]`` is current rank r's node. An object
+    on fewer nodes than ``copies`` (capped by the node count) gets a copy on the next nodes
+    in ring order from its first holder's node. On a node where the object's own rank runs
+    that rank fetches it (a rank never receives a push of its own object); elsewhere the
+    first holder pushes it to the node's lowest rank. Returns rank -> [("push", object,
+    target rank) or ("fetch", object, source rank)].
+    """
+    nodes = sorted(set(node_of))
+    first_rank = {n: min(r for r, m in enumerate(node_of) if m == n) for n in nodes}
+    want = min(copies, len(nodes))
+    out: dict[int, list[tuple[str, int, int]]] = {}
+    for obj in sorted(holders):
+        hs = sorted(holders[obj])
+        if not hs:
+            continue
+        have = {node_of[h] for h in hs}
+        start = nodes.index(node_of[hs[0]])
+        ring = [nodes[(start + i) % len(nodes)] for i in range(1, len(nodes))]
+        for n in ring:
+            if len(have) >= want:
+                break
+            if n in have:
+                continue
+            if obj < len(node_of) and node_of[obj] == n:
+                out.setdefault(obj, []).append(("fetch", obj, hs[0]))
+            else:
+                out.setdefault(hs[0], []).append(("push", obj, first_rank[n]))
+            have.add(n)
+    return out

@@ -13,7 +13,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol
 
-from memckpt.core import events
 from memckpt.errors import ScheduleConfigError
 from memckpt.schedule.agreement import AllReduceMax, default_all_reduce_max
 from memckpt.schedule.deadline import Deadline, coerce_deadline, deadline_from_env, earliest
@@ -31,6 +30,7 @@ from memckpt.schedule.policy import (
 from memckpt.schedule.progress import ProgressEvents
 from memckpt.schedule.signals import DEFAULT_SIGNALS, SignalEvent, SignalWatcher, signal_name
 from memckpt.schedule.stats import IterationStats, IterationTimer, SaveCosts
+from memckpt.storage import events
 
 __all__ = [
     "COMPILE_WARMUP_ITERS",

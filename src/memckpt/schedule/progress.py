@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any, Final
 
-from memckpt.core import events
+from memckpt.storage import events
 
 __all__ = ["STEP_EVENT_EVERY_S", "ProgressEvents"]
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memckpt import ids
-from memckpt.core.manifest import StepManifest, read_manifest
-from memckpt.core.reader import ObjectReader, TensorDamage
-from memckpt.core.retention import plan_retention
 from memckpt.errors import CorruptCheckpointError, MemckptError
+from memckpt.storage.manifest import StepManifest, read_manifest
+from memckpt.storage.reader import ObjectReader, TensorDamage
+from memckpt.storage.retention import plan_retention
 
 __all__ = ["ObjectSummary", "StepSummary", "find_jobs", "gc_job", "scan_job", "verify_job"]
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from memckpt.core.reader import ObjectReader
 from memckpt.errors import MemckptError
+from memckpt.storage.reader import ObjectReader
 from memckpt.tools.catalog import find_jobs, gc_job, scan_job, verify_job
 from memckpt.tools.tables import emit_json, human_bytes, print_table
 

@@ -4,7 +4,7 @@ Two layers, kept apart so the arithmetic is testable without processes:
 
 * the report: ``summarize_events``, ``classify_end`` and ``build_report`` are pure
   functions from what happened to each run (``RunOutcome``) and the events it wrote
-  (``memckpt.core.events``) to a ``SimulationReport``;
+  (``memckpt.storage.events``) to a ``SimulationReport``;
 * process control: ``run_command`` starts one run in its own process group, sends
   SIGTERM to the group at its deadline and SIGKILL after the grace period, and always
   leaves the group dead; ``simulate`` chains the runs and builds the report.
@@ -46,9 +46,9 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Final
 
-from memckpt.core.events import read_events
 from memckpt.errors import ScheduleConfigError
 from memckpt.settings import DEADLINE_ENV, EVENTS_FILE_ENV
+from memckpt.storage.events import read_events
 
 __all__ = [
     "End",

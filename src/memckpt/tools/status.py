@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from memckpt import ids
-from memckpt.core.coordination import RecoveryPlan, StepHoldings, plan_recovery
-from memckpt.core.store import node_inventory
+from memckpt.engine.recovery_plan import RecoveryPlan, plan_recovery
 from memckpt.errors import MemckptError
+from memckpt.storage.inventory import StepHoldings
+from memckpt.storage.store import node_inventory
 from memckpt.tools.catalog import find_jobs
 
 __all__ = ["JobStatus", "job_status"]

@@ -28,16 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from memckpt.core.faults import fault_point
-from memckpt.core.format import (
-    HEADER_SIZE,
-    TensorEntry,
-    checksum,
-    read_header,
-)
-from memckpt.core.pool import Buffer
-from memckpt.core.reader import TensorDamage, read_sections, verify_object_bytes
-from memckpt.core.store import CheckpointStore
 from memckpt.errors import (
     AuthenticationError,
     CorruptCheckpointError,
@@ -46,6 +36,16 @@ from memckpt.errors import (
     ProtocolError,
     TransferError,
 )
+from memckpt.storage.faults import fault_point
+from memckpt.storage.format import (
+    HEADER_SIZE,
+    TensorEntry,
+    checksum,
+    read_header,
+)
+from memckpt.storage.pool import Buffer
+from memckpt.storage.reader import TensorDamage, read_sections, verify_object_bytes
+from memckpt.storage.store import CheckpointStore
 from memckpt.transport.protocol import (
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_LENGTH,
@@ -562,7 +562,7 @@ class TransferClient:
 
 
 class RemoteObjectReader:
-    """An object on a peer, read like ``memckpt.core.reader.ObjectReader`` (for ``load_object``).
+    """An object on a peer, read like ``memckpt.storage.reader.ObjectReader`` (for ``load_object``).
 
     Opening fetches and checks the header, index and non-tensor part. ``read_all``
     then receives each tensor's bytes straight into its destination (the caller's

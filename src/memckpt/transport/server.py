@@ -40,11 +40,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from memckpt.core.faults import fault_point
-from memckpt.core.format import HEADER_SIZE, read_header
-from memckpt.core.pool import Buffer, free_bytes
-from memckpt.core.reader import verify_object_bytes
-from memckpt.core.store import CheckpointStore
 from memckpt.errors import (
     CorruptCheckpointError,
     InsufficientSpaceError,
@@ -53,6 +48,11 @@ from memckpt.errors import (
     PeerClosedError,
     ProtocolError,
 )
+from memckpt.storage.faults import fault_point
+from memckpt.storage.format import HEADER_SIZE, read_header
+from memckpt.storage.pool import Buffer, free_bytes
+from memckpt.storage.reader import verify_object_bytes
+from memckpt.storage.store import CheckpointStore
 from memckpt.transport.protocol import (
     HANDSHAKE_TIMEOUT_S,
     MAX_DATA_LENGTH,

@@ -17,7 +17,6 @@ import fractions
 import os
 import pathlib
 import pickle
-import random
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,8 @@ from typing import Any, Final
 
 import torch
 
+from memckpt.engine.rng import capture_rng_state as capture_rng
+from memckpt.engine.rng import restore_rng_state as restore_rng
 from memckpt.errors import UnsupportedValueError
 
 __all__ = [
@@ -38,8 +39,9 @@ __all__ = [
 ]
 
 RNG_KEY: Final = "memckpt_rng_states"
+"""Top-level key of a memory checkpoint that holds the saving rank's RNG states
+(``capture_rng``, memckpt.engine.rng's one layout)."""
 EPOCH_END_KEY: Final = "memckpt_saved_at_epoch_end"
-"""Top-level key of a memory checkpoint that holds the saving rank's RNG states."""
 
 _LEAVES: Final = (
     type(None), bool, int, float, complex, str, bytes, bytearray, torch.Tensor, torch.dtype,
@@ -102,31 +104,6 @@ def _convert(obj: Any, where: str, allowed: tuple[type, ...]) -> Any:
         "them). Store plain data in on_save_checkpoint / state_dict, or, if the class is "
         f"safe to rebuild, pass safe_globals=[{kind.__qualname__}] to wrap_trainer"
     )
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's torch, Python, numpy and (if initialised) CUDA RNG states."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np = sys.modules.get("numpy")
-    if np is not None:
-        states["numpy"] = np.random.get_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng(states: Mapping[str, Any]) -> None:
-    """Set the RNG states :func:`capture_rng` returned (those present)."""
-    if "torch" in states:
-        torch.set_rng_state(states["torch"])
-    if "python" in states:
-        random.setstate(states["python"])
-    if "numpy" in states:
-        import numpy as np
-
-        np.random.set_state(states["numpy"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def persistent_step(path: str | os.PathLike[str]) -> int | None:

@@ -8,9 +8,11 @@ pickled to spawned workers carries only settings.
 Call sequence, every rank, in this order:
 
     fit start     decide(persistent_path): open the manager (collective the first time),
-                  latest() (collective), rank 0's reading of the persistent step shared
-                  through one all-gather; every rank gets the same ResumeDecision
-    resume        load(step) when the decision is memory (collective; Lightning's
+                  rank 0's reading of the persistent step shared through one all-gather,
+                  then the engine's tier rule: the newest memory step at or above it is
+                  loaded (collective), falling back over damaged steps; every rank gets
+                  the same ResumeDecision, naming the step actually loaded
+    resume        load(step) hands over what decide loaded (Lightning's
                   Strategy.load_checkpoint calls the CheckpointIO on every rank)
     every N steps save(step, checkpoint): stage on the training thread; hashing, commit,
                   replication and the commit vote in memckpt's background
@@ -30,10 +32,11 @@ from typing import Any
 
 from memckpt import ids
 from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
-from memckpt.core.handle import SaveHandle
-from memckpt.core.store import delete_job
+from memckpt.engine.handle import SaveHandle
+from memckpt.engine.tiers import choose_tier, resume_tiers
 from memckpt.errors import CheckpointNotFoundError, MemckptError
 from memckpt.manager import CheckpointManager, LoadInfo
+from memckpt.storage.store import delete_job
 
 __all__ = ["MemoryTier", "ResumeDecision", "choose_resume", "split_base_container"]
 
@@ -61,16 +64,12 @@ class ResumeDecision:
 def choose_resume(
     memory_step: int | None, persistent_path: str | None, persistent_step: int | None
 ) -> str:
-    """ "memory", "persistent" or "none": memory only when strictly newer than a known step.
+    """ "memory", "persistent" or "none", by the engine's tier rule (``memckpt.engine.tiers``).
 
-    A persistent checkpoint whose step cannot be read wins (it is what the user asked
-    for); equal steps go to the persistent one.
+    The newer step wins and memory wins a tie; a persistent checkpoint whose step cannot
+    be read wins (it is what the user asked for).
     """
-    if memory_step is not None and (
-        persistent_path is None or (persistent_step is not None and memory_step > persistent_step)
-    ):
-        return "memory"
-    return "persistent" if persistent_path is not None else "none"
+    return choose_tier(memory_step, persistent_step, persistent_path is not None)
 
 
 def split_base_container(base_container: str | os.PathLike[str]) -> tuple[Path, str]:
@@ -117,10 +116,11 @@ class MemoryTier:
         self.last_load: LoadInfo | None = None
         self._manager: CheckpointManager | None = None
         self._handle: SaveHandle | None = None
+        self._preloaded: tuple[int, dict[str, Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_manager"] = state["_handle"] = None
+        state["_manager"] = state["_handle"] = state["_preloaded"] = None
         return state
 
     @property
@@ -148,13 +148,18 @@ class MemoryTier:
         return self._manager
 
     def decide(self, persistent_path: str | None) -> ResumeDecision:
-        """Agree on every rank where this fit resumes from (collective); see the module."""
+        """Agree on every rank where this fit resumes from, and load it if memory (collective).
+
+        The engine's tier rule decides (``memckpt.engine.tiers``): memory steps at or above
+        the persistent step are loaded newest first, falling back over damaged ones, so
+        the decision is made on data that verified; else the persistent checkpoint.
+        """
         mgr = self.manager()
+        self._preloaded = None
         asked = self.step_of(persistent_path)
         if asked is not None:  # fit(ckpt_path=<one of this job's memory checkpoints>)
             self.resumed = ResumeDecision("memory", persistent_path, asked, None, None)
             return self.resumed
-        memory_step = mgr.latest(on_world_size_mismatch="skip")
         pstep = None
         if persistent_path is not None:
             mine = None
@@ -164,25 +169,41 @@ class MemoryTier:
                 except Exception as e:  # an unreadable file: Lightning's own load reports it
                     log.warning("could not read the step of %s: %s", persistent_path, e)
             pstep = mgr.coll.all_gather_object(mine, "persistent checkpoint step")[0]
-        source = choose_resume(memory_step, persistent_path, pstep)
-        if source == "persistent" and memory_step is not None and pstep is None:
+
+        def load_memory(floor: int | None) -> int | None:
+            out = mgr.load(None, on_world_size_mismatch="skip", safe_globals=self.safe_globals,
+                           newer_than=None if floor is None else floor - 1)  # fmt: skip
+            if out is None or mgr.last_load is None:
+                return None
+            self.last_load = mgr.last_load
+            self._preloaded = (mgr.last_load.step, out)
+            return mgr.last_load.step
+
+        choice = resume_tiers(load_memory, pstep, persistent_path is not None)
+        if choice.tier == "persistent" and pstep is None:
             log.warning(
-                "rank %d: resuming from %s, whose step could not be read, rather than memory "
-                "step %d; name persistent checkpoints with step=N (ModelCheckpoint's default) "
-                "to let the newer one win",
-                mgr.rank, persistent_path, memory_step,
+                "rank %d: resuming from %s, whose step could not be read, rather than memory; "
+                "name persistent checkpoints with step=N (ModelCheckpoint's default) to let a "
+                "newer memory step win",
+                mgr.rank, persistent_path,
             )  # fmt: skip
-        if source == "none" and self.require_checkpoint:
+        if choice.tier == "none" and self.require_checkpoint:
             raise CheckpointNotFoundError(
                 f"no memory checkpoint of job {self.job_id!r} under {self.base_dir} and no "
                 "persistent checkpoint to resume from, and resuming was required "
                 "(AutoResume(resume_ignore_no_checkpoint=False)); pass "
                 "resume_ignore_no_checkpoint=True to start from scratch"
             )
-        path = self.checkpoint_path(memory_step) if source == "memory" else persistent_path  # type: ignore[arg-type]
-        self.resumed = ResumeDecision(source, path, memory_step, persistent_path, pstep)
+        memory_step = choice.memory_step
+        if choice.tier == "memory":
+            assert memory_step is not None
+            path: str | None = self.checkpoint_path(memory_step)
+        else:
+            self._preloaded = None
+            path = persistent_path
+        self.resumed = ResumeDecision(choice.tier, path, memory_step, persistent_path, pstep)
         log.info("rank %d: resuming from %s (memory step %s, persistent %s at step %s)",
-                 mgr.rank, source if path is None else path, memory_step, persistent_path,
+                 mgr.rank, choice.tier if path is None else path, memory_step, persistent_path,
                  pstep)  # fmt: skip
         return self.resumed
 
@@ -218,6 +239,9 @@ class MemoryTier:
 
     def load(self, step: int, map_location: Any = None) -> dict[str, Any]:
         """Memory checkpoint ``step`` of this rank (collective: every rank loads its own)."""
+        pre, self._preloaded = self._preloaded, None
+        if pre is not None and pre[0] == step:  # decide() loaded (and verified) it already
+            return _to_device(pre[1], map_location)
         mgr = self.manager()
         out = mgr.load(step, map_location=map_location, safe_globals=self.safe_globals)
         self.last_load = mgr.last_load
@@ -254,3 +278,21 @@ class MemoryTier:
         self._collect(wait=True)
         mgr, self._manager = self._manager, None
         mgr.close()
+
+
+def _to_device(checkpoint: Any, map_location: Any) -> Any:
+    """``checkpoint`` with its tensors moved as ``map_location`` asks (None: as they are)."""
+    if map_location is None or callable(map_location):
+        return checkpoint  # Lightning's own default maps storages to where they were
+    import torch
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(map_location)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x) for x in v)
+        return v
+
+    return move(checkpoint)

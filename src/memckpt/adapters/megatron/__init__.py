@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from memckpt.adapters.dcp import checkpoint_id, close
-from memckpt.adapters.megatron.checkpoint import latest_checkpoint, save
+from memckpt.adapters.megatron.checkpoint import latest_checkpoint, prepare_checkpoint, save
 from memckpt.adapters.megatron.files import BACKEND, BACKEND_VERSION
 from memckpt.adapters.megatron.load_strategy import MemoryLoadShardedStrategy
 from memckpt.adapters.megatron.save_strategy import MemoryAsyncSaveStrategy
@@ -48,6 +48,7 @@ __all__ = [
     "checkpoint_id",
     "close",
     "latest_checkpoint",
+    "prepare_checkpoint",
     "save",
 ]
 

@@ -22,12 +22,14 @@ from megatron.core.dist_checkpointing.serialization import _CONTENT_METADATA_KEY
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
-from memckpt.adapters.dcp import _plan, _runtime, _Settings, checkpoint_id, parse_checkpoint_id
+from memckpt.adapters.dcp import checkpoint_id, parse_checkpoint_id
 from memckpt.adapters.megatron.files import CONFIG_BLOB, write_step_files
 from memckpt.adapters.megatron.save_strategy import MemoryAsyncSaveStrategy
+from memckpt.engine.load_transaction import LoadTransaction
+from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
 from memckpt.errors import CheckpointNotFoundError
 
-__all__ = ["latest_checkpoint", "save"]
+__all__ = ["latest_checkpoint", "prepare_checkpoint", "save"]
 
 
 def save(
@@ -89,13 +91,47 @@ def latest_checkpoint(
     The options are the save strategy's: this call opens the job's node runtime in the
     process, and the save strategy's options must agree with it later.
     """
-    settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
-                         transfer_timeout_s, limit_bytes)  # fmt: skip
-    options, explicit = settings.options()
-    rt = _runtime(Path(base_dir), job_id, options, explicit, secret)
-    plan, _ = _plan(rt, None)
+    settings = RuntimeSettings(replication, node_id, secret, keep_last, timeout_s,
+                               transfer_timeout_s, limit_bytes)  # fmt: skip
+    return _prepare(base_dir, job_id, None, settings)
+
+
+def prepare_checkpoint(
+    base_dir: str | os.PathLike[str],
+    job_id: str,
+    step: int,
+    *,
+    replication: str | None = None,
+    node_id: str | None = None,
+    secret: bytes | None = None,
+    timeout_s: float | None = None,
+) -> str:
+    """Make memory checkpoint ``step`` loadable on every node and return its id (collective).
+
+    ``latest_checkpoint`` for a step you name: on a node that lost the step (a replaced
+    one) its manifest and Megatron's ``common.pt`` and ``metadata.json`` come from a peer,
+    so ``dist_checkpointing.load`` finds the directory there too; the data is read from
+    wherever it is. CheckpointNotFoundError says why a step cannot be loaded.
+    """
+    settings = RuntimeSettings(replication=replication, node_id=node_id, secret=secret,
+                               timeout_s=timeout_s)  # fmt: skip
+    cid = _prepare(base_dir, job_id, step, settings)
+    assert cid is not None
+    return cid
+
+
+def _prepare(
+    base_dir: str | os.PathLike[str], job_id: str, step: int | None, settings: RuntimeSettings
+) -> str | None:
+    rt = NodeRuntime.hold(Path(base_dir), job_id, settings)
+    plan = LoadTransaction(rt, step, on_world_size_mismatch="allow").plan()
     if plan.step is None:
-        return None
+        if step is None:
+            return None
+        raise CheckpointNotFoundError(
+            f"step {step} of job {job_id!r} cannot be loaded: "
+            f"{plan.skipped.get(step, 'no rank holds it')}"
+        )
     manifest = rt.ensure_manifest(plan)
     cid = checkpoint_id(base_dir, job_id, plan.step)
     if CONFIG_BLOB not in manifest.blobs:

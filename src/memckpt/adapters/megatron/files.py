@@ -19,7 +19,7 @@ from pathlib import Path
 from megatron.core.dist_checkpointing.core import CONFIG_FNAME, CheckpointingConfig
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 
-from memckpt.core.manifest import StepManifest
+from memckpt.storage.manifest import StepManifest
 
 __all__ = [
     "BACKEND",

@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from memckpt.adapters.dcp import _key
-from memckpt.core.manifest import StepManifest
+from memckpt.adapters.dcp import item_key
 from memckpt.errors import CorruptCheckpointError
+from memckpt.storage.manifest import StepManifest
 
 __all__ = ["CHUNKS_BLOB", "rank_items", "step_metadata"]
 
@@ -57,7 +57,7 @@ def rank_items(sharded_state_dict: ShardedStateDict, rank: int) -> tuple[dict[st
     chunks: list[list[Any]] = []
     for item in plan.items:
         data = planner.resolve_data(item)
-        key = _key(item.index)
+        key = item_key(item.index)
         if item.type == WriteItemType.BYTE_IO:
             items[key] = bytes(data.getbuffer())
             chunks.append([item.index.fqn])

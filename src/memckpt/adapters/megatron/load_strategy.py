@@ -9,8 +9,8 @@ Call sequence (every rank, inside ``dist_checkpointing.load``): DCP's local plan
 ``read_metadata`` (collective on memckpt's gloo group: inventories, the step's
 manifest, DCP's metadata assembled from every saving rank's chunk list) -> DCP's
 global plan -> ``read_data``. Afterwards the engine counts the step as the job's
-current one, and a rank whose node lost its copy gets it back and re-replicates it
-in the background.
+current one and, in the background, pushes each saved object to as many nodes as the
+replication strategy keeps (whatever world size saved it).
 """
 
 from __future__ import annotations
@@ -41,17 +41,12 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from memckpt import ids
-from memckpt.adapters.dcp import (
-    MemoryStorageReader,
-    _Settings,
-    attach_storage_data,
-    parse_checkpoint_id,
-)
+from memckpt.adapters.dcp import MemoryStorageReader, attach_storage_data, parse_checkpoint_id
 from memckpt.adapters.megatron.files import BACKEND, BACKEND_VERSION
 from memckpt.adapters.megatron.items import step_metadata
-from memckpt.core.manifest import StepManifest, read_manifest
-from memckpt.core.runtime import NodeRuntime
-from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.engine.runtime import RuntimeSettings
+from memckpt.errors import CheckpointNotFoundError
+from memckpt.storage.manifest import StepManifest, read_manifest
 
 __all__ = ["MemoryLoadShardedStrategy"]
 
@@ -71,8 +66,8 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
 
     ``checkpoint_dir`` is what ``memckpt.adapters.megatron.latest_checkpoint`` returned
     (it also wrote ``common.pt`` and ``metadata.json`` there on every node, which
-    ``dist_checkpointing.load`` reads first). Pass the ``replication`` the save used,
-    so a rank whose node lost its data reads it from its peers.
+    ``dist_checkpointing.load`` reads first). Data on other nodes is read from there
+    whatever ``replication`` says; it only decides how copies are pushed again.
     """
 
     def __init__(
@@ -85,8 +80,8 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
         threads: int = 2,
     ) -> None:
         super().__init__()
-        self._settings = _Settings(replication=replication, node_id=node_id, secret=secret,
-                                   timeout_s=timeout_s)  # fmt: skip
+        self._settings = RuntimeSettings(replication=replication, node_id=node_id,
+                                         secret=secret, timeout_s=timeout_s)  # fmt: skip
         self.threads = threads
 
     @property
@@ -143,7 +138,6 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
                 allow_shape_mismatch_sharded_tensors=allow_mismatch,
             ),
         )
-        _after_load(reader)
         loaded = {k: _unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
         result = _replace_sharded_keys_with_state_dict_keys(
             cast(dict[str, Any], loaded), flat_mapping, rename_mapping
@@ -185,32 +179,3 @@ def _local_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
             "manifest and Megatron's files to every node)"
         )
     return step_metadata(manifest, str(checkpoint_dir))
-
-
-def _after_load(reader: _MegatronReader) -> None:
-    """The loaded step is the job's again: retention counts it, lost copies come back."""
-    rt = cast(NodeRuntime, reader._runtime)
-    locator = reader._locator
-    assert rt is not None and locator is not None
-    step = locator.step
-    rt.engine.note_loaded(step, replicated=False)
-    rep = rt.replicator
-    digest = locator.digests.get(rt.rank)
-    if rep is None or digest is None or len(locator.digests) != rt.world_size:
-        return  # no replication, or another world size saved it (resharded)
-
-    def restore_copies() -> None:
-        try:
-            if not locator.is_local(rt.rank):
-                holders = locator.holders(rt.rank)
-                if not holders:
-                    return
-                rep.fetch(step, rt.rank, holders[0])
-            outcome = rep.rereplicate(step, locator.inventories, digest)
-            if outcome.ok and outcome.holders:
-                log.info("rank %d: step %d replicated again to ranks %s", rt.rank, step,
-                         outcome.holders)  # fmt: skip
-        except MemckptError as e:
-            log.warning("rank %d: could not restore the copies of step %d: %s", rt.rank, step, e)
-
-    rt.engine.submit_background(restore_copies)

@@ -26,7 +26,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
 
-from memckpt.adapters.dcp import KEYS_BLOB, _runtime, _Settings, parse_checkpoint_id
+from memckpt.adapters.dcp import KEYS_BLOB, parse_checkpoint_id
 from memckpt.adapters.megatron.files import (
     BACKEND,
     BACKEND_VERSION,
@@ -37,11 +37,11 @@ from memckpt.adapters.megatron.files import (
     write_step_files,
 )
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, rank_items
-from memckpt.core.done_signal import DoneSignal, new_signal, signal_when_done
-from memckpt.core.handle import SaveHandle
-from memckpt.core.runtime import NodeRuntime
-from memckpt.core.statedict import flatten_state_dict
+from memckpt.engine.done_signal import DoneSignal, new_signal, signal_when_done
+from memckpt.engine.handle import SaveHandle
+from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
 from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.storage.statedict import flatten_state_dict
 
 __all__ = ["MemoryAsyncSaveStrategy"]
 
@@ -69,8 +69,8 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
         limit_bytes: int | None = None,
     ) -> None:
         super().__init__(BACKEND, BACKEND_VERSION)
-        self._settings = _Settings(replication, node_id, secret, keep_last, timeout_s,
-                                   transfer_timeout_s, limit_bytes)  # fmt: skip
+        self._settings = RuntimeSettings(replication, node_id, secret, keep_last, timeout_s,
+                                         transfer_timeout_s, limit_bytes)  # fmt: skip
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -79,8 +79,7 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
     def runtime(self, checkpoint_dir: str | os.PathLike[str]) -> NodeRuntime:
         """The node runtime of ``checkpoint_dir``'s job (opened, collectively, on first use)."""
         base, job, _ = parse_checkpoint_id(checkpoint_dir)
-        options, explicit = self._settings.options()
-        return _runtime(base, job, options, explicit, self._settings.secret)
+        return NodeRuntime.hold(base, job, self._settings)
 
     def async_save(
         self,

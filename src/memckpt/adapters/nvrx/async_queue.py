@@ -6,7 +6,7 @@ request fits NVRx's ``AsyncCallsQueue`` (same fields and methods) and this modul
 :class:`AsyncCallsQueue`, which has the same methods and needs no NVRx.
 
 How a request tells a queue that the save is done: its ``async_fn`` is the engine's
-:class:`memckpt.core.done_signal.DoneSignal`, which waits for a file the engine creates
+:class:`memckpt.engine.done_signal.DoneSignal`, which waits for a file the engine creates
 once the save has finished (committed or failed). NVRx's queue (``persistent=False``,
 as NVRx requires for local checkpoints) runs it in a forked child and sees the save done
 when that child ends; this module's queue asks ``DoneSignal.is_set()``. Either way the
@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from memckpt.core.done_signal import DoneSignal
+from memckpt.engine.done_signal import DoneSignal
 
 __all__ = ["AsyncCallsQueue", "AsyncRequest"]
 

@@ -28,7 +28,7 @@ from memckpt.adapters.nvrx.state_dict import (
     TensorAwareStateDict,
     is_tensor_aware,
 )
-from memckpt.core.done_signal import new_signal, signal_when_done
+from memckpt.engine.done_signal import new_signal, signal_when_done
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,

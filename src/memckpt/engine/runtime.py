@@ -13,32 +13,28 @@ with an error naming both, rather than silently using either.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from memckpt.core.coordination import (
-    Collectives,
-    Inventory,
-    LocalCollectives,
-    RecoveryPlan,
-    TorchCollectives,
-)
-from memckpt.core.engine import SaveEngine
-from memckpt.core.format import DEFAULT_CHUNK_SIZE
-from memckpt.core.manifest import StepManifest
-from memckpt.core.store import CheckpointStore
-from memckpt.core.transaction import Vote
+from memckpt.collectives import Collectives, LocalCollectives, TorchCollectives
+from memckpt.engine.recovery_plan import RecoveryPlan
+from memckpt.engine.save_engine import SaveEngine
+from memckpt.engine.save_transaction import Vote
 from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.replication.replicator import Replicator
+from memckpt.replication.strategies import ReplicationStrategy
+from memckpt.storage.format import DEFAULT_CHUNK_SIZE
+from memckpt.storage.inventory import Inventory
+from memckpt.storage.manifest import StepManifest
+from memckpt.storage.retention import check_keep_last
+from memckpt.storage.store import CheckpointStore
 
-if TYPE_CHECKING:
-    from memckpt.replication.replicator import Replicator
-    from memckpt.replication.strategies import ReplicationStrategy
-
-__all__ = ["NodeRuntime", "RuntimeOptions"]
+__all__ = ["NodeRuntime", "RuntimeOptions", "RuntimeSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -71,30 +67,86 @@ class RuntimeOptions:
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
 
+@dataclass
+class RuntimeSettings:
+    """The settings an API call names explicitly (None: whatever the open runtime has).
+
+    Framework calls that have no close of their own (DCP's writer and reader, Megatron's
+    strategies, ``latest_checkpoint``) open the job's runtime with these through
+    :meth:`NodeRuntime.hold`; the ones given must agree with a runtime already open.
+    """
+
+    replication: str | None = None
+    node_id: str | None = None
+    secret: bytes | None = None
+    keep_last: int | None = None
+    timeout_s: float | None = None
+    transfer_timeout_s: float | None = None
+    limit_bytes: int | None = None
+
+    def options(self) -> tuple[RuntimeOptions, set[str]]:
+        """(the runtime options, the names given explicitly)."""
+        given = {k: v for k, v in vars(self).items() if v is not None and k != "secret"}
+        if "keep_last" in given:
+            check_keep_last(given["keep_last"])
+        return RuntimeOptions(**given), set(given)
+
+
 class NodeRuntime:
-    """See the module docstring. Build with :meth:`acquire`, give back with :meth:`release`."""
+    """See the module docstring. Build with :meth:`acquire`, give back with :meth:`release`.
+
+    The one registry of open runtimes is here: ``acquire``/``release`` for APIs with a
+    close of their own (``CheckpointManager``), ``hold``/``release_held`` for framework
+    calls without one (kept open until ``release_held`` or interpreter exit).
+    """
 
     _lock = threading.Lock()
     _open: dict[tuple[str, str], NodeRuntime] = {}
+    _held: dict[tuple[str, str], NodeRuntime] = {}
 
     def __init__(
         self,
         store: CheckpointStore,
         coll: Collectives,
         commit_coll: Collectives,
-        replicator: Replicator | None,
+        network: Replicator | None,
         engine: SaveEngine,
         options: RuntimeOptions,
         key: tuple[str, str],
+        connect_args: dict[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.coll = coll
         self.commit_coll = commit_coll
-        self.replicator = replicator
+        self.network = network
         self.engine = engine
         self.options = options
         self._key = key
         self._users = 0
+        self._connect_args = connect_args or {}
+        self._connected = network is not None or coll.world_size == 1
+
+    @property
+    def replicator(self) -> Replicator | None:
+        """The replicator when a strategy that fits this layout pushes copies, else None."""
+        net = self.network
+        return net if net is not None and net.pushes else None
+
+    def connect(self) -> Replicator | None:
+        """The peers' transfer services, for reading copies on other nodes (collective).
+
+        Reading never depends on a replication setting: a runtime opened without one
+        starts its transfer server and meets the peers the first time a load needs them
+        (every rank calls this at the same point of the load). None on one node.
+        """
+        if not self._connected:
+            self._connected = True
+            self.network = Replicator.setup(
+                self.store, self.coll, None, node_id=self.options.node_id,
+                connections=self.options.connections,
+                timeout_s=self.options.transfer_timeout_s, **self._connect_args,
+            )  # fmt: skip
+        return self.network
 
     @property
     def rank(self) -> int:
@@ -171,8 +223,6 @@ class NodeRuntime:
         try:
             spec = strategy if strategy is not None else options.replication
             if spec is not None:
-                from memckpt.replication.replicator import Replicator
-
                 replicator = Replicator.setup(
                     store,
                     collectives,
@@ -193,7 +243,7 @@ class NodeRuntime:
                 chunk_size=options.chunk_size,
                 durable=options.durable,
                 prefault=options.prefault,
-                replicator=replicator,
+                replicator=replicator if replicator is not None and replicator.pushes else None,
                 vote=vote,
             )
         except BaseException:
@@ -201,7 +251,8 @@ class NodeRuntime:
                 replicator.close()
             store.close()
             raise
-        rt = cls(store, collectives, commit_coll, replicator, engine, options, key)
+        connect_args = {"host": transfer_host, "port": transfer_port, "secret": secret}
+        rt = cls(store, collectives, commit_coll, replicator, engine, options, key, connect_args)
         if options.prefault:
             rt._prefault_at_start(options.size_hint)
         return rt
@@ -216,6 +267,46 @@ class NodeRuntime:
     @property
     def root(self) -> Path:
         return self.store.root
+
+    @classmethod
+    def hold(
+        cls, base_dir: str | os.PathLike[str], job_id: str, settings: RuntimeSettings
+    ) -> NodeRuntime:
+        """The job's runtime, held open for framework calls that have no close (collective
+        the first time in a process). A runtime already open is reused when the settings
+        given explicitly agree with it; otherwise MemckptError names both."""
+        options, explicit = settings.options()
+        key = (os.path.realpath(base_dir), str(job_id))
+        with cls._lock:
+            rt = cls._held.get(key)
+        if rt is None:
+            rt = cls.find(base_dir, job_id) or cls.acquire(
+                base_dir, job_id, options, secret=settings.secret
+            )
+            with cls._lock:
+                cls._held[key] = rt
+        for name in sorted(explicit):
+            if getattr(rt.options, name) != getattr(options, name):
+                raise MemckptError(
+                    f"job {job_id!r} under {base_dir} is open in this process with {name}="
+                    f"{getattr(rt.options, name)!r}; this call asks for "
+                    f"{getattr(options, name)!r}. Use the same settings, or close the job "
+                    "first: memckpt.adapters.dcp.close(base_dir, job_id) (DCP), "
+                    "memckpt.adapters.megatron.close(base_dir, job_id) (Megatron)"
+                )
+        return rt
+
+    @classmethod
+    def release_held(
+        cls, base_dir: str | os.PathLike[str] | None = None, job_id: str | None = None
+    ) -> None:
+        """Close the held runtimes (all, or one job's); waits for saves in flight."""
+        want = None if base_dir is None else (os.path.realpath(base_dir), job_id)
+        with cls._lock:
+            keys = [k for k in cls._held if want is None or k == want]
+            rts = [cls._held.pop(k) for k in keys]
+        for rt in rts:
+            rt.release()
 
     @classmethod
     def find(cls, base_dir: str | os.PathLike[str], job_id: str) -> NodeRuntime | None:
@@ -266,6 +357,9 @@ class NodeRuntime:
                 return
             self._open.pop(self._key, None)
         self.engine.close()
-        if self.replicator is not None:
-            self.replicator.close()
+        if self.network is not None:
+            self.network.close()
         self.store.close()
+
+
+atexit.register(NodeRuntime.release_held)

@@ -25,13 +25,11 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
+from memckpt.engine.handle import SaveHandle
 from memckpt.errors import MemckptError
 from memckpt.ids import JobLayout
-
-if TYPE_CHECKING:
-    from memckpt.core.handle import SaveHandle
 
 __all__ = ["DoneSignal", "new_signal", "signal_when_done"]
 

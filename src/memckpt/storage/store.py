@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memckpt import ids
-from memckpt.core.coordination import ManifestInfo, StepHoldings
-from memckpt.core.format import read_header
-from memckpt.core.manifest import StepManifest, read_manifest, write_manifest
-from memckpt.core.pool import Buffer, BufferPool
 from memckpt.errors import CorruptCheckpointError
+from memckpt.storage.format import read_header
+from memckpt.storage.inventory import ManifestInfo, StepHoldings
+from memckpt.storage.manifest import StepManifest, read_manifest, write_manifest
+from memckpt.storage.pool import Buffer, BufferPool
 
 __all__ = ["CheckpointStore", "ObjectInfo", "delete_job", "node_inventory", "object_digest"]
 
@@ -108,14 +108,24 @@ def _manifest(layout: ids.JobLayout, step: int) -> StepManifest | None:
     return m
 
 
+def _damage_marks(layout: ids.JobLayout, step: int) -> frozenset[int]:
+    """Manifest checksums a load marked damaged in this step's directory (names only)."""
+    try:
+        entries = list(os.scandir(layout.step_dir(step)))
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset()
+    return frozenset(c for e in entries if (c := ids.parse_damage_mark(e.name)) is not None)
+
+
 def node_inventory(layout: ids.JobLayout) -> dict[int, StepHoldings]:
-    """What one node's tree holds: per step, valid objects by digest and the manifest."""
+    """What one node's tree holds: per step, valid objects by digest, manifest, damage marks."""
     inv: dict[int, StepHoldings] = {}
     for step in _step_dirs(layout):
         objects = {o.rank: o.digest for o in _objects(layout, step)}
         m = _manifest(layout, step)
         if objects or m is not None:
-            inv[step] = StepHoldings(objects, ManifestInfo.of(m) if m is not None else None)
+            info = ManifestInfo.of(m) if m is not None else None
+            inv[step] = StepHoldings(objects, info, _damage_marks(layout, step))
     return inv
 
 
@@ -291,6 +301,48 @@ class CheckpointStore:
                 self.pool.release(final)
         self.marker_path(step, self.rank).unlink(missing_ok=True)
         self._remove_if_empty(self.step_dir(step))
+
+    # -- damage found by loads -------------------------------------------------------------
+    def mark_damaged(self, step: int, manifest_checksum: int, detail: str) -> None:
+        """Record that the step with this manifest has data damaged on every holder.
+
+        Inventories report the mark, so the recovery plan of every rank and of every later
+        restart passes over the step. A re-save writes a new manifest, which the mark
+        does not name.
+        """
+        path = self.layout.damage_mark_path(step, manifest_checksum)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            return
+        except OSError as e:
+            log.warning("rank %d: cannot mark step %d damaged at %s: %s", self.rank, step, path, e)
+            return
+        try:
+            os.write(fd, detail.encode()[:4096])
+        finally:
+            os.close(fd)
+
+    def set_aside_damaged(self, step: int, rank: int, digest: int) -> bool:
+        """Rename this node's copy of ``rank``'s object aside when its data failed verification.
+
+        Only the copy whose header digest is ``digest`` (the one that was read) moves, so a
+        good copy published meanwhile stays; the inventory then stops offering it and
+        re-replication puts a good copy back. Returns whether a copy moved.
+        """
+        path = self.object_path(step, rank)
+        try:
+            found = object_digest(path)
+        except CorruptCheckpointError:
+            found = None
+        if found is None or found[1] != digest:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.pool.forget(path)
+            os.rename(path, self.layout.damaged_object_path(step, rank))
+            log.warning("rank %d: set aside %s: its data failed verification", self.rank, path)
+            return True
+        return False
 
     # -- inventory -----------------------------------------------------------------------
     def steps(self) -> list[int]:

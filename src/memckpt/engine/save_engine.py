@@ -20,24 +20,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from memckpt.core import events
-from memckpt.core.coordination import Collectives
-from memckpt.core.faults import fault_point
-from memckpt.core.format import DEFAULT_CHUNK_SIZE
-from memckpt.core.handle import SaveHandle, SaveResult
-from memckpt.core.pool import free_bytes
-from memckpt.core.retention import plan_retention
-from memckpt.core.statedict import FlatStateDict, flatten_state_dict
-from memckpt.core.store import CheckpointStore
-from memckpt.core.transaction import Ballot, SaveTransaction, Vote, collective_vote
-from memckpt.core.writer import ObjectLayout, plan_layout
+from memckpt.collectives import Collectives
+from memckpt.engine.handle import SaveHandle, SaveResult
+from memckpt.engine.save_transaction import Ballot, SaveTransaction, Vote, collective_vote
 from memckpt.errors import InsufficientSpaceError, MemckptError
 from memckpt.ids import validate_step
-
-if TYPE_CHECKING:
-    from memckpt.replication.replicator import Replicator
+from memckpt.replication.replicator import Replicator
+from memckpt.storage import events
+from memckpt.storage.faults import fault_point
+from memckpt.storage.format import DEFAULT_CHUNK_SIZE
+from memckpt.storage.pool import free_bytes
+from memckpt.storage.retention import check_keep_last, plan_retention
+from memckpt.storage.statedict import FlatStateDict, flatten_state_dict
+from memckpt.storage.store import CheckpointStore
+from memckpt.storage.writer import ObjectLayout, plan_layout
 
 __all__ = ["SaveEngine", "space_needed"]
 
@@ -74,8 +72,7 @@ class SaveEngine:
         replicator: Replicator | None = None,
         vote: Vote | None = None,
     ) -> None:
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        check_keep_last(keep_last)
         self.store = store
         self.coll = collectives
         self.vote: Vote = vote or collective_vote(collectives)

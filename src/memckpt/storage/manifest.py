@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from memckpt.core.format import checksum
 from memckpt.errors import CorruptCheckpointError
+from memckpt.storage.format import checksum
 
 __all__ = [
     "MANIFEST_MAGIC",

@@ -21,22 +21,36 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from memckpt import ids
-from memckpt.core.manifest import write_manifest
-from memckpt.core.store import CheckpointStore
-from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.engine.save_engine import SaveEngine
+from memckpt.errors import CheckpointNotFoundError, ConfigError, MemckptError
+from memckpt.storage.manifest import write_manifest
+from memckpt.storage.store import CheckpointStore
 
-if TYPE_CHECKING:
-    from memckpt.core.engine import SaveEngine
-
-__all__ = ["PART_WAIT_S", "drain_objects", "schedule_drain", "wait_for_drains", "wait_for_parts"]
+__all__ = [
+    "PART_WAIT_S",
+    "check_persist",
+    "drain_objects",
+    "schedule_drain",
+    "wait_for_drains",
+    "wait_for_parts",
+]
 
 log = logging.getLogger(__name__)
 
 PART_WAIT_S = 600.0
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memckpt-drain")
+
+
+def check_persist(persist_every: object, persist_dir: object) -> None:
+    """``persist_every`` needs an integer >= 1 and a ``persist_dir`` (ConfigError otherwise)."""
+    if persist_every is None:
+        return
+    if not isinstance(persist_every, int) or isinstance(persist_every, bool) or persist_every < 1:
+        raise ConfigError(f"persist_every must be an integer >= 1, got {persist_every!r}")
+    if persist_dir is None:
+        raise ConfigError("persist_every needs a persist_dir to drain to")
 
 
 def schedule_drain(

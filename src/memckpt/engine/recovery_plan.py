@@ -1,127 +1,20 @@
-"""Collectives between ranks, and the pure decisions made from what ranks report.
+"""The pure recovery plan: which step to load and where each rank's data comes from.
 
-Collectives are injected (``Collectives``), so the engine and the recovery plan
-run without a process group in tests. ``TorchCollectives`` runs every collective
-on a dedicated gloo group created with a timeout, so a dead rank turns into a
-``CollectiveError`` instead of a hang.
+Inventories in (what each rank's node holds), plan out; no I/O, so tests drive it
+without processes and ``memckpt status`` renders it for operators.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from memckpt.core.manifest import StepManifest
-from memckpt.errors import CollectiveError
+from memckpt.storage.inventory import Inventory, ManifestInfo, StepHoldings
 
-__all__ = [
-    "Collectives",
-    "Inventory",
-    "LocalCollectives",
-    "ManifestInfo",
-    "RecoveryPlan",
-    "StepHoldings",
-    "TorchCollectives",
-    "plan_recovery",
-]
+__all__ = ["RecoveryPlan", "plan_recovery"]
 
 log = logging.getLogger(__name__)
-
-
-class Collectives(Protocol):
-    """What memckpt needs from a process group. All ranks call each method in the same order."""
-
-    @property
-    def rank(self) -> int: ...
-
-    @property
-    def world_size(self) -> int: ...
-
-    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
-        """Every rank's ``obj``, indexed by rank; ``what`` names the operation in errors."""
-        ...
-
-
-class LocalCollectives:
-    """A world of one process: no process group needed."""
-
-    rank = 0
-    world_size = 1
-
-    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
-        return [obj]
-
-
-class TorchCollectives:
-    """Collectives on a new gloo group of the default process group, with a timeout.
-
-    Creating one is itself collective: every rank must construct it in the same order.
-    """
-
-    def __init__(self, timeout_s: float = 300.0) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise CollectiveError("torch.distributed is not initialised; call init_process_group")
-        self._dist = dist
-        self.timeout_s = timeout_s
-        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        self._rank = dist.get_rank()
-        self._world_size = dist.get_world_size()
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
-
-    def all_gather_object(self, obj: Any, what: str) -> list[Any]:
-        out: list[Any] = [None] * self._world_size
-        try:
-            self._dist.all_gather_object(out, obj, group=self.group)
-        except Exception as e:
-            raise CollectiveError(
-                f"rank {self._rank}: {what} failed after waiting up to {self.timeout_s:.0f}s for "
-                f"the other {self._world_size - 1} ranks ({e}); a rank may have died or stopped "
-                "calling the same memckpt operation"
-            ) from e
-        return out
-
-
-@dataclass(frozen=True)
-class ManifestInfo:
-    """A step manifest as ranks exchange it: enough to decide completeness, no blobs."""
-
-    world_size: int
-    digests: tuple[int, ...]
-    checksum: int
-    created_unix: float = 0.0
-
-    @classmethod
-    def of(cls, manifest: StepManifest) -> ManifestInfo:
-        return cls(
-            manifest.world_size,
-            tuple(manifest.objects[r].digest for r in range(manifest.world_size)),
-            manifest.checksum,
-            manifest.created_unix,
-        )
-
-
-@dataclass(frozen=True)
-class StepHoldings:
-    """What one node holds of one step: valid objects (rank -> digest) and its manifest."""
-
-    objects: Mapping[int, int] = field(default_factory=dict)
-    manifest: ManifestInfo | None = None
-
-
-Inventory = Mapping[int, StepHoldings]
-"""step -> holdings, as one rank reports its node's tree."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +78,8 @@ def plan_recovery(
     ``world_size_mismatch`` set); with ``"skip"`` older steps are considered; with
     ``"allow"`` (a resharding reader that reads any rank's object) it counts as
     complete, and ``sources`` covers the saved world's ranks.
-    ``skipped`` says why each newer step was passed over.
+    ``skipped`` says why each newer step was passed over. A step some node marked
+    damaged (a load found its data failing verification on every holder) is passed over.
     """
     if on_world_size_mismatch not in ("raise", "skip", "allow"):
         raise ValueError(
@@ -205,7 +99,13 @@ def plan_recovery(
             skipped[s] = "not committed (no node has its step manifest)"
             continue
         reasons = []
+        damaged = frozenset().union(*(h.damaged for h in held))
         for m in sorted(variants.values(), key=lambda m: -m.created_unix):
+            if m.checksum in damaged:
+                reasons.append(
+                    "damaged: a load found its data failing verification on every holder"
+                )
+                continue
             by_rank = {
                 r: [h for h, hold in enumerate(held) if hold.objects.get(r) == m.digests[r]]
                 for r in range(m.world_size)

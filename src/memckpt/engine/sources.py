@@ -1,7 +1,7 @@
 """Object sources: one way to read any rank's object, from this node's tree or a peer's.
 
 An ``ObjectSource`` is an open object with its header, index and non-tensor part
-validated (``memckpt.core.reader.read_sections``); ``read_all`` fills destination
+validated (``memckpt.storage.reader.read_sections``); ``read_all`` fills destination
 buffers with tensor bytes and verifies every chunk. ``ObjectReader`` reads a local
 file; ``memckpt.transport.client.RemoteObjectReader`` reads a peer's object over the
 transfer service with ranged GETs. ``ObjectLocator`` picks where to read an object
@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from memckpt.core.coordination import Inventory
-from memckpt.core.format import ObjectHeader, ObjectIndex, TensorEntry
-from memckpt.core.reader import ObjectReader, TensorDamage
-from memckpt.core.store import CheckpointStore, object_digest
-from memckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, TransferError
-
-if TYPE_CHECKING:
-    from memckpt.replication.replicator import Replicator
+from memckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DataDamagedError,
+    TransferError,
+)
+from memckpt.replication.replicator import Replicator
+from memckpt.storage.format import ObjectHeader, ObjectIndex, TensorEntry
+from memckpt.storage.inventory import Inventory
+from memckpt.storage.reader import ObjectReader, TensorDamage
+from memckpt.storage.store import CheckpointStore, object_digest
 
 __all__ = ["ObjectLocator", "ObjectSource"]
 
@@ -58,21 +61,31 @@ class ObjectLocator:
     ``inventories`` are every rank's report (``CheckpointStore.inventory()``), indexed by
     rank, as exchanged for the recovery plan; ``digests`` maps rank -> the digest the
     step's manifest names (objects with another digest are not that step's data).
+    ``network`` reaches the other nodes' transfer services (any replication setting, or
+    none); ``manifest_checksum`` names the step's manifest in damage marks.
+
+    Data that fails its checksums is handled here once, for every API: a damaged copy on
+    this node is set aside, and when every holder's copy of an object is damaged the
+    step is marked damaged in this node's tree, so every rank's and every later
+    restart's plan passes over it.
     """
 
     def __init__(
         self,
         store: CheckpointStore,
-        replicator: Replicator | None,
+        network: Replicator | None,
         inventories: Sequence[Inventory],
         step: int,
         digests: Mapping[int, int],
+        manifest_checksum: int | None = None,
     ) -> None:
         self.store = store
-        self.replicator = replicator
+        self.network = network
         self.inventories = inventories
         self.step = step
         self.digests = digests
+        self.manifest_checksum = manifest_checksum
+        self.damaged: list[str] = []  # copies whose data failed verification
 
     def is_local(self, rank: int) -> bool:
         """Whether this node's tree holds ``rank``'s object with the manifest's digest."""
@@ -107,10 +120,10 @@ class ObjectLocator:
                     f"{reader.where}: not the object the manifest of step {self.step} names"
                 )
             return reader
-        if self.replicator is None:
+        if self.network is None:
             raise TransferError(f"rank {rank}'s object of step {self.step} is on another node "
-                                "and replication is off")  # fmt: skip
-        return self.replicator.open_remote(self.step, rank, holder)
+                                "and this job has no transfer service (one node)")  # fmt: skip
+        return self.network.open_remote(self.step, rank, holder)
 
     def read(
         self, rank: int, fn: Callable[[ObjectSource], T], *, first: int | None = None
@@ -127,14 +140,25 @@ class ObjectLocator:
                 f"no live node holds rank {rank}'s object of step {self.step}"
             )
         last: Exception | None = None
+        damaged = 0
         for holder in candidates:
             try:
                 with self.open(rank, holder) as src:
                     return fn(src), holder
             except (TransferError, CorruptCheckpointError) as e:
                 last = e
+                where = "this node" if holder is None else f"rank {holder}"
                 log.warning("rank %d: reading rank %d's object of step %d from %s failed: %s",
-                            self.store.rank, rank, self.step,
-                            "this node" if holder is None else f"rank {holder}", e)  # fmt: skip
+                            self.store.rank, rank, self.step, where, e)  # fmt: skip
+                if isinstance(e, DataDamagedError):
+                    damaged += 1
+                    self.damaged.append(f"rank {rank}'s object on {where}: {e}")
+                    if holder is None and rank in self.digests:
+                        self.store.set_aside_damaged(self.step, rank, self.digests[rank])
         assert last is not None
+        if damaged == len(candidates) and self.manifest_checksum is not None:
+            self.store.mark_damaged(self.step, self.manifest_checksum, str(last))
+            log.error("rank %d: every copy of rank %d's object of step %d is damaged; step %d "
+                      "is marked damaged and loads pass over it", self.store.rank, rank,
+                      self.step, self.step)  # fmt: skip
         raise last

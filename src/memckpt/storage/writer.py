@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import xxhash
 
-from memckpt.core.faults import fault_point
-from memckpt.core.format import (
+from memckpt.storage.faults import fault_point
+from memckpt.storage.format import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
     ObjectHeader,
@@ -38,9 +38,9 @@ from memckpt.core.format import (
     encode_index,
     layout_offsets,
 )
-from memckpt.core.pool import Buffer
-from memckpt.core.statedict import FlatStateDict
-from memckpt.core.tensorbytes import is_plain_cpu, typed_view
+from memckpt.storage.pool import Buffer
+from memckpt.storage.statedict import FlatStateDict
+from memckpt.storage.tensorbytes import is_plain_cpu, typed_view
 
 __all__ = ["ObjectLayout", "StagedObject", "finalize", "plan_layout", "stage"]
 

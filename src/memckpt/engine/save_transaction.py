@@ -25,26 +25,24 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from memckpt.core.coordination import Collectives
-from memckpt.core.faults import fault_point
-from memckpt.core.format import read_header
-from memckpt.core.manifest import ObjectDigest, StepManifest, new_manifest
-from memckpt.core.pool import Buffer
-from memckpt.core.statedict import FlatStateDict
-from memckpt.core.store import CheckpointStore
-from memckpt.core.writer import (
+from memckpt.collectives import Collectives
+from memckpt.errors import CommitError
+from memckpt.replication.replicator import ReplicationOutcome, Replicator
+from memckpt.storage.faults import fault_point
+from memckpt.storage.format import read_header
+from memckpt.storage.manifest import ObjectDigest, StepManifest, new_manifest
+from memckpt.storage.pool import Buffer
+from memckpt.storage.statedict import FlatStateDict
+from memckpt.storage.store import CheckpointStore
+from memckpt.storage.writer import (
     ObjectLayout,
     StagedObject,
     finalize,
     meta_estimate,
     stage,
 )
-from memckpt.errors import CommitError
-
-if TYPE_CHECKING:
-    from memckpt.replication.replicator import ReplicationOutcome, Replicator
 
 __all__ = ["Ballot", "SaveTransaction", "Vote", "collective_vote", "single_rank_vote"]
 

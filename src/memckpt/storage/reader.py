@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import xxhash
 
-from memckpt.core.format import (
+from memckpt.errors import CorruptCheckpointError, DataDamagedError, StateDictMismatchError
+from memckpt.storage.format import (
     HEADER_SIZE,
     ObjectHeader,
     ObjectIndex,
@@ -28,9 +29,8 @@ from memckpt.core.format import (
     decode_index,
     pread_exact,
 )
-from memckpt.core.statedict import check_skeleton, iter_named_tensors, restore_state_dict
-from memckpt.core.tensorbytes import is_plain_cpu, tensor_memoryview
-from memckpt.errors import CorruptCheckpointError, StateDictMismatchError
+from memckpt.storage.statedict import check_skeleton, iter_named_tensors, restore_state_dict
+from memckpt.storage.tensorbytes import is_plain_cpu, tensor_memoryview
 
 __all__ = ["ObjectReader", "TensorDamage", "load_object", "read_sections", "verify_object_bytes"]
 
@@ -76,7 +76,7 @@ def read_sections(
         if len(raw) != length:
             raise CorruptCheckpointError(f"{where}: {what} truncated")
         if checksum(raw) != expected:
-            raise CorruptCheckpointError(f"{where}: {what} checksum mismatch")
+            raise DataDamagedError(f"{where}: {what} checksum mismatch")
         return raw
 
     index = decode_index(
@@ -217,7 +217,7 @@ def verify_object_bytes(
     if damage:
         shown = "; ".join(map(str, damage[:5]))
         more = f" and {len(damage) - 5} more" if len(damage) > 5 else ""
-        raise CorruptCheckpointError(f"{where}: checksum mismatch in {shown}{more}")
+        raise DataDamagedError(f"{where}: checksum mismatch in {shown}{more}")
     return h, index
 
 
@@ -374,7 +374,7 @@ def load_object(
                     written.add(e.name)
                 loaded[i] = _finish_tensor(e, staging, dest.get(e.name), map_location, reader.where)
         if damage:
-            raise CorruptCheckpointError(
+            raise DataDamagedError(
                 f"{reader.where}: checksum mismatch in "
                 + ", ".join(str(d) for d in damage[:5])
                 + (f" and {len(damage) - 5} more" if len(damage) > 5 else "")

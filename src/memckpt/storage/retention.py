@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["RetentionPlan", "plan_retention"]
+from memckpt.errors import ConfigError
+
+__all__ = ["RetentionPlan", "check_keep_last", "plan_retention"]
+
+
+def check_keep_last(keep_last: object, what: str = "keep_last") -> int:
+    """``keep_last`` as an int >= 1, else ConfigError naming it (the one check every API uses)."""
+    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+        raise ConfigError(f"{what} must be an integer >= 1, got {keep_last!r}")
+    return keep_last
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,7 @@ def plan_retention(
     - Steps newer than ``newest`` are kept (a faster peer may be saving them) unless
       they are ``abandoned``: left behind by a restart from an older step.
     """
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    check_keep_last(keep_last)
     done = sorted(set(committed))
     if newest is None:
         if not done:

@@ -1,0 +1,113 @@
+"""The tier policy: the memory tier and a persistent tier behind one resume rule.
+
+Every API that keeps both tiers (the recipes, Lightning/NeMo, ``State``,
+``CheckpointManager(persist_every=...)``, the DCP writer's ``persist_every``) resumes by
+this rule, agreed across ranks:
+
+- the newest intact step wins; **on equal steps, memory** (it is verified on load and
+  faster to read);
+- memory steps are tried newest first, and only those at or above the persistent step:
+  a memory step whose data turns out damaged falls back to the next older memory step
+  still at or above it, else to the persistent checkpoint;
+- a persistent checkpoint whose step cannot be read wins over memory (the user named
+  it, and nothing says memory is newer).
+
+Call sequence (every rank, collective where marked)::
+
+    persistent = agreed persistent step (the caller reads it once and shares it)
+    choice = resume_tiers(load_memory, persistent_step, persistent_exists)
+        load_memory(floor)     collective: load the newest memory step >= floor,
+                               falling back over damaged ones; None if none loaded
+    choice.tier == "persistent": the caller loads its persistent checkpoint
+
+At a normal end of training, once the newest step is persisted, ``release_memory_tier``
+gives the job's memory back (tmpfs pages are RAM the next job on the node needs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from memckpt import ids
+from memckpt.storage.store import delete_job
+
+__all__ = ["ResumeChoice", "choose_tier", "release_memory_tier", "resume_tiers"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """Where a job resumes from: ``tier`` is "memory", "persistent" or "none".
+
+    ``step`` is the step actually loaded (memory) or the persistent step (None when
+    unknown); ``memory_step`` the memory step loaded, ``persistent_step`` the persistent
+    step seen.
+    """
+
+    tier: str
+    step: int | None
+    memory_step: int | None = None
+    persistent_step: int | None = None
+
+
+def choose_tier(
+    memory_step: int | None, persistent_step: int | None, persistent_exists: bool
+) -> str:
+    """The rule on two known steps (pure): newest wins, memory on a tie.
+
+    A persistent checkpoint that exists but whose step is unknown wins.
+    """
+    if persistent_exists and persistent_step is None:
+        return "persistent"
+    if memory_step is not None and (persistent_step is None or memory_step >= persistent_step):
+        return "memory"
+    return "persistent" if persistent_exists else "none"
+
+
+def memory_floor(persistent_step: int | None, persistent_exists: bool) -> int | None:
+    """The lowest memory step worth loading: memory wins a tie, so the persistent step."""
+    if not persistent_exists:
+        return None
+    return persistent_step
+
+
+def resume_tiers(
+    load_memory: Callable[[int | None], int | None] | None,
+    persistent_step: int | None,
+    persistent_exists: bool,
+) -> ResumeChoice:
+    """Apply the rule (see the module docstring); collective through ``load_memory``.
+
+    ``load_memory(floor)`` loads the newest memory step >= ``floor`` (None: any), falling
+    back over damaged steps, and returns the step it loaded or None. Every rank passes
+    the same ``persistent_step`` and ``persistent_exists``.
+    """
+    if persistent_exists and persistent_step is None:
+        return ResumeChoice("persistent", None, None, None)
+    loaded = None
+    if load_memory is not None:
+        loaded = load_memory(memory_floor(persistent_step, persistent_exists))
+    tier = choose_tier(loaded, persistent_step, persistent_exists)
+    step = loaded if tier == "memory" else persistent_step if tier == "persistent" else None
+    return ResumeChoice(tier, step, loaded, persistent_step)
+
+
+def release_memory_tier(
+    base_dir: str, job_id: str, roots: Sequence[str], rank: int, my_root: str
+) -> bool:
+    """Delete this node's memory tier of the job, by one rank per node directory.
+
+    ``roots`` are every rank's real job directory (all-gathered by the caller after every
+    rank closed its runtime); the lowest rank of each directory deletes it. Returns
+    whether this rank deleted. Call only at a normal end, once the newest step is
+    persisted.
+    """
+    if rank != min(r for r, root in enumerate(roots) if root == my_root):
+        return False
+    delete_job(ids.JobLayout(base_dir, job_id))
+    log.info("rank %d: training ended and its newest step is persisted; released the memory "
+             "tier of job %s (%s)", rank, job_id, my_root)  # fmt: skip
+    return True
