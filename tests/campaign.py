@@ -235,18 +235,8 @@ class SimulatedCluster:
         reports = ctx.Queue()
         port = free_port()
         for n in range(self.nodes):
-            p = ctx.Process(
-                target=_rank_main,
-                args=(
-                    fn,
-                    n,
-                    self.nodes,
-                    str(self.node_dir(n)),
-                    self.node_env(n, port),
-                    args,
-                    reports,
-                ),
-            )
+            rank_args = (fn, n, self.nodes, str(self.node_dir(n)), self.node_env(n, port), args)
+            p = ctx.Process(target=_rank_main, args=(*rank_args, reports))
             p.start()
             self._procs.append(p)
         return reports
@@ -263,16 +253,15 @@ class SimulatedCluster:
             try:
                 rank, kind, value = reports.get(timeout=min(left, 0.5))
             except queue.Empty:
-                dead = {
-                    r: p.exitcode
-                    for r, p in enumerate(self._procs)
-                    if r not in out and not p.is_alive()
-                }
-                if dead:
+                gone = {r: p.exitcode for r, p in enumerate(self._procs) if not p.is_alive()}
+                if not gone:
+                    continue
+                try:  # a rank that reported and exited: its report may only now be readable
+                    rank, kind, value = reports.get(timeout=1.0)
+                except queue.Empty:
                     raise AssertionError(
-                        f"ranks died without a report: exit codes {dead}"
+                        f"ranks ended without a report: exit codes {gone}"
                     ) from None
-                continue
             if kind != want:
                 raise AssertionError(f"rank {rank} sent {kind!r}, expected {want!r}:\n{value}")
             out[rank] = value
@@ -352,7 +341,7 @@ class Outcome:
 
 
 def run_campaign(
-    tmp_path: Path, plan: Plan, fn: Callable[..., Any], *, timeout: float = 60.0
+    tmp_path: Path, plan: Plan, fn: Callable[..., Any], *, timeout: float = 45.0
 ) -> Outcome:
     """Reference run, killed run, wipe of ``plan.wiped_node``, restart (each within ``timeout``)."""
     seconds: dict[str, float] = {}

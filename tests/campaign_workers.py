@@ -99,6 +99,8 @@ def train_manager(rank: int, world: int, node_dir: str, cfg: dict[str, Any]) -> 
         if step == cfg["kill_step"]:
             assert handle is not None and handle.wait().committed
             pause_for_kill(step)
+    if handle is not None:
+        handle.wait()  # raises the last save's error, if any
     mgr.close()
     return final(resumed, cfg["steps"], model.module, opt, fetched=fetched)
 

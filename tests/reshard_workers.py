@@ -76,3 +76,78 @@ def load_fsdp(
             if isinstance(v, torch.Tensor) and not torch.equal(got["optim"]["state"][pid][k], v):
                 bad.append(f"optim {pid} {k}")
     return {"files": files, "mismatched": bad, "time": time.time()}
+
+
+def flip_first_tensor_byte(path: Path) -> None:
+    """Damage one byte of an object's first tensor (its checksum no longer matches)."""
+    from memckpt.storage.reader import ObjectReader
+
+    with ObjectReader(path) as r:
+        offset = r.index.tensors[0].offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _state(rank: int, step: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(rank * 100 + step)
+    return {f"w{rank}": torch.randn(256, generator=g), "step": step}
+
+
+def save_steps(rank: int, world_size: int, base: str, steps: list[int]) -> bool:
+    for step in steps:
+        dcp.save(_state(rank, step), checkpoint_id=checkpoint_id(_node_base(base), "job", step),
+                 storage_writer=MemoryStorageWriter(replication="pairwise"))  # fmt: skip
+    close()
+    return True
+
+
+def load_damaged_newest(rank: int, world_size: int, base: str) -> dict[str, Any]:
+    """The newest step is damaged in every copy: the load fails once, then latest moves on."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    node_base = _node_base(base)
+    first = latest_checkpoint(node_base, "job")
+    failed = ""
+    try:
+        dcp.load(_state(rank, 0), checkpoint_id=first, storage_reader=MemoryStorageReader())
+    except CheckpointException as e:
+        failed = str(e)
+    second = latest_checkpoint(node_base, "job")
+    dest = _state(rank, 0)
+    dcp.load(dest, checkpoint_id=second, storage_reader=MemoryStorageReader())
+    close()
+    ok = torch.equal(dest[f"w{rank}"], _state(rank, 20)[f"w{rank}"]) and dest["step"] == 20
+    return {"first": Path(first or "").name, "failed": failed, "second": Path(second or "").name,
+            "ok": ok}  # fmt: skip
+
+
+def load_step(rank: int, world_size: int, base: str, step: int) -> dict[str, Any]:
+    """A restart: latest, then an explicit load of ``step`` (on a replaced node too)."""
+    node_base = _node_base(base)
+    latest = latest_checkpoint(node_base, "job")
+    dest = _state(rank, 0)
+    dcp.load(dest, checkpoint_id=checkpoint_id(node_base, "job", step),
+             storage_reader=MemoryStorageReader())  # fmt: skip
+    close()
+    ok = torch.equal(dest[f"w{rank}"], _state(rank, step)[f"w{rank}"]) and dest["step"] == step
+    return {"latest": Path(latest or "").name, "ok": ok}
+
+
+class _NoMetadataPlanner(dcp.DefaultSavePlanner):
+    """A custom planner that keeps no ``metadata`` attribute (DCP allows that)."""
+
+    def create_global_plan(self, all_plans):  # type: ignore[no-untyped-def]
+        plans, md = super().create_global_plan(all_plans)
+        del self.metadata
+        return plans, md
+
+
+def save_with_custom_planner(rank: int, world_size: int, base: str) -> bool:
+    dcp.save(_state(rank, 7), checkpoint_id=checkpoint_id(_node_base(base), "job", 7),
+             storage_writer=MemoryStorageWriter(replication="pairwise"),
+             planner=_NoMetadataPlanner())  # fmt: skip
+    close()
+    return True

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 STEPS, EVERY = 12, 3
 
 
-def campaign(tmp_path, api: str, default_seed: int, fn, timeout: float = 60.0) -> Outcome:
+def campaign(tmp_path, api: str, default_seed: int, fn, timeout: float = 45.0) -> Outcome:
     plan = Plan.draw(api, default_seed, steps=STEPS, every=EVERY)
     print(plan)
     out = run_campaign(tmp_path, plan, fn, timeout=timeout)
@@ -69,7 +69,7 @@ def test_state_resumes_bit_identical_after_kill_and_node_loss(tmp_path):
 @pytest.mark.timeout(180)
 def test_lightning_resumes_bit_identical_after_kill_and_node_loss(tmp_path):
     pytest.importorskip("lightning.pytorch")
-    out = campaign(tmp_path, "lightning", 5505, workers.train_lightning, timeout=90.0)
+    out = campaign(tmp_path, "lightning", 5505, workers.train_lightning, timeout=60.0)
     assert {o["source"] for o in out.restarted.values()} == {"memory"}
     # the callbacks' state came back: the counter saw every batch of the whole run once
     assert all(o["batches"] == STEPS for o in out.restarted.values()), out.restarted
@@ -79,5 +79,5 @@ def test_lightning_resumes_bit_identical_after_kill_and_node_loss(tmp_path):
 @pytest.mark.timeout(180)
 def test_megatron_resumes_bit_identical_after_kill_and_node_loss(tmp_path):
     pytest.importorskip("megatron.core.dist_checkpointing")
-    out = campaign(tmp_path, "megatron", 6606, workers.train_megatron, timeout=90.0)
+    out = campaign(tmp_path, "megatron", 6606, workers.train_megatron, timeout=60.0)
     assert_the_wiped_node_got_the_manifest_back(out)

@@ -22,6 +22,7 @@ the vote writes the same manifest without another round trip.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class Ballot:
     replicated: bool = False
     object: ObjectDigest | None = None
     blobs: Mapping[str, bytes] = field(default_factory=dict)
+    unix: float = 0.0  # when the rank voted; the manifest's time is the latest of them
 
 
 Vote = Callable[[int, Ballot], Sequence[Ballot]]
@@ -155,7 +157,8 @@ class SaveTransaction:
         ranks that failed and why.
         """
         replicated = self.outcome is not None and self.outcome.ok
-        ballot = Ballot(self.store.rank, True, "", replicated, self.digest, dict(blobs or {}))
+        ballot = Ballot(self.store.rank, True, "", replicated, self.digest, dict(blobs or {}),
+                        time.time())  # fmt: skip
         try:
             ballots = list(vote(self.step, ballot))
         except BaseException:
@@ -174,7 +177,9 @@ class SaveTransaction:
         for b in ballots:
             merged.update(b.blobs)
         digests = {b.rank: b.object for b in ballots if b.object is not None}
-        manifest = new_manifest(self.store.job_id, self.step, len(ballots), digests, merged)
+        # built from the ballots alone, so every node writes the very same bytes
+        manifest = new_manifest(self.store.job_id, self.step, len(ballots), digests, merged,
+                                created_unix=max(b.unix for b in ballots))  # fmt: skip
         self.store.write_manifest(manifest)
         fault_point("after_manifest", self.step)
         self.store.settle(self.step, (self.store.rank, *self.held))

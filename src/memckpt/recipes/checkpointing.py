@@ -31,6 +31,7 @@ import memckpt
 from memckpt import ids
 from memckpt.adapters.dcp import DCP_METADATA_FILE, complete_steps, prune_steps
 from memckpt.engine.rng import capture_rng_state, restore_rng_state
+from memckpt.engine.tiers import choose_tier
 from memckpt.errors import ConfigError, CorruptCheckpointError
 from memckpt.recipes.config import CheckpointConfig
 
@@ -89,12 +90,12 @@ def _saved_world_size(keys: Iterable[str]) -> int | None:
 
 
 def choose_resume_tier(memory_step: int | None, persistent_step: int | None) -> str | None:
-    """The tier holding the newer checkpoint ("memory" on a tie), or None when neither has one."""
-    if memory_step is None and persistent_step is None:
-        return None
-    if persistent_step is None or (memory_step is not None and memory_step >= persistent_step):
-        return "memory"
-    return "persistent"
+    """The tier holding the newer checkpoint ("memory" on a tie), or None when neither has one.
+
+    The engine's tier rule (``memckpt.engine.tiers.choose_tier``).
+    """
+    tier = choose_tier(memory_step, persistent_step, persistent_step is not None)
+    return None if tier == "none" else tier
 
 
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -199,13 +200,19 @@ class TrainingState:
             "local": {"loss": self.local_loss, "rng": capture_rng_state()},
         }
 
-    def load_memory(self, manager: memckpt.CheckpointManager) -> int | None:
-        """Load the newest complete memory checkpoint in place (collective); its step or None."""
+    def load_memory(
+        self, manager: memckpt.CheckpointManager, at_least: int | None = None
+    ) -> int | None:
+        """Load the newest loadable memory checkpoint >= ``at_least`` in place (collective).
+
+        Damaged steps are passed over (the engine's load transaction); returns its step or None.
+        """
         state = self.memory_state()
         # The RNG states load as they were saved (another GPU count, an older layout),
         # not into a template of this process's generators.
         state["local"]["rng"] = {}
-        if manager.load(state_dict=state) is None:
+        floor = None if at_least is None else at_least - 1
+        if manager.load(state_dict=state, newer_than=floor) is None:
             return None
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])

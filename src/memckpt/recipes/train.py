@@ -52,10 +52,10 @@ from torch import nn
 
 import memckpt
 from memckpt import ids
+from memckpt.engine.tiers import resume_tiers
 from memckpt.errors import ConfigError
 from memckpt.recipes.checkpointing import (
     TrainingState,
-    choose_resume_tier,
     latest_persistent_step,
     persistent_job_dir,
     prune_persistent,
@@ -436,23 +436,24 @@ class _Run:
         if self.cfg.checkpoint.persistent.enabled:
             found = latest_persistent_step(persistent_dir) if self.rank == 0 else None
             persistent_step = self.state.broadcast_from_rank0(found)
-        memory_step = self.manager.latest() if self.manager is not None else None
-        tier = choose_resume_tier(memory_step, persistent_step)
+        manager = self.manager
+        load_memory = None
+        if manager is not None:
+
+            def load_memory(floor: int | None) -> int | None:
+                return self.state.load_memory(manager, at_least=floor)
+
+        # the engine's tier rule: newest intact step, memory on a tie, damaged ones skipped
+        choice = resume_tiers(load_memory, persistent_step, persistent_step is not None)
+        tier: str | None = None if choice.tier == "none" else choice.tier
         sources = None
         if tier == "memory":
-            assert self.manager is not None
-            loaded = self.state.load_memory(self.manager)
-            sources = getattr(self.manager.last_load, "sources", None)
-            # A damaged newest memory step makes load() fall back to an older one.
-            if persistent_step is not None and (loaded is None or loaded < persistent_step):
-                tier = "persistent"
-            elif loaded is None:
-                tier = None
+            assert manager is not None
+            sources = getattr(manager.last_load, "sources", None)
         if tier == "persistent":
             assert persistent_step is not None
             self.state.load_persistent(persistent_dir, persistent_step)
             self._last_persistent_step = persistent_step
-            sources = None
         if tier is None:
             log.info("rank %d: no checkpoint to resume from; starting at step 0", self.rank)
             return None

@@ -195,5 +195,8 @@ def new_manifest(
     world_size: int,
     objects: Mapping[int, ObjectDigest],
     blobs: Mapping[str, bytes] | None = None,
+    *,
+    created_unix: float | None = None,
 ) -> StepManifest:
-    return StepManifest(job_id, step, world_size, dict(objects), dict(blobs or {}), time.time())
+    when = time.time() if created_unix is None else created_unix
+    return StepManifest(job_id, step, world_size, dict(objects), dict(blobs or {}), when)
