@@ -8,6 +8,7 @@ __all__ = [
     "CollectiveError",
     "CommitError",
     "ConfigError",
+    "ConfigTypeError",
     "CorruptCheckpointError",
     "DataDamagedError",
     "DeadlineFormatError",
@@ -23,6 +24,7 @@ __all__ = [
     "StateModifiedError",
     "TransferError",
     "UnsupportedValueError",
+    "UsageError",
     "WorldSizeMismatchError",
 ]
 
@@ -118,3 +120,11 @@ class SignalInstallError(MemckptError, RuntimeError):
 
 class ConfigError(MemckptError, ValueError):
     """An override, YAML file or config value is invalid; names the key and where it came from."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument or config value has the wrong type; names it and what it should be."""
+
+
+class UsageError(MemckptError, RuntimeError):
+    """An API was called out of order or in a state that does not allow it; says what to do."""

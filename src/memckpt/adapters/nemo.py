@@ -28,6 +28,7 @@ import threading
 from typing import Any
 
 from memckpt.adapters.lightning import MemoryTier, wrap_trainer
+from memckpt.errors import ConfigTypeError
 
 __all__ = ["MemoryAutoResume", "wrap_trainer_and_auto_resume"]  # noqa: F822 (built lazily)
 
@@ -111,7 +112,7 @@ def wrap_trainer_and_auto_resume(
     """
     base = _auto_resume_base()
     if default_auto_resume is not None and not isinstance(default_auto_resume, base):
-        raise TypeError(
+        raise ConfigTypeError(
             f"default_auto_resume must be a nemo.lightning.AutoResume, got "
             f"{type(default_auto_resume).__name__}"
         )

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from memckpt.errors import ConfigError
 from memckpt.storage.inventory import Inventory, ManifestInfo, StepHoldings
 
 __all__ = ["RecoveryPlan", "plan_recovery"]
@@ -82,7 +83,7 @@ def plan_recovery(
     damaged (a load found its data failing verification on every holder) is passed over.
     """
     if on_world_size_mismatch not in ("raise", "skip", "allow"):
-        raise ValueError(
+        raise ConfigError(
             "on_world_size_mismatch must be 'raise', 'skip' or 'allow', "
             f"got {on_world_size_mismatch!r}"
         )

@@ -15,7 +15,7 @@ from memckpt.adapters.lightning.checkpoint_dict import (
 from memckpt.adapters.lightning.checkpoint_io import EVERY_RANK, MemoryCheckpointIO
 from memckpt.adapters.lightning.namespaces import callback_bases
 from memckpt.adapters.lightning.tier import MemoryTier, split_base_container
-from memckpt.errors import MemckptError
+from memckpt.errors import ConfigError, MemckptError
 
 __all__ = ["MemoryCheckpointCallback"]
 
@@ -50,11 +50,11 @@ class MemoryCheckpointCallback(*callback_bases()):  # type: ignore[misc]
         keep_on_train_end: bool = False,
     ) -> None:
         if type(every_n_steps) is not int or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+            raise ConfigError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         if skip_every_n_steps is not None and (
             type(skip_every_n_steps) is not int or skip_every_n_steps < 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"skip_every_n_steps must be None or an integer >= 0, got {skip_every_n_steps!r}"
             )
         split_base_container(base_container)  # a valid job directory name

@@ -34,7 +34,7 @@ from memckpt import ids
 from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.tiers import choose_tier, resume_tiers
-from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.errors import CheckpointNotFoundError, ConfigTypeError, MemckptError
 from memckpt.manager import CheckpointManager, LoadInfo
 from memckpt.storage.store import delete_job
 
@@ -102,7 +102,7 @@ class MemoryTier:
         known -= {"self", "base_dir", "job_id"}
         unknown = sorted(k for k in manager_options if k not in known)
         if unknown:
-            raise TypeError(
+            raise ConfigTypeError(
                 f"unknown options {unknown}: wrap_trainer passes its other keyword arguments to "
                 "memckpt.CheckpointManager (replication, node_id, keep_last, timeout_s, ...)"
             )

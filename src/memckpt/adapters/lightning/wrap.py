@@ -10,7 +10,7 @@ from typing import Any, Final
 from memckpt.adapters.lightning.callback import MemoryCheckpointCallback
 from memckpt.adapters.lightning.checkpoint_io import MemoryCheckpointIO
 from memckpt.adapters.lightning.tier import MemoryTier
-from memckpt.errors import MemckptError
+from memckpt.errors import ConfigError, MemckptError
 
 __all__ = ["check_strategy", "wrap_trainer"]
 
@@ -129,7 +129,7 @@ def wrap_trainer(
         return tier
     if cb is None:
         if every_n_steps is None:
-            raise ValueError(
+            raise ConfigError(
                 "the Trainer has no MemoryCheckpointCallback: add one to its callbacks or "
                 "pass every_n_steps to wrap_trainer"
             )
@@ -141,12 +141,12 @@ def wrap_trainer(
             keep_on_train_end=keep_on_train_end,
         )
     elif every_n_steps is not None and every_n_steps != cb.every_n_steps:
-        raise ValueError(
+        raise ConfigError(
             f"every_n_steps={every_n_steps} differs from the Trainer's MemoryCheckpointCallback "
             f"({cb.every_n_steps}); pass one of them"
         )
     if os.path.realpath(cb.base_container) != os.path.realpath(tier.root):
-        raise ValueError(
+        raise ConfigError(
             f"the MemoryCheckpointCallback saves under {cb.base_container}, wrap_trainer was "
             f"given {tier.root}; pass the same base_container to both"
         )

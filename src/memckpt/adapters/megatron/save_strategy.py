@@ -37,10 +37,10 @@ from memckpt.adapters.megatron.files import (
     write_step_files,
 )
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, rank_items
-from memckpt.engine.done_signal import DoneSignal, new_signal, signal_when_done
+from memckpt.engine.async_bridge import AsyncSaveBridge, bridge_async_save
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
-from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.errors import CheckpointNotFoundError
 from memckpt.storage.statedict import flatten_state_dict
 
 __all__ = ["MemoryAsyncSaveStrategy"]
@@ -109,46 +109,28 @@ class MemoryAsyncSaveStrategy(AsyncSaveShardedStrategy):
             common = common_state if common_state is not None else read_common_file(checkpoint_dir)
             if common is not None:
                 blobs[COMMON_BLOB] = common
-        timeout_s = 3 * rt.options.timeout_s + 60
-        signal = new_signal(rt.store.layout, rt.rank, step, timeout_s)
-        handle = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=False)
-        done = _Completion(rt, step, signal)
-        signal_when_done(handle, signal, before=done)
-        return AsyncRequest(signal, (), [functools.partial(done.finalize, handle, timeout_s)])
+        bridge = bridge_async_save(
+            rt,
+            step,
+            lambda: rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=False),
+            after=functools.partial(_write_files, rt, step),
+        )
+        return AsyncRequest(bridge.signal, (), [functools.partial(_finalize, bridge)])
 
 
-class _Completion:
-    """Runs when the engine's save ends, before its signal is set: the step's files."""
+def _write_files(rt: NodeRuntime, step: int, handle: SaveHandle) -> None:
+    """After the commit, before the signal: Megatron's common.pt and metadata.json."""
+    manifest = rt.store.manifest(step)
+    if manifest is None:
+        raise CheckpointNotFoundError(
+            f"rank {rt.rank}: step {step} committed but its manifest is not in "
+            f"{rt.store.step_dir(step)}"
+        )
+    write_step_files(rt.store.step_dir(step), manifest, f"{rt.rank}.{os.getpid()}")
 
-    def __init__(self, rt: NodeRuntime, step: int, signal: DoneSignal) -> None:
-        self.rt, self.step, self.signal = rt, step, signal
-        self.error: BaseException | None = None
 
-    def __call__(self, handle: SaveHandle) -> None:
-        try:
-            if handle.exception() is None:
-                manifest = self.rt.store.manifest(self.step)
-                if manifest is None:
-                    raise CheckpointNotFoundError(
-                        f"rank {self.rt.rank}: step {self.step} committed but its manifest is "
-                        f"not in {self.rt.store.step_dir(self.step)}"
-                    )
-                write_step_files(self.rt.store.step_dir(self.step), manifest,
-                                 f"{self.rt.rank}.{os.getpid()}")  # fmt: skip
-        except BaseException as e:  # reported by finalize
-            self.error = e
-
-    def finalize(self, handle: SaveHandle, timeout_s: float) -> None:
-        """Megatron's finalize function: wait for the save, raise its error."""
-        try:
-            result = handle.wait(timeout_s)
-            self.signal.wait()  # the step's files are written just before it is set
-            if self.error is not None:
-                raise MemckptError(
-                    f"rank {self.rt.rank}: step {self.step} committed, but writing Megatron's "
-                    f"common.pt and metadata.json into its directory failed: {self.error}"
-                ) from self.error
-            log.debug("rank %d: megatron step %d in memory (%.3fs blocking, %.3fs total)",
-                      self.rt.rank, self.step, result.blocking_s, result.total_s)  # fmt: skip
-        finally:
-            self.signal.clear()
+def _finalize(bridge: AsyncSaveBridge) -> None:
+    """Megatron's finalize function: wait for the save, raise its error."""
+    result = bridge.finalize()
+    log.debug("rank %d: megatron step %d in memory (%.3fs blocking, %.3fs total)",
+              bridge.rank, bridge.step, result.blocking_s, result.total_s)  # fmt: skip

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from memckpt.engine.done_signal import DoneSignal
+from memckpt.errors import UsageError
 
 __all__ = ["AsyncCallsQueue", "AsyncRequest"]
 
@@ -64,7 +65,7 @@ class AsyncRequest(NamedTuple):
     def add_finalize_fn(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` after the existing finalize functions."""
         if self.is_frozen:
-            raise RuntimeError("cannot add finalize functions to a frozen AsyncRequest")
+            raise UsageError("cannot add finalize functions to a frozen AsyncRequest")
         self.finalize_fns.append(fn)
 
     def freeze(self) -> AsyncRequest:
@@ -81,7 +82,7 @@ class AsyncRequest(NamedTuple):
         for fn in self.finalize_fns:
             fn()
         if validate_matching_call_idx and _agree(self.call_idx, "max") != self.call_idx:
-            raise RuntimeError(
+            raise UsageError(
                 f"async call {self.call_idx} finalized while another rank finalizes a later "
                 "one: every rank must schedule and finalize the same requests"
             )

@@ -28,9 +28,10 @@ from memckpt.adapters.nvrx.state_dict import (
     TensorAwareStateDict,
     is_tensor_aware,
 )
-from memckpt.engine.done_signal import new_signal, signal_when_done
+from memckpt.engine.async_bridge import bridge_async_save
 from memckpt.errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     MemckptError,
     UnsupportedValueError,
@@ -254,7 +255,7 @@ class LocalCheckpointManager:
         """
         iteration = validate_step(iteration)
         if self.latest_iteration >= iteration:
-            raise ValueError(
+            raise ConfigError(
                 f"rank {self.rank}: a newer checkpoint is already available: iteration "
                 f"{self.latest_iteration} (saving {iteration}); save iterations in increasing "
                 "order, as with NVRx"
@@ -266,18 +267,16 @@ class LocalCheckpointManager:
             mgr.engine.save(iteration, saved, blocking=True).wait()
             log.info("rank %d: saved local checkpoint of iteration %d", self.rank, iteration)
             return None
-        timeout_s = 3 * mgr.runtime.options.timeout_s + 60
-        signal = new_signal(mgr.store.layout, mgr.rank, iteration, timeout_s)
-        handle = mgr.engine.save(iteration, saved, blocking=False)
-        signal_when_done(handle, signal)
+        bridge = bridge_async_save(
+            mgr.runtime, iteration, lambda: mgr.engine.save(iteration, saved, blocking=False)
+        )
 
         def finalize() -> None:
-            signal.clear()
             self.latest_iteration = -1
-            handle.wait(timeout_s)  # raises the save's error
+            bridge.finalize()  # raises the save's error
             log.info("rank %d: saved local checkpoint of iteration %d", self.rank, iteration)
 
-        return AsyncRequest(signal, (), [finalize])
+        return AsyncRequest(bridge.signal, (), [finalize])
 
     def close(self) -> None:
         """Wait for the save in flight and close memckpt's runtime (this process's share)."""
