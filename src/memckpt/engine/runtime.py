@@ -124,6 +124,7 @@ class NodeRuntime:
         self._key = key
         self._users = 0
         self._connect_args = connect_args or {}
+        self._explicit: set[str] = set()  # settings the opener named (hold)
         self._connected = network is not None or coll.world_size == 1
 
     @property
@@ -279,10 +280,22 @@ class NodeRuntime:
         key = (os.path.realpath(base_dir), str(job_id))
         with cls._lock:
             rt = cls._held.get(key)
+        if rt is not None:
+            differ = {n for n in explicit if getattr(rt.options, n) != getattr(options, n)}
+            if differ and not differ & rt._explicit and rt._users == 1:
+                # opened by a call that left these unset (a reader's latest_checkpoint before
+                # the first save, say): reopen with them, keeping what the first call set
+                merged = {n: getattr(rt.options, n) for n in rt._explicit}
+                merged.update({n: getattr(options, n) for n in explicit})
+                log.debug("reopening job %s with %s", job_id, sorted(differ))
+                cls.release_held(base_dir, job_id)
+                options, explicit, rt = RuntimeOptions(**merged), rt._explicit | explicit, None
         if rt is None:
             rt = cls.find(base_dir, job_id) or cls.acquire(
                 base_dir, job_id, options, secret=settings.secret
             )
+            if rt._users == 1:
+                rt._explicit = set(explicit)
             with cls._lock:
                 cls._held[key] = rt
         for name in sorted(explicit):
