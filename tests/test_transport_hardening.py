@@ -420,8 +420,8 @@ def test_a_stuck_push_is_reported_unreplicated_and_does_not_hold_the_next_step(s
     client = TransferClient("job", SECRET, timeout_s=0.2, connect_timeout_s=0.2, retries=0)
     peers = [PeerInfo(0, "n0", LOOPBACK, server.port), PeerInfo(1, "n1", LOOPBACK, 9)]
     strategy = strategy_from_spec("pairwise")
-    rep = Replicator(store, peers, strategy.plan(NodeTopology.from_node_ids(["n0", "n1"])),
-                     server, client, strategy)  # fmt: skip
+    topology = NodeTopology.from_node_ids(["n0", "n1"])
+    rep = Replicator(store, peers, topology, strategy.plan(topology), server, client, strategy)
     release = threading.Event()
     client.put = lambda *a, **k: int(release.wait(30))  # type: ignore[method-assign]
     outcomes: list[Any] = []

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from memckpt.collectives import Collectives
-from memckpt.engine.drain import check_persist, drain_objects, schedule_drain
+from memckpt.engine.drain import (
+    check_persist,
+    drain_objects,
+    persisted_object,
+    persisted_steps,
+    schedule_drain,
+    wait_for_drains,
+)
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.load_transaction import LoadInfo, LoadTransaction
 from memckpt.engine.recovery_plan import RecoveryPlan
 from memckpt.engine.runtime import NodeRuntime, RuntimeOptions
 from memckpt.engine.save_transaction import Vote
 from memckpt.engine.sources import ObjectSource
-from memckpt.errors import ConfigError
+from memckpt.engine.tiers import release_memory_tier, resume_tiers
+from memckpt.errors import ConfigError, MemckptError, WorldSizeMismatchError
 from memckpt.replication import ReplicationStrategy
 from memckpt.replication.replicator import Replicator
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
-from memckpt.storage.reader import load_object
+from memckpt.storage.reader import ObjectReader, load_object
 from memckpt.storage.retention import check_keep_last
 
 __all__ = ["CheckpointManager", "LoadInfo"]
@@ -138,6 +147,7 @@ class CheckpointManager:
         self.last_load: LoadInfo | None = None
         self._closed = False
         self._drain_hook = None
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
         if persist_every is not None:
             self._drain_hook = self._drainer(persist_every, Path(persist_dir))  # type: ignore[arg-type]
             self.engine.after_commit.append(self._drain_hook)
@@ -229,6 +239,22 @@ class CheckpointManager:
         StateModifiedError instead of returning None. The engine's
         ``memckpt.engine.LoadTransaction`` runs the protocol; ``last_load`` says what it did.
         """
+        if step is None and self.persist_dir is not None:
+            return self._resume_tiers(state_dict, map_location, strict, safe_globals,
+                                      on_world_size_mismatch, newer_than)  # fmt: skip
+        return self._load_memory(step, state_dict, map_location, strict, safe_globals,
+                                 on_world_size_mismatch, newer_than)  # fmt: skip
+
+    def _load_memory(
+        self,
+        step: int | None,
+        state_dict: Any,
+        map_location: Any,
+        strict: bool,
+        safe_globals: Iterable[Any],
+        on_world_size_mismatch: str,
+        newer_than: int | None,
+    ) -> Any:
         txn = LoadTransaction(self.runtime, step, on_world_size_mismatch=on_world_size_mismatch,
                               newer_than=newer_than)  # fmt: skip
 
@@ -242,17 +268,117 @@ class CheckpointManager:
         result, self.last_load = out
         return result
 
-    def close(self) -> None:
-        """Wait for the save in flight, stop the background worker and the transfer server."""
+    def _resume_tiers(
+        self,
+        state_dict: Any,
+        map_location: Any,
+        strict: bool,
+        safe_globals: Iterable[Any],
+        on_world_size_mismatch: str,
+        newer_than: int | None,
+    ) -> Any:
+        """Memory and the drained tier by the engine's tier rule (memory on a tie)."""
+        assert self.persist_dir is not None
+        found = persisted_steps(self.persist_dir, self.job_id) if self.rank == 0 else None
+        steps = self.coll.all_gather_object(found, "persisted steps")[0] or []
+        pstep = max((s for s in steps if newer_than is None or s > newer_than), default=None)
+        loaded: list[Any] = []
+
+        def load_memory(floor: int | None) -> int | None:
+            low = floor - 1 if floor is not None else newer_than
+            out = self._load_memory(None, state_dict, map_location, strict, safe_globals,
+                                    on_world_size_mismatch, low)  # fmt: skip
+            if out is None or self.last_load is None:
+                return None
+            loaded.append(out)
+            return self.last_load.step
+
+        choice = resume_tiers(load_memory, pstep, pstep is not None)
+        if choice.tier == "memory":
+            return loaded[0]
+        if choice.tier == "none":
+            return None
+        assert pstep is not None
+        return self._load_persisted(pstep, state_dict, map_location, strict, safe_globals)
+
+    def _load_persisted(
+        self,
+        step: int,
+        state_dict: Any,
+        map_location: Any,
+        strict: bool,
+        safe_globals: Iterable[Any],
+    ) -> Any:
+        """Every rank reads its own drained object of ``step`` (collective vote)."""
+        assert self.persist_dir is not None
+        t0 = time.perf_counter()
+        result, error, path = None, None, ""
+        try:
+            p, saved = persisted_object(self.persist_dir, self.job_id, step, self.rank)
+            path = str(p)
+            if saved != self.world_size:
+                raise WorldSizeMismatchError(
+                    f"persisted step {step} of job {self.job_id!r} in {self.persist_dir} was "
+                    f"saved by {saved} ranks; this job runs {self.world_size}"
+                )
+            with ObjectReader(p) as reader:
+                result = load_object(reader, state_dict, map_location=map_location,
+                                     strict=strict, safe_globals=safe_globals)  # fmt: skip
+        except MemckptError as e:
+            error = e
+        votes = self.coll.all_gather_object(
+            (error is None, f"{type(error).__name__}: {error}" if error else ""),
+            f"persisted load vote for step {step}",
+        )
+        failed = [(r, msg) for r, (ok, msg) in enumerate(votes) if not ok]
+        if failed:
+            if error is not None:
+                raise error
+            r, msg = failed[0]
+            raise MemckptError(f"persisted step {step} failed to load on rank {r}: {msg}")
+        self.last_load = LoadInfo(step, path, time.perf_counter() - t0, tier="persistent")
+        log.info("rank %d: loaded persisted step %d from %s", self.rank, step, path)
+        return result
+
+    def close(self, *, release_memory: bool | None = None) -> None:
+        """Wait for the save in flight, stop the background worker and the transfer server.
+
+        Collective. With ``persist_every`` (``release_memory`` None, the default) a normal
+        end gives the job's RAM back: once every drain has ended and the newest committed
+        step is persisted, each node's memory tier of the job is deleted, in one log
+        line (the tier policy, ``memckpt.engine.tiers``). ``release_memory=False`` keeps
+        it; leaving a ``with`` block by an exception keeps it too.
+        """
         if self._closed:
             return
         self._closed = True
         if self._drain_hook is not None:
             self.engine.after_commit.remove(self._drain_hook)
+        release = self._newest_persisted() if release_memory is not False else False
+        roots = None
+        if release:
+            mine = os.path.realpath(self.store.root)
+            roots = self.coll.all_gather_object(mine, "memory tier release")
+        rank, coll, sole = self.rank, self.coll, self.runtime.users == 1
+        base = str(self.store.base_dir)
         self.runtime.release()
+        if roots is not None:
+            coll.all_gather_object(sole, "memory tier release: closed")  # every rank closed
+            if sole:
+                release_memory_tier(base, self.job_id, roots, rank, roots[rank])
+
+    def _newest_persisted(self) -> bool:
+        """Whether the newest committed step is drained, on every rank's view (collective)."""
+        if self.persist_dir is None:
+            return False
+        self.engine.wait_idle()
+        wait_for_drains()
+        newest = max(self.engine.committed_steps(), default=None)
+        ok = newest is not None and newest in persisted_steps(self.persist_dir, self.job_id)
+        return all(self.coll.all_gather_object(ok, "memory tier release: persisted"))
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(release_memory=False if exc_type is not None else None)

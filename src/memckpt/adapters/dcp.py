@@ -69,13 +69,14 @@ from memckpt import ids
 from memckpt.engine.drain import check_persist, schedule_drain, wait_for_parts
 from memckpt.engine.load_transaction import LoadTransaction
 from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
-from memckpt.engine.sources import ObjectLocator, ObjectSource
+from memckpt.engine.sources import ObjectLocator, ObjectSource, find_object_offline
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DataDamagedError,
     InvalidNameError,
     MemckptError,
+    TransferError,
 )
 from memckpt.storage.format import TensorEntry
 from memckpt.storage.manifest import StepManifest, read_manifest
@@ -91,6 +92,7 @@ __all__ = [
     "close",
     "complete_steps",
     "export",
+    "failed_on_damaged_data",
     "item_key",
     "latest_checkpoint",
     "parse_checkpoint_id",
@@ -328,6 +330,19 @@ def latest_checkpoint(
     if plan.step is None:
         return None
     return checkpoint_id(base_dir, job_id, plan.step)
+
+
+def failed_on_damaged_data(error: BaseException) -> bool:
+    """Whether a ``dcp.load`` failure is damaged or unreachable memory data on every rank
+    that failed (``CheckpointException`` of DataDamagedError/TransferError): the step is
+    marked, and ``latest_checkpoint`` now names an older intact one."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return isinstance(error, (DataDamagedError, TransferError))
+    return all(
+        isinstance(f[0] if isinstance(f, tuple) else f, (DataDamagedError, TransferError))
+        for f in failures.values()
+    )
 
 
 def _load_metadata(manifest: StepManifest, where: str) -> Metadata:
@@ -596,7 +611,7 @@ def export(
     for idx, (r, name) in md.storage_data.items():
         by_rank.setdefault(r, []).append((idx, name))
     for r in range(manifest.world_size):
-        path = _find_object(layouts, step, r, manifest.objects[r].digest)
+        path = find_object_offline(layouts, step, r, manifest.objects[r].digest)
         items = by_rank.get(r, [])
         with ObjectReader(path) as reader:
             values = _read_values(reader, {n for _, n in items}, 2)
@@ -605,21 +620,6 @@ def export(
     _write_metadata(out, md)
     log.info("exported %s to %s (%d ranks)", cid, out, manifest.world_size)
     return out
-
-
-def _find_object(layouts: Sequence[ids.JobLayout], step: int, rank: int, digest: int) -> Path:
-    for lay in layouts:
-        p = lay.object_path(step, rank)
-        try:
-            with ObjectReader(p) as r:
-                if r.header.digest == digest:
-                    return p
-        except (FileNotFoundError, CorruptCheckpointError):
-            continue
-    raise CheckpointNotFoundError(
-        f"rank {rank}'s object of step {step} is not in {[str(lay.root) for lay in layouts]}; "
-        "pass every node's base directory (memckpt export ... --from NODE_DIR)"
-    )
 
 
 def _write_rank_file(

@@ -441,10 +441,31 @@ class State:
         return loaded, out
 
     def _load_dcp(self, step: int | None) -> tuple[int, dict[str, Any]]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        if step is not None:
+            return self._load_dcp_step(step)
+        tried: list[str] = []
+        while True:  # newest first; a step whose data is damaged everywhere is marked
+            cid = self._dcp.latest_checkpoint(self.base_dir, self.job_id, **self._reader_options())
+            if cid is None:
+                if tried:
+                    raise CorruptCheckpointError(
+                        f"job {self.job_id!r}: no complete checkpoint loaded (damaged: "
+                        f"{tried}); not starting from scratch; remove the job's directory to "
+                        "do so"
+                    )
+                raise CheckpointNotFoundError(
+                    f"no complete memory checkpoint of job {self.job_id!r} under {self.base_dir}"
+                )
+            try:
+                return self._load_dcp_step(None, cid)
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
+                if not self._dcp.failed_on_damaged_data(e) or cid in tried:
+                    raise
+                log.warning("rank %d: %s is damaged; trying the next older step", self.rank, cid)
+                tried.append(cid)
 
-        reader_options = {
+    def _reader_options(self) -> dict[str, Any]:
+        return {
             "replication": self._replication,
             "timeout_s": self._timeout_s,
             **{
@@ -453,13 +474,16 @@ class State:
                 if k in self._writer_options
             },
         }
-        if step is None:
-            cid = self._dcp.latest_checkpoint(self.base_dir, self.job_id, **reader_options)
-            if cid is None:
-                raise CheckpointNotFoundError(
-                    f"no complete memory checkpoint of job {self.job_id!r} under {self.base_dir}"
-                )
-        else:
+
+    def _load_dcp_step(
+        self, step: int | None, cid: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        reader_options = self._reader_options()
+        if cid is None:
+            assert step is not None
             cid = self._dcp.checkpoint_id(self.base_dir, self.job_id, step)
         _, _, loaded = self._dcp.parse_checkpoint_id(cid)
         md = self._dcp.MemoryStorageReader(cid, **reader_options).read_metadata()

@@ -24,9 +24,14 @@ from pathlib import Path
 
 from memckpt import ids
 from memckpt.engine.save_engine import SaveEngine
-from memckpt.errors import CheckpointNotFoundError, ConfigError, MemckptError
-from memckpt.storage.manifest import write_manifest
-from memckpt.storage.store import CheckpointStore
+from memckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    MemckptError,
+)
+from memckpt.storage.manifest import read_manifest, write_manifest
+from memckpt.storage.store import CheckpointStore, object_digest
 
 __all__ = [
     "PART_WAIT_S",
@@ -111,3 +116,41 @@ def drain_objects(store: CheckpointStore, step: int, dest_base: Path, coordinato
     if coordinator:
         wait_for_parts([dest.object_path(step, r) for r in range(manifest.world_size)])
         write_manifest(dest.manifest_path(step), manifest, tag="drain.")
+
+
+def persisted_steps(dest_base: Path, job_id: str) -> list[int]:
+    """Steps drained completely to ``dest_base/<job>/`` (the manifest is written last), sorted."""
+    layout = ids.JobLayout(dest_base, job_id)
+    out = []
+    try:
+        entries = list(os.scandir(layout.root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for e in entries:
+        step = ids.parse_step_dir(e.name)
+        if step is None or not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            m = read_manifest(layout.manifest_path(step))
+        except CorruptCheckpointError as err:
+            log.warning("ignoring drained step %d: %s", step, err)
+            continue
+        if m is not None and m.step == step and m.job_id == job_id:
+            out.append(step)
+    return sorted(out)
+
+
+def persisted_object(dest_base: Path, job_id: str, step: int, rank: int) -> tuple[Path, int]:
+    """(path, world size that saved it) of ``rank``'s drained object of ``step``, checked
+    against the drained manifest's digest; CheckpointNotFoundError or CorruptCheckpointError."""
+    layout = ids.JobLayout(dest_base, job_id)
+    m = read_manifest(layout.manifest_path(step))
+    if m is None:
+        raise CheckpointNotFoundError(f"{layout.step_dir(step)}: no drained manifest")
+    if rank not in m.objects:
+        return layout.object_path(step, rank), m.world_size
+    path = layout.object_path(step, rank)
+    found = object_digest(path)
+    if found is None or found[1] != m.objects[rank].digest:
+        raise CorruptCheckpointError(f"{path}: not the object the drained manifest names")
+    return path, m.world_size

@@ -84,6 +84,7 @@ class LoadInfo:
     sources: dict[int, int] | None = None
     fetched_bytes: int = 0
     fetch_s: float = 0.0
+    tier: str = "memory"  # or "persistent": the tier policy resumed from the drained copy
 
     @property
     def fetched(self) -> bool:

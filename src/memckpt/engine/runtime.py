@@ -154,6 +154,11 @@ class NodeRuntime:
         return self.coll.rank
 
     @property
+    def users(self) -> int:
+        """How many users (managers, writers, readers) of this process share the runtime."""
+        return self._users
+
+    @property
     def world_size(self) -> int:
         return self.coll.world_size
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from memckpt import ids
 from memckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -27,7 +29,7 @@ from memckpt.storage.inventory import Inventory
 from memckpt.storage.reader import ObjectReader, TensorDamage
 from memckpt.storage.store import CheckpointStore, object_digest
 
-__all__ = ["ObjectLocator", "ObjectSource"]
+__all__ = ["ObjectLocator", "ObjectSource", "find_object_offline"]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +164,27 @@ class ObjectLocator:
                       "is marked damaged and loads pass over it", self.store.rank, rank,
                       self.step, self.step)  # fmt: skip
         raise last
+
+
+def find_object_offline(
+    layouts: Sequence[ids.JobLayout], step: int, rank: int, digest: int
+) -> Path:
+    """The offline locator: ``rank``'s object of ``step`` in the first of several node trees
+    (base directories read from this machine, no peers) whose header digest is ``digest``.
+
+    For tools that read every node's tree from one place (``memckpt export --from``).
+    CheckpointNotFoundError names the trees searched.
+    """
+    for lay in layouts:
+        path = lay.object_path(step, rank)
+        try:
+            found = object_digest(path)
+        except CorruptCheckpointError as e:
+            log.warning("skipping %s: %s", path, e)
+            continue
+        if found is not None and found[1] == digest:
+            return path
+    raise CheckpointNotFoundError(
+        f"rank {rank}'s object of step {step} is not in {[str(lay.root) for lay in layouts]}; "
+        "pass every node's base directory (memckpt export ... --from NODE_DIR)"
+    )
