@@ -217,3 +217,46 @@ def load_cols(rank: int, world: int, base: str, saved_world: int) -> bool:
     check_loaded(loaded, rank, world, 7, "cols", saved_world)
     mm.close()
     return True
+
+
+def save_steps_two_nodes(rank: int, world: int, base: str, steps: list[int]) -> bool:
+    """Steps saved on two simulated nodes (one rank each) with pairwise replication."""
+    patch_megatron_cuda()
+    node = Path(base) / os.environ["MEMCKPT_NODE_ID"]
+    strategy = mm.MemoryAsyncSaveStrategy(replication="pairwise")
+    for step in steps:
+        mm.save(sharded_state(rank, world, step, "rows"), mm.checkpoint_id(node, "job", step),
+                strategy, async_sharded_save=False)  # fmt: skip
+    mm.close()
+    return True
+
+
+def load_damaged_newest(rank: int, world: int, base: str) -> dict[str, Any]:
+    """The newest step is damaged in every copy: one failed load, then latest moves on."""
+    patch_megatron_cuda()
+    node = Path(base) / os.environ["MEMCKPT_NODE_ID"]
+    first = mm.latest_checkpoint(node, "job")
+    failed = ""
+    try:
+        dc.load(sharded_state(rank, world, 0, "rows", empty=True), first,
+                mm.MemoryLoadShardedStrategy())  # fmt: skip
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        failed = f"{type(e).__name__}: {e}"
+    second = mm.latest_checkpoint(node, "job")
+    loaded = dc.load(sharded_state(rank, world, 0, "rows", empty=True), second,
+                     mm.MemoryLoadShardedStrategy())  # fmt: skip
+    check_loaded(loaded, rank, world, 20, "rows")
+    mm.close()
+    return {"first": Path(first or "").name, "failed": failed, "second": Path(second or "").name}
+
+
+def load_named_step(rank: int, world: int, base: str, step: int) -> str:
+    """A restart loads ``step`` by name, on a replaced node too (prepare_checkpoint)."""
+    patch_megatron_cuda()
+    node = Path(base) / os.environ["MEMCKPT_NODE_ID"]
+    cid = mm.prepare_checkpoint(node, "job", step)
+    loaded = dc.load(sharded_state(rank, world, 0, "rows", empty=True), cid,
+                     mm.MemoryLoadShardedStrategy())  # fmt: skip
+    check_loaded(loaded, rank, world, step, "rows")
+    mm.close()
+    return Path(cid).name

@@ -52,3 +52,23 @@ def test_dcp_manifest_with_metadata_is_written_on_every_node_for_custom_planners
                  for n in ("node0", "node1")]  # fmt: skip
     assert all(m is not None and ".metadata" in m.blobs for m in manifests)
     assert manifests[0] == manifests[1]  # one manifest, the same bytes on every node
+
+
+@pytest.mark.timeout(240)
+def test_megatron_damaged_newest_step_and_a_named_step_on_a_replaced_node(tmp_path):
+    pytest.importorskip("megatron.core")
+    import megatron_workers as mw
+
+    run_ranks(mw.save_steps_two_nodes, 2, str(tmp_path), [20, 30], timeout=180,
+              env_per_rank=NODES)  # fmt: skip
+    damaged = sorted(tmp_path.glob("node*/job/step-30/rank-*.mck"))
+    assert len(damaged) == 4
+    for obj in damaged:
+        flip_first_tensor_byte(obj)
+    out = run_ranks(mw.load_damaged_newest, 2, str(tmp_path), timeout=180, env_per_rank=NODES)
+    for r in (0, 1):
+        assert out[r]["first"] == "step-30" and "checksum mismatch" in out[r]["failed"], out[r]
+        assert out[r]["second"] == "step-20", out[r]
+    shutil.rmtree(tmp_path / "node1")  # node 1 replaced; step 20 named explicitly
+    out = run_ranks(mw.load_named_step, 2, str(tmp_path), 20, timeout=180, env_per_rank=NODES)
+    assert out == {0: "step-20", 1: "step-20"}

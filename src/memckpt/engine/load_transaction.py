@@ -243,6 +243,8 @@ class LoadTransaction:
         mine = RankOutcome(error is None, type(error).__name__ if error else "",
                            str(error) if error else "", bool(self.touched))  # fmt: skip
         votes = self.runtime.coll.all_gather_object(mine, f"load vote for step {a.plan.step}")
+        if a.locator is not None:  # every rank is past its reads of this attempt
+            a.locator.set_aside_damaged()
         decision = decide_after_vote(votes, explicit_step=self.step is not None)
         self.any_touched = decision.any_touched
         if decision.action == "fallback":

@@ -66,10 +66,11 @@ class ObjectLocator:
     ``network`` reaches the other nodes' transfer services (any replication setting, or
     none); ``manifest_checksum`` names the step's manifest in damage marks.
 
-    Data that fails its checksums is handled here once, for every API: a damaged copy on
-    this node is set aside, and when every holder's copy of an object is damaged the
-    step is marked damaged in this node's tree, so every rank's and every later
-    restart's plan passes over it.
+    Data that fails its checksums is handled here once, for every API: when every
+    holder's copy of an object is damaged the step is marked damaged in this node's
+    tree, so every rank's and every later restart's plan passes over it. Damaged copies
+    on this node are listed in ``damaged_here``; ``set_aside_damaged`` moves them once no
+    rank reads them any more (after the load's vote).
     """
 
     def __init__(
@@ -88,6 +89,14 @@ class ObjectLocator:
         self.digests = digests
         self.manifest_checksum = manifest_checksum
         self.damaged: list[str] = []  # copies whose data failed verification
+        self.damaged_here: set[int] = set()  # ranks whose copy on this node failed
+
+    def set_aside_damaged(self) -> None:
+        """Rename this node's damaged copies aside (call when no rank reads them any more)."""
+        for rank in sorted(self.damaged_here):
+            if rank in self.digests:
+                self.store.set_aside_damaged(self.step, rank, self.digests[rank])
+        self.damaged_here.clear()
 
     def is_local(self, rank: int) -> bool:
         """Whether this node's tree holds ``rank``'s object with the manifest's digest."""
@@ -155,8 +164,8 @@ class ObjectLocator:
                 if isinstance(e, DataDamagedError):
                     damaged += 1
                     self.damaged.append(f"rank {rank}'s object on {where}: {e}")
-                    if holder is None and rank in self.digests:
-                        self.store.set_aside_damaged(self.step, rank, self.digests[rank])
+                    if holder is None:
+                        self.damaged_here.add(rank)
         assert last is not None
         if damaged == len(candidates) and self.manifest_checksum is not None:
             self.store.mark_damaged(self.step, self.manifest_checksum, str(last))
