@@ -142,6 +142,23 @@ def test_persist_every_drains_in_the_background_to_a_plain_dcp_directory(shm_dir
     got = rank_state(0, 0)
     dcp.load(got, storage_reader=dcp.FileSystemReader(persist / "step-4"))
     assert torch.equal(got["w0"], rank_state(0, 4)["w0"]) and got["meta"]["step"] == 4
+    # the end of training: step 4, the newest, is persisted, so the memory is given back
+    from memckpt.adapters.dcp import close
+
+    close(shm_dir, "job", release_memory=True)
+    assert not (shm_dir / "job").exists()
+
+
+def test_release_memory_keeps_a_memory_tier_whose_newest_step_is_not_persisted(shm_dir):
+    from memckpt.adapters.dcp import close
+
+    persist = shm_dir / "persistent"
+    for step in (2, 3):
+        dcp.save(rank_state(0, step), checkpoint_id=checkpoint_id(shm_dir, "job", step),
+                 storage_writer=MemoryStorageWriter(persist_every=2,
+                                                    persist_dir=persist))  # fmt: skip
+    close(shm_dir, "job", release_memory=True)
+    assert (shm_dir / "job" / "step-3").exists()
 
 
 def test_flipped_byte_never_loads_silently(shm_dir):

@@ -16,7 +16,6 @@ from memckpt.engine.drain import (
     persisted_object,
     persisted_steps,
     schedule_drain,
-    wait_for_drains,
 )
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.load_transaction import LoadInfo, LoadTransaction
@@ -24,7 +23,7 @@ from memckpt.engine.recovery_plan import RecoveryPlan
 from memckpt.engine.runtime import NodeRuntime, RuntimeOptions
 from memckpt.engine.save_transaction import Vote
 from memckpt.engine.sources import ObjectSource
-from memckpt.engine.tiers import release_memory_tier, resume_tiers
+from memckpt.engine.tiers import close_and_release, newest_step_persisted, resume_tiers
 from memckpt.errors import ConfigError, MemckptError, WorldSizeMismatchError
 from memckpt.replication import ReplicationStrategy
 from memckpt.replication.replicator import Replicator
@@ -354,28 +353,13 @@ class CheckpointManager:
         self._closed = True
         if self._drain_hook is not None:
             self.engine.after_commit.remove(self._drain_hook)
-        release = self._newest_persisted() if release_memory is not False else False
-        roots = None
-        if release:
-            mine = os.path.realpath(self.store.root)
-            roots = self.coll.all_gather_object(mine, "memory tier release")
-        rank, coll, sole = self.rank, self.coll, self.runtime.users == 1
-        base = str(self.store.base_dir)
+        persist = self.persist_dir
+        if release_memory is not False and persist is not None:
+            job = self.job_id
+            if newest_step_persisted(self.runtime, lambda s: s in persisted_steps(persist, job)):
+                close_and_release(self.runtime, self.runtime.release)
+                return
         self.runtime.release()
-        if roots is not None:
-            coll.all_gather_object(sole, "memory tier release: closed")  # every rank closed
-            if sole:
-                release_memory_tier(base, self.job_id, roots, rank, roots[rank])
-
-    def _newest_persisted(self) -> bool:
-        """Whether the newest committed step is drained, on every rank's view (collective)."""
-        if self.persist_dir is None:
-            return False
-        self.engine.wait_idle()
-        wait_for_drains()
-        newest = max(self.engine.committed_steps(), default=None)
-        ok = newest is not None and newest in persisted_steps(self.persist_dir, self.job_id)
-        return all(self.coll.all_gather_object(ok, "memory tier release: persisted"))
 
     def __enter__(self) -> CheckpointManager:
         return self

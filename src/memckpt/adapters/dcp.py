@@ -38,6 +38,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,10 @@ from memckpt.engine.drain import check_persist, schedule_drain, wait_for_parts
 from memckpt.engine.load_transaction import LoadTransaction
 from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
 from memckpt.engine.sources import ObjectLocator, ObjectSource, find_object_offline
+from memckpt.engine.tiers import close_and_release, newest_step_persisted
 from memckpt.errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     DataDamagedError,
     InvalidNameError,
@@ -142,10 +145,32 @@ def parse_checkpoint_id(cid: str | os.PathLike[str]) -> tuple[Path, str, int]:
 # -- runtimes the adapter keeps open ---------------------------------------------------------
 
 
-def close(base_dir: str | os.PathLike[str] | None = None, job_id: str | None = None) -> None:
+def close(
+    base_dir: str | os.PathLike[str] | None = None,
+    job_id: str | None = None,
+    *,
+    release_memory: bool = False,
+) -> None:
     """Close the runtimes DCP and Megatron calls opened (all, or one job's); waits for saves
-    in flight. They are kept open between calls (DCP has no close) and closed at exit."""
-    NodeRuntime.release_held(base_dir, job_id)
+    in flight. They are kept open between calls (DCP has no close) and closed at exit.
+
+    ``release_memory=True`` (collective; name the job) is the end of training: once every
+    drain has ended and the job's newest step is persisted (``persist_every``), each
+    node's memory tier of the job is deleted, in one log line; otherwise it is kept.
+    """
+    if not release_memory:
+        NodeRuntime.release_held(base_dir, job_id)
+        return
+    if base_dir is None or job_id is None:
+        raise ConfigError("close(release_memory=True) needs the job: close(base_dir, job_id, ...)")
+    rt = NodeRuntime.take_held(base_dir, job_id)
+    if rt is None:
+        return
+    checks = list(rt.persisted)
+    if checks and newest_step_persisted(rt, lambda s: any(c(s) for c in checks)):
+        close_and_release(rt, rt.release)
+    else:
+        rt.release()
 
 
 def item_key(index: MetadataIndex) -> str:
@@ -665,6 +690,8 @@ def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: 
     is a plain DCP checkpoint once it is loadable (``memckpt.engine.drain``).
     """
     dest = persist_dir / ids.step_dir_name(step)
+    if not any(getattr(c, "persist_dir", None) == persist_dir for c in rt.persisted):
+        rt.persisted.append(_DrainedTo(persist_dir))
 
     def drain() -> None:
         manifest = rt.store.manifest(step)
@@ -684,6 +711,16 @@ def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: 
             _finish_drain(dest, md, manifest.world_size)
 
     schedule_drain(rt.engine, step, drain, str(dest))
+
+
+@dataclass(frozen=True)
+class _DrainedTo:
+    """Whether a step is complete (``.metadata`` written last) in a drain's directory."""
+
+    persist_dir: Path
+
+    def __call__(self, step: int) -> bool:
+        return step in complete_steps(self.persist_dir)[1]
 
 
 def _finish_drain(dest: Path, md: Metadata, world_size: int) -> None:

@@ -17,6 +17,7 @@ import atexit
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,8 @@ class NodeRuntime:
         self._users = 0
         self._connect_args = connect_args or {}
         self._explicit: set[str] = set()  # settings the opener named (hold)
+        # checks that say a step is persisted, registered by whoever drains it
+        self.persisted: list[Callable[[int], bool]] = []
         self._connected = network is not None or coll.world_size == 1
 
     @property
@@ -313,6 +316,12 @@ class NodeRuntime:
                     "memckpt.adapters.megatron.close(base_dir, job_id) (Megatron)"
                 )
         return rt
+
+    @classmethod
+    def take_held(cls, base_dir: str | os.PathLike[str], job_id: str) -> NodeRuntime | None:
+        """Remove one job's held runtime from the registry and return it (the caller releases)."""
+        with cls._lock:
+            return cls._held.pop((os.path.realpath(base_dir), str(job_id)), None)
 
     @classmethod
     def release_held(

@@ -27,13 +27,23 @@ gives the job's memory back (tmpfs pages are RAM the next job on the node needs)
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from memckpt import ids
+from memckpt.engine.drain import wait_for_drains
+from memckpt.engine.runtime import NodeRuntime
 from memckpt.storage.store import delete_job
 
-__all__ = ["ResumeChoice", "choose_tier", "release_memory_tier", "resume_tiers"]
+__all__ = [
+    "ResumeChoice",
+    "choose_tier",
+    "close_and_release",
+    "newest_step_persisted",
+    "release_memory_tier",
+    "resume_tiers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +121,32 @@ def release_memory_tier(
     log.info("rank %d: training ended and its newest step is persisted; released the memory "
              "tier of job %s (%s)", rank, job_id, my_root)  # fmt: skip
     return True
+
+
+def newest_step_persisted(runtime: NodeRuntime, persisted: Callable[[int], bool]) -> bool:
+    """Whether the job's newest committed step is persisted, on every rank's view (collective).
+
+    Waits for the save in flight and for every drain first.
+    """
+    runtime.engine.wait_idle()
+    wait_for_drains()
+    newest = max(runtime.engine.committed_steps(), default=None)
+    ok = newest is not None and persisted(newest)
+    return all(runtime.coll.all_gather_object(ok, "memory tier release: persisted"))
+
+
+def close_and_release(runtime: NodeRuntime, close: Callable[[], None]) -> None:
+    """Close the runtime with ``close()``, then delete each node's memory tier (collective).
+
+    Call at a normal end once ``newest_step_persisted`` said yes. A rank whose process
+    still has other users of the runtime keeps its node's tree.
+    """
+    coll, rank = runtime.coll, runtime.rank
+    mine = os.path.realpath(runtime.store.root)
+    roots = coll.all_gather_object(mine, "memory tier release")
+    sole = runtime.users == 1
+    base, job = str(runtime.store.base_dir), runtime.store.job_id
+    close()
+    everyone = coll.all_gather_object(sole, "memory tier release: closed")  # all closed now
+    if sole and all(everyone):
+        release_memory_tier(base, job, roots, rank, roots[rank])
