@@ -350,7 +350,7 @@ def latest_checkpoint(
     """
     settings = RuntimeSettings(replication=replication, node_id=node_id, secret=secret,
                                timeout_s=timeout_s)  # fmt: skip
-    rt = NodeRuntime.hold(Path(base_dir), job_id, settings)
+    rt = NodeRuntime.hold(Path(base_dir), job_id, settings, reading=True)
     plan = LoadTransaction(rt, on_world_size_mismatch="allow").plan()
     if plan.step is None:
         return None
@@ -442,7 +442,7 @@ class MemoryStorageReader(StorageReader):
         if self._where is None:
             raise MemckptError("MemoryStorageReader needs a checkpoint id")
         base, job, step = self._where
-        rt = self._runtime = NodeRuntime.hold(base, job, self._settings)
+        rt = self._runtime = NodeRuntime.hold(base, job, self._settings, reading=True)
         txn = self._txn = LoadTransaction(rt, step, on_world_size_mismatch="allow")
         plan = txn.plan()
         if plan.step is None:

@@ -126,6 +126,7 @@ class NodeRuntime:
         self._users = 0
         self._connect_args = connect_args or {}
         self._explicit: set[str] = set()  # settings the opener named (hold)
+        self._for_reading = False  # opened by reading calls only (hold)
         # checks that say a step is persisted, registered by whoever drains it
         self.persisted: list[Callable[[int], bool]] = []
         self._connected = network is not None or coll.world_size == 1
@@ -279,18 +280,29 @@ class NodeRuntime:
 
     @classmethod
     def hold(
-        cls, base_dir: str | os.PathLike[str], job_id: str, settings: RuntimeSettings
+        cls,
+        base_dir: str | os.PathLike[str],
+        job_id: str,
+        settings: RuntimeSettings,
+        *,
+        reading: bool = False,
     ) -> NodeRuntime:
         """The job's runtime, held open for framework calls that have no close (collective
         the first time in a process). A runtime already open is reused when the settings
-        given explicitly agree with it; otherwise MemckptError names both."""
+        given explicitly agree with it; otherwise MemckptError names both.
+
+        ``reading``: the call only loads (``latest_checkpoint``, a reader). A runtime
+        opened by reading calls alone is reopened (collectively: every rank makes the
+        same calls) by the first writer that names settings the readers left unset, so
+        the restart lines need not repeat the writer's replication."""
         options, explicit = settings.options()
         key = (os.path.realpath(base_dir), str(job_id))
         with cls._lock:
             rt = cls._held.get(key)
         if rt is not None:
             differ = {n for n in explicit if getattr(rt.options, n) != getattr(options, n)}
-            if differ and not differ & rt._explicit and rt._users == 1:
+            reopen = rt._for_reading and not reading and rt._users == 1
+            if differ and not differ & rt._explicit and reopen:
                 # opened by a call that left these unset (a reader's latest_checkpoint before
                 # the first save, say): reopen with them, keeping what the first call set
                 merged = {n: getattr(rt.options, n) for n in rt._explicit}
@@ -304,8 +316,11 @@ class NodeRuntime:
             )
             if rt._users == 1:
                 rt._explicit = set(explicit)
+                rt._for_reading = reading
             with cls._lock:
                 cls._held[key] = rt
+        if not reading:
+            rt._for_reading = False
         for name in sorted(explicit):
             if getattr(rt.options, name) != getattr(options, name):
                 raise MemckptError(

@@ -123,7 +123,7 @@ def prepare_checkpoint(
 def _prepare(
     base_dir: str | os.PathLike[str], job_id: str, step: int | None, settings: RuntimeSettings
 ) -> str | None:
-    rt = NodeRuntime.hold(Path(base_dir), job_id, settings)
+    rt = NodeRuntime.hold(Path(base_dir), job_id, settings, reading=True)
     plan = LoadTransaction(rt, step, on_world_size_mismatch="allow").plan()
     if plan.step is None:
         if step is None:
