@@ -283,10 +283,7 @@ class LoadTransaction:
         net = rt.network
         if net is None:
             return
-        if not net.pushes:
-            if rt.options.replication is not None and self.rank == 0:
-                log.info("step %d loaded; re-replication skipped: replication %r does not fit "
-                         "this layout", step, rt.options.replication)  # fmt: skip
+        if not net.pushes:  # no strategy, or one that does not fit (said once, at setup)
             return
         invs = a.inventories
         manifest = plan.manifest
