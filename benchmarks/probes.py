@@ -599,7 +599,7 @@ def probe_fuzz(work: Path, sz: Sizes, seed: int, budget_s: float) -> Result:
 # -- 4. SIGKILL during saves ------------------------------------------------------------------
 def probe_crash(work: Path, sz: Sizes, seed: int, budget_s: float) -> Result:
     crash = from_tests("test_crash_safety")
-    defects = from_tests("test_core_defects")
+    defects = from_tests("test_load_and_resave_invariants")
     worker, zoo = from_tests("crash_worker"), from_tests("zoo")
     r = Result("crash", f"SIGKILL at {len(sz.fault_points)} fault points of a save, "
                f"{len(sz.resave_points)} of a re-save, {sz.random_kills} random instants; "

@@ -1,4 +1,5 @@
-"""The four defects of the core-engine issue, each held by a test that failed before the fix."""
+"""Invariants of loads and re-saves: world size, damaged loads into caller tensors, re-saves
+killed or voted down, and ls/gc/status agreeing with recovery."""
 
 from __future__ import annotations
 
