@@ -199,16 +199,14 @@ class LoadTransaction:
         """
         rt = self.runtime
         invs = rt.exchange_inventories()
-        exclude = list(self.excluded)
-        if self.newer_than is not None:
-            exclude += [s for inv in invs for s in inv if s <= self.newer_than]
         plan = plan_recovery(
             invs,
             rt.world_size,
             allow_fetch=True,
             step=self.step,
-            exclude_steps=tuple(exclude),
+            exclude_steps=tuple(self.excluded),
             on_world_size_mismatch=self.on_world_size_mismatch,
+            newer_than=self.newer_than,
         )
         if plan.world_size_mismatch is not None:
             raise world_size_error(self.job_id, rt.world_size, plan)

@@ -65,6 +65,7 @@ def plan_recovery(
     step: int | None = None,
     exclude_steps: Sequence[int] = (),
     on_world_size_mismatch: str = "raise",
+    newer_than: int | None = None,
 ) -> RecoveryPlan:
     """Pick the newest complete step and a source for every rank's object (pure).
 
@@ -79,6 +80,7 @@ def plan_recovery(
     ``world_size_mismatch`` set); with ``"skip"`` older steps are considered; with
     ``"allow"`` (a resharding reader that reads any rank's object) it counts as
     complete, and ``sources`` covers the saved world's ranks.
+    ``newer_than`` passes over steps at or below it (a tier policy's floor).
     ``skipped`` says why each newer step was passed over. A step some node marked
     damaged (a load found its data failing verification on every holder) is passed over.
     """
@@ -93,6 +95,9 @@ def plan_recovery(
     for s in candidates:
         if s in exclude_steps:
             skipped[s] = "excluded (failed to load)"
+            continue
+        if newer_than is not None and s <= newer_than:
+            skipped[s] = f"not newer than step {newer_than} (another tier holds that)"
             continue
         held = [inv.get(s) or StepHoldings() for inv in inventories]
         variants = {h.manifest.checksum: h.manifest for h in held if h.manifest is not None}
