@@ -32,8 +32,9 @@ from memckpt import ids
 from memckpt.adapters.dcp import DCP_METADATA_FILE, complete_steps, prune_steps
 from memckpt.engine.rng import capture_rng_state, restore_rng_state
 from memckpt.engine.tiers import choose_tier
-from memckpt.errors import ConfigError, CorruptCheckpointError
+from memckpt.errors import CorruptCheckpointError
 from memckpt.recipes.config import CheckpointConfig
+from memckpt.storage.retention import check_keep_last
 
 try:
     import numpy as np
@@ -78,8 +79,7 @@ def latest_persistent_step(directory: str | os.PathLike[str]) -> int | None:
 def prune_persistent(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
     """Delete complete ``step-<N>`` directories older than the newest ``keep_last``
     (``memckpt.adapters.dcp.prune_steps``: the engine's retention policy)."""
-    if keep_last < 1:
-        raise ConfigError(f"checkpoint.persistent.keep_last must be >= 1, got {keep_last}")
+    check_keep_last(keep_last, "checkpoint.persistent.keep_last")
     return prune_steps(directory, keep_last)
 
 

@@ -17,7 +17,7 @@ __all__ = ["RetentionPlan", "check_keep_last", "plan_retention"]
 def check_keep_last(keep_last: object, what: str = "keep_last") -> int:
     """``keep_last`` as an int >= 1, else ConfigError naming it (the one check every API uses)."""
     if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {keep_last!r}")
+        raise ConfigError(f"{what} must be >= 1 (a whole number of steps), got {keep_last!r}")
     return keep_last
 
 
