@@ -115,12 +115,13 @@ class MemoryTier:
         self.failed_steps: list[int] = []
         self.last_load: LoadInfo | None = None
         self._manager: CheckpointManager | None = None
-        self._handle: SaveHandle | None = None
+        self._handles: list[SaveHandle] = []  # saves whose outcome is not collected yet
         self._preloaded: tuple[int, dict[str, Any]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_manager"] = state["_handle"] = state["_preloaded"] = None
+        state["_manager"] = state["_preloaded"] = None
+        state["_handles"] = []
         return state
 
     @property
@@ -216,20 +217,23 @@ class MemoryTier:
         """
         self._collect()
         storable = to_storable(checkpoint, "checkpoint", self.safe_globals)
-        self._handle = self.manager().save(step, storable, blocking=not self.async_save)
+        self._handles.append(self.manager().save(step, storable, blocking=not self.async_save))
         if not self.async_save:
             self._collect()
 
     def _collect(self, wait: bool = False) -> None:
-        h = self._handle
-        if h is None or not (wait or h.done()):
-            return
-        self._handle = None
-        try:
-            h.wait()
-        except MemckptError as e:
-            self.failed_steps.append(h.step)
-            log.warning("memory checkpoint of step %d failed: %s", h.step, e)
+        """Record the outcome of every save that has ended (all of them with ``wait``)."""
+        pending = []
+        for h in self._handles:
+            if not (wait or h.done()):
+                pending.append(h)
+                continue
+            try:
+                h.wait()
+            except MemckptError as e:
+                self.failed_steps.append(h.step)
+                log.warning("memory checkpoint of step %d failed: %s", h.step, e)
+        self._handles = pending
 
     def wait(self) -> None:
         """Wait for the save in flight to be committed (or fail, which is logged)."""
