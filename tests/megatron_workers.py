@@ -250,11 +250,19 @@ def load_damaged_newest(rank: int, world: int, base: str) -> dict[str, Any]:
     return {"first": Path(first or "").name, "failed": failed, "second": Path(second or "").name}
 
 
-def load_named_step(rank: int, world: int, base: str, step: int) -> str:
-    """A restart loads ``step`` by name, on a replaced node too (prepare_checkpoint)."""
+def load_named_step(rank: int, world: int, base: str, step: int, how: str) -> str:
+    """A restart loads ``step`` by name, on a replaced node too.
+
+    ``how="prepare"``: through ``prepare_checkpoint``; ``"latest"``: the restart lines call
+    ``latest_checkpoint`` (which prepares every complete step), then the step's plain id.
+    """
     patch_megatron_cuda()
     node = Path(base) / os.environ["MEMCKPT_NODE_ID"]
-    cid = mm.prepare_checkpoint(node, "job", step)
+    if how == "prepare":
+        cid = mm.prepare_checkpoint(node, "job", step)
+    else:
+        mm.latest_checkpoint(node, "job")
+        cid = mm.checkpoint_id(node, "job", step)
     loaded = dc.load(sharded_state(rank, world, 0, "rows", empty=True), cid,
                      mm.MemoryLoadShardedStrategy())  # fmt: skip
     check_loaded(loaded, rank, world, step, "rows")

@@ -61,6 +61,14 @@ def test_megatron_damaged_newest_step_and_a_named_step_on_a_replaced_node(tmp_pa
 
     run_ranks(mw.save_steps_two_nodes, 2, str(tmp_path), [20, 30], timeout=180,
               env_per_rank=NODES)  # fmt: skip
+    # node 1 replaced; after the restart lines (latest_checkpoint names step 30) the older
+    # step 20 loads by its plain id there too
+    spare = tmp_path.parent / f"{tmp_path.name}-spare"
+    shutil.copytree(tmp_path / "node0", spare / "node0")
+    out = run_ranks(mw.load_named_step, 2, str(spare), 20, "latest", timeout=180,
+                    env_per_rank=NODES)  # fmt: skip
+    assert out == {0: "step-20", 1: "step-20"}
+    shutil.rmtree(spare)
     damaged = sorted(tmp_path.glob("node*/job/step-30/rank-*.mck"))
     assert len(damaged) == 4
     for obj in damaged:
@@ -70,5 +78,6 @@ def test_megatron_damaged_newest_step_and_a_named_step_on_a_replaced_node(tmp_pa
         assert out[r]["first"] == "step-30" and "checksum mismatch" in out[r]["failed"], out[r]
         assert out[r]["second"] == "step-20", out[r]
     shutil.rmtree(tmp_path / "node1")  # node 1 replaced; step 20 named explicitly
-    out = run_ranks(mw.load_named_step, 2, str(tmp_path), 20, timeout=180, env_per_rank=NODES)
+    out = run_ranks(mw.load_named_step, 2, str(tmp_path), 20, "prepare", timeout=180,
+                    env_per_rank=NODES)  # fmt: skip
     assert out == {0: "step-20", 1: "step-20"}

@@ -190,6 +190,12 @@ class LoadTransaction:
     def job_id(self) -> str:
         return self.runtime.store.job_id
 
+    @property
+    def inventories(self) -> list[Inventory]:
+        """Every rank's inventory as the last ``plan()`` exchanged it."""
+        assert self._attempt is not None, "plan() first"
+        return self._attempt.inventories
+
     # -- collective steps ---------------------------------------------------------------
     def plan(self) -> RecoveryPlan:
         """Exchange inventories and plan the next attempt (collective).

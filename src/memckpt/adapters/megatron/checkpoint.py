@@ -26,8 +26,10 @@ from memckpt.adapters.dcp import checkpoint_id, parse_checkpoint_id
 from memckpt.adapters.megatron.files import CONFIG_BLOB, write_step_files
 from memckpt.adapters.megatron.save_strategy import MemoryAsyncSaveStrategy
 from memckpt.engine.load_transaction import LoadTransaction
+from memckpt.engine.recovery_plan import plan_recovery
 from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
 from memckpt.errors import CheckpointNotFoundError
+from memckpt.storage.inventory import Inventory
 
 __all__ = ["latest_checkpoint", "prepare_checkpoint", "save"]
 
@@ -83,9 +85,10 @@ def latest_checkpoint(
     """The newest complete memory checkpoint, ready to load on every node; or None.
 
     Collective: every rank calls it. Complete as ``CheckpointManager.latest`` defines
-    it, whatever world size saved it. A node that lacks the step's manifest (a replaced
-    one) gets it from a peer; then every node's step directory holds Megatron's
-    ``common.pt`` and ``metadata.json``, so ``dist_checkpointing.load`` works there.
+    it, whatever world size saved it. A node that lacks a complete step's manifest (a
+    replaced one) gets it from a peer, for every complete step; then every node's step
+    directories hold Megatron's ``common.pt`` and ``metadata.json``, so
+    ``dist_checkpointing.load`` works there for the newest step and any older one.
     None: nothing complete in memory; load your regular checkpoint instead.
 
     The options are the save strategy's: this call opens the job's node runtime in the
@@ -124,7 +127,9 @@ def _prepare(
     base_dir: str | os.PathLike[str], job_id: str, step: int | None, settings: RuntimeSettings
 ) -> str | None:
     rt = NodeRuntime.hold(Path(base_dir), job_id, settings, reading=True)
-    plan = LoadTransaction(rt, step, on_world_size_mismatch="allow").plan()
+    txn = LoadTransaction(rt, step, on_world_size_mismatch="allow")
+    plan = txn.plan()
+    _prepare_every_complete_step(rt, txn.inventories, skip=plan.step)
     if plan.step is None:
         if step is None:
             return None
@@ -142,3 +147,24 @@ def _prepare(
         )
     write_step_files(rt.store.step_dir(plan.step), manifest, f"{rt.rank}.{os.getpid()}")
     return cid
+
+
+def _prepare_every_complete_step(
+    rt: NodeRuntime, inventories: list[Inventory], skip: int | None
+) -> None:
+    """Every complete Megatron step's directory on this node too (collective).
+
+    ``dist_checkpointing.load`` checks the directory, ``common.pt`` and ``metadata.json``
+    before a load strategy runs, so a replaced node gets them for every complete step
+    (manifests are small): after ``latest_checkpoint`` any of them loads there by name.
+    Every rank walks the same steps from the same inventories.
+    """
+    steps = sorted({s for inv in inventories for s in inv if s != skip}, reverse=True)
+    for s in steps:
+        plan = plan_recovery(inventories, rt.world_size, allow_fetch=True, step=s,
+                             on_world_size_mismatch="allow")  # fmt: skip
+        if plan.step is None:
+            continue
+        manifest = rt.ensure_manifest(plan)
+        if CONFIG_BLOB in manifest.blobs:
+            write_step_files(rt.store.step_dir(s), manifest, f"{rt.rank}.{os.getpid()}")
