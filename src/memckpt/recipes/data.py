@@ -63,7 +63,7 @@ def encode(text: str) -> torch.Tensor:
     try:
         return torch.tensor([_CHAR_TO_ID[c] for c in text], dtype=torch.long)
     except KeyError as e:
-        raise ValueError(
+        raise ConfigError(
             f"character {e.args[0]!r} is not in the arithmetic vocabulary {ARITHMETIC_VOCAB!r}"
         ) from None
 
@@ -119,9 +119,9 @@ class EpochSampler:
 def first_sample(step: int, rank: int, world_size: int, batch_size: int) -> int:
     """Global number of the first sample rank ``rank`` reads at step ``step`` (>= 1)."""
     if step < 1:
-        raise ValueError(f"steps count from 1, got {step}")
+        raise ConfigError(f"steps count from 1, got {step}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        raise ConfigError(f"rank {rank} is outside a world of {world_size}")
     return ((step - 1) * world_size + rank) * batch_size
 
 

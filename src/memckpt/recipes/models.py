@@ -88,7 +88,7 @@ class GPT(nn.Module):
         """Logits (batch, time, vocab) for token ids (batch, time), time <= block_size."""
         t = idx.shape[1]
         if t > self.block_size:
-            raise ValueError(f"sequence of {t} tokens is longer than block_size {self.block_size}")
+            raise ConfigError(f"sequence of {t} tokens is longer than block_size {self.block_size}")
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from memckpt.errors import (
     AuthenticationError,
+    ConfigError,
     CorruptCheckpointError,
     InsufficientSpaceError,
     MemckptError,
@@ -83,7 +84,7 @@ def parse_address(text: str) -> Address:
     """``host:port`` or ``[v6]:port`` to a (host, port) tuple."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"bad peer address {text!r}; expected host:port or [v6addr]:port")
+        raise ConfigError(f"bad peer address {text!r}; expected host:port or [v6addr]:port")
     return host.strip("[]"), int(port)
 
 
@@ -292,7 +293,7 @@ class TransferClient:
         self.backoff_s = backoff_s
         self.verify_threads = verify_threads
         if min_throughput <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"min_throughput must be positive bytes per second, got {min_throughput}"
             )
         self.min_throughput = min_throughput
