@@ -5,28 +5,32 @@ and ``dcp.load``; the rest of a DCP training loop stays as it is::
 
     cid = checkpoint_id("/dev/shm/memckpt", "job-7", step)       # "<base>/<job>/step-<N>"
     dcp.save(state, checkpoint_id=cid, storage_writer=MemoryStorageWriter(replication="pairwise"))
-    latest = latest_checkpoint("/dev/shm/memckpt", "job-7", replication="pairwise")
+    latest = latest_checkpoint("/dev/shm/memckpt", "job-7")      # reads copies on any node
     if latest:
         dcp.load(state, checkpoint_id=latest, storage_reader=MemoryStorageReader())
 
 Call sequence of a save (DCP drives it; see ``torch.distributed.checkpoint.StorageWriter``):
 
-    all ranks    reset(checkpoint_id) -> set_up_storage_writer: open the job's node
+    all ranks    reset(checkpoint_id) -> set_up_storage_writer: hold the job's node
                  runtime (collective the first time in a process; later saves reuse it)
-    coordinator  prepare_global_plan (unchanged)
+    coordinator  prepare_global_plan: keeps the metadata DCP's default planner would build,
+                 for planners that keep none of their own
     all ranks    write_data: resolve every item, then one memckpt save transaction of the
                  items (tensors by storage key, bytes items as blobs): stage into the
                  tmpfs buffer, checksums, local commit, replication, then the commit vote
                  on memckpt's gloo group, in which every rank's ballot carries the key map
                  of its items and the coordinator's carries DCP's ``.metadata``. Every node
-                 writes the step manifest from the ballots: the step is complete, replicated
-                 and discoverable on every node when write_data returns.
-    coordinator  finish: schedules the drain to persistent storage (``persist_every``)
+                 writes the same step manifest from the ballots: the step is complete,
+                 replicated and discoverable on every node when write_data returns; every
+                 K-th step is then drained in the background (``persist_every``)
+    coordinator  finish: nothing left to do
 
-A load: ``read_metadata`` exchanges inventories (collective) and takes the step's
-manifest (fetching it from a peer if this node lost it); DCP's planners decide what
-each rank reads, resharding when the world size changed; ``read_data`` reads each
-needed object from this node or from the peers that hold it, verifying every chunk.
+A load is the engine's load transaction, driven by DCP: ``read_metadata`` plans
+(inventories exchanged, collective; steps a load found damaged are passed over), brings
+the step's manifest to a node that lost it and meets the peers; DCP's planners decide
+what each rank reads, resharding when the world size changed; ``read_data`` reads each
+needed object from this node or from any node that holds it (no replication setting
+needed), verifying every chunk, then restores lost copies in the background.
 """
 
 from __future__ import annotations
