@@ -142,17 +142,10 @@ def test_the_newer_of_memory_and_persistent_wins(shm_dir, ckpt_path, source, ste
 
 def test_damaged_newest_memory_step_falls_back_to_the_older_one(shm_dir):
     """Every copy of step 4 has a flipped byte: the fit resumes from step 2, and says so."""
-    from memckpt.storage.reader import ObjectReader
+    from reshard_workers import flip_first_tensor_byte
 
     fit(0, 1, str(shm_dir), max_steps=4, every=2)  # memory steps 2 and 4, kept at train end
-    obj = shm_dir / "node0" / "job" / "step-4" / "rank-0.mck"
-    with ObjectReader(obj) as r:
-        offset = r.index.tensors[0].offset
-    with open(obj, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip_first_tensor_byte(shm_dir / "node0" / "job" / "step-4" / "rank-0.mck")
     out = fit(0, 1, str(shm_dir), max_steps=6, every=2)
     assert (out["source"], out["step"], out["memory_step"]) == ("memory", 2, 2)
     assert out["global_step"] == 6 and out["batches"] == 6

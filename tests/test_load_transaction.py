@@ -21,7 +21,7 @@ from memckpt.engine import (
 )
 from memckpt.replication.replicator import plan_copies
 from memckpt.storage.inventory import ManifestInfo, StepHoldings
-from memckpt.storage.reader import ObjectReader
+from reshard_workers import flip_first_tensor_byte
 
 OK = RankOutcome(True)
 
@@ -139,20 +139,10 @@ def _save(base: Path, steps: list[int]) -> None:
             m.save(s, {"w": torch.full((4096,), float(s)), "step": s}, blocking=True)
 
 
-def _flip(path: Path) -> None:
-    with ObjectReader(path) as r:
-        offset = r.index.tensors[0].offset
-    with open(path, "r+b") as f:
-        f.seek(offset + 100)
-        b = f.read(1)
-        f.seek(offset + 100)
-        f.write(bytes([b[0] ^ 0x40]))
-
-
 def test_damage_found_by_a_load_is_remembered_across_restarts_until_a_resave(tmp_path):
     _save(tmp_path, [1, 2, 3])
     obj = tmp_path / "job" / "step-3" / "rank-0.mck"
-    _flip(obj)
+    flip_first_tensor_byte(obj)
     with memckpt.CheckpointManager(tmp_path, "job", keep_last=5, prefault=False) as m:
         assert m.latest() == 3  # headers and manifests look fine
         out = m.load()
@@ -200,7 +190,7 @@ def test_memory_wins_a_tie_and_newer_memory_wins_over_the_drained_step(tmp_path)
     m.close(release_memory=False)
     with _mgr(base, persist) as m:
         assert m.load()["w"][0] == 3.0 and m.last_load.tier == "memory"
-    _flip(base / "job" / "step-3" / "rank-0.mck")  # newest memory step damaged
+    flip_first_tensor_byte(base / "job" / "step-3" / "rank-0.mck")  # newest memory step damaged
     with _mgr(base, persist) as m:  # memory step 2 ties the drained step 2: memory
         assert m.load()["w"][0] == 2.0 and m.last_load.tier == "memory"
         assert m.last_load.step == 2

@@ -35,6 +35,9 @@ __all__ = ["CheckpointManager", "LoadInfo"]
 
 log = logging.getLogger(__name__)
 
+_Read = Callable[[ObjectSource, set[str]], Any]
+"""Reads one object into the caller's state dict, noting the tensors it wrote into."""
+
 
 class CheckpointManager:
     """Memory-first checkpoints of one job, kept under ``base_dir/job_id`` on each node.
@@ -238,29 +241,20 @@ class CheckpointManager:
         StateModifiedError instead of returning None. The engine's
         ``memckpt.engine.LoadTransaction`` runs the protocol; ``last_load`` says what it did.
         """
-        if step is None and self.persist_dir is not None:
-            return self._resume_tiers(state_dict, map_location, strict, safe_globals,
-                                      on_world_size_mismatch, newer_than)  # fmt: skip
-        return self._load_memory(step, state_dict, map_location, strict, safe_globals,
-                                 on_world_size_mismatch, newer_than)  # fmt: skip
-
-    def _load_memory(
-        self,
-        step: int | None,
-        state_dict: Any,
-        map_location: Any,
-        strict: bool,
-        safe_globals: Iterable[Any],
-        on_world_size_mismatch: str,
-        newer_than: int | None,
-    ) -> Any:
-        txn = LoadTransaction(self.runtime, step, on_world_size_mismatch=on_world_size_mismatch,
-                              newer_than=newer_than)  # fmt: skip
 
         def read(src: ObjectSource, written: set[str]) -> Any:
             return load_object(src, state_dict, map_location=map_location, strict=strict,
                                safe_globals=safe_globals, written=written)  # fmt: skip
 
+        if step is None and self.persist_dir is not None:
+            return self._resume_tiers(read, on_world_size_mismatch, newer_than)
+        return self._load_memory(step, read, on_world_size_mismatch, newer_than)
+
+    def _load_memory(
+        self, step: int | None, read: _Read, on_world_size_mismatch: str, newer_than: int | None
+    ) -> Any:
+        txn = LoadTransaction(self.runtime, step, on_world_size_mismatch=on_world_size_mismatch,
+                              newer_than=newer_than)  # fmt: skip
         out = txn.run(read)
         if out is None:
             return None
@@ -268,13 +262,7 @@ class CheckpointManager:
         return result
 
     def _resume_tiers(
-        self,
-        state_dict: Any,
-        map_location: Any,
-        strict: bool,
-        safe_globals: Iterable[Any],
-        on_world_size_mismatch: str,
-        newer_than: int | None,
+        self, read: _Read, on_world_size_mismatch: str, newer_than: int | None
     ) -> Any:
         """Memory and the drained tier by the engine's tier rule (memory on a tie)."""
         assert self.persist_dir is not None
@@ -285,8 +273,7 @@ class CheckpointManager:
 
         def load_memory(floor: int | None) -> int | None:
             low = floor - 1 if floor is not None else newer_than
-            out = self._load_memory(None, state_dict, map_location, strict, safe_globals,
-                                    on_world_size_mismatch, low)  # fmt: skip
+            out = self._load_memory(None, read, on_world_size_mismatch, low)
             if out is None or self.last_load is None:
                 return None
             loaded.append(out)
@@ -298,16 +285,9 @@ class CheckpointManager:
         if choice.tier == "none":
             return None
         assert pstep is not None
-        return self._load_persisted(pstep, state_dict, map_location, strict, safe_globals)
+        return self._load_persisted(pstep, read)
 
-    def _load_persisted(
-        self,
-        step: int,
-        state_dict: Any,
-        map_location: Any,
-        strict: bool,
-        safe_globals: Iterable[Any],
-    ) -> Any:
+    def _load_persisted(self, step: int, read: _Read) -> Any:
         """Every rank reads its own drained object of ``step`` (collective vote)."""
         assert self.persist_dir is not None
         t0 = time.perf_counter()
@@ -321,8 +301,7 @@ class CheckpointManager:
                     f"saved by {saved} ranks; this job runs {self.world_size}"
                 )
             with ObjectReader(p) as reader:
-                result = load_object(reader, state_dict, map_location=map_location,
-                                     strict=strict, safe_globals=safe_globals)  # fmt: skip
+                result = read(reader, set())
         except MemckptError as e:
             error = e
         votes = self.coll.all_gather_object(

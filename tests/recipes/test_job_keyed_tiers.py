@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import train_workers as w
 
 from memckpt import ids
@@ -15,17 +13,7 @@ from memckpt.recipes.checkpointing import latest_persistent_step, persistent_job
 from memckpt.recipes.config import ConfigContainer
 from memckpt.recipes.train import train
 
-pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("one_thread")]
 
 
 def job(root: Path, job_id: str) -> ConfigContainer:

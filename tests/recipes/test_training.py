@@ -8,12 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import train_workers as w
 
 from memckpt.recipes.checkpointing import persistent_job_dir
@@ -21,18 +19,7 @@ from memckpt.recipes.config import ConfigContainer
 from memckpt.recipes.train import KILL_AT_STEP_ENV, RESTART_COUNT_ENV, train
 from multiproc import run_ranks
 
-pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Runs in this process use one intra-op thread, as each rank of the 2-rank tests does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("one_thread")]
 
 
 def logged_steps(cfg: ConfigContainer) -> list[dict[str, Any]]:

@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from memckpt import ids
 from memckpt.engine.drain import wait_for_drains
 from memckpt.engine.runtime import NodeRuntime
+from memckpt.replication.replicator import default_node_id
 from memckpt.storage.store import delete_job
 
 __all__ = [
     "ResumeChoice",
     "choose_tier",
     "close_and_release",
+    "memory_home",
     "newest_step_persisted",
     "release_memory_tier",
     "resume_tiers",
@@ -105,21 +107,36 @@ def resume_tiers(
     return ResumeChoice(tier, step, loaded, persistent_step)
 
 
-def release_memory_tier(
-    base_dir: str, job_id: str, roots: Sequence[str], rank: int, my_root: str
-) -> bool:
-    """Delete this node's memory tier of the job, by one rank per node directory.
+def memory_home(
+    base_dir: str | os.PathLike[str], job_id: str, rank: int, node_id: str | None = None
+) -> tuple[str, str]:
+    """(node id, real path of the job's memory tier) of this rank: where its tree lives.
 
-    ``roots`` are every rank's real job directory (all-gathered by the caller after every
-    rank closed its runtime); the lowest rank of each directory deletes it. Returns
-    whether this rank deleted. Call only at a normal end, once the newest step is
-    persisted.
+    The same path on two hosts is two trees, so the node id is part of it (default:
+    ``MEMCKPT_NODE_ID``, else the host name, as the replicator names nodes).
     """
-    if rank != min(r for r, root in enumerate(roots) if root == my_root):
+    root = os.path.realpath(ids.JobLayout(base_dir, job_id).root)
+    return (node_id or default_node_id(rank), root)
+
+
+def release_memory_tier(
+    base_dir: str | os.PathLike[str],
+    job_id: str,
+    homes: Sequence[tuple[str, str]],
+    rank: int,
+    why: str,
+) -> bool:
+    """Delete this node's memory tier of the job, by one rank per home (``memory_home``).
+
+    ``homes`` are every rank's home, all-gathered by the caller; call it after every rank
+    has closed its runtime (a barrier), at a normal end. The lowest rank of each home
+    deletes, in one log line saying ``why``. Returns whether this rank deleted.
+    """
+    if rank != min(r for r, home in enumerate(homes) if home == homes[rank]):
         return False
     delete_job(ids.JobLayout(base_dir, job_id))
-    log.info("rank %d: training ended and its newest step is persisted; released the memory "
-             "tier of job %s (%s)", rank, job_id, my_root)  # fmt: skip
+    log.info("rank %d: removed the memory tier of job %s (%s): %s", rank, job_id,
+             homes[rank][1], why)  # fmt: skip
     return True
 
 
@@ -142,11 +159,12 @@ def close_and_release(runtime: NodeRuntime, close: Callable[[], None]) -> None:
     still has other users of the runtime keeps its node's tree.
     """
     coll, rank = runtime.coll, runtime.rank
-    mine = os.path.realpath(runtime.store.root)
-    roots = coll.all_gather_object(mine, "memory tier release")
+    base, job = runtime.store.base_dir, runtime.store.job_id
+    homes = coll.all_gather_object(
+        memory_home(base, job, rank, runtime.options.node_id), "memory tier release"
+    )
     sole = runtime.users == 1
-    base, job = str(runtime.store.base_dir), runtime.store.job_id
     close()
     everyone = coll.all_gather_object(sole, "memory tier release: closed")  # all closed now
     if sole and all(everyone):
-        release_memory_tier(base, job, roots, rank, roots[rank])
+        release_memory_tier(base, job, homes, rank, "training ended with its newest step persisted")

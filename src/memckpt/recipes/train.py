@@ -51,8 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 import memckpt
-from memckpt import ids
-from memckpt.engine.tiers import resume_tiers
+from memckpt.engine.tiers import memory_home, release_memory_tier, resume_tiers
 from memckpt.errors import ConfigError
 from memckpt.recipes.checkpointing import (
     TrainingState,
@@ -74,7 +73,6 @@ from memckpt.settings import (
     NODE_ID_ENV,
     RESTART_COUNT_ENV,
 )
-from memckpt.storage.store import delete_job
 
 __all__ = [
     "BACKENDS",
@@ -374,7 +372,7 @@ class _Run:
                                    distributed=self.distributed,
                                    device=self.device)  # fmt: skip
         self.memory_base_dir = os.environ.get(BASE_DIR_ENV) or cfg.checkpoint.memory.base_dir
-        self.removes_memory_tier = False  # the lowest rank with this node's job directory
+        self._memory_homes: list[tuple[str, str]] = []  # every rank's (node, job directory)
         self.manager = self._manager() if cfg.checkpoint.memory.enabled else None
         self.memory_handles: list[memckpt.SaveHandle] = []
         self.persistent_saves = 0
@@ -392,15 +390,13 @@ class _Run:
     def _manager(self) -> memckpt.CheckpointManager:
         ckpt = self.cfg.checkpoint
         node_id = os.environ.get(NODE_ID_ENV) or socket.gethostname()
-        root = os.path.realpath(ids.JobLayout(self.memory_base_dir, ckpt.job_id).root)
-        nodes: list[Any] = [(node_id, root)]
+        home = memory_home(self.memory_base_dir, ckpt.job_id, self.rank, node_id)
+        nodes: list[Any] = [home]
         if self.distributed:
             nodes = [None] * self.world_size
-            dist.all_gather_object(nodes, (node_id, root))
-        num_nodes = len({node for node, _ in nodes})
-        # one rank per node and job directory: the same path on two hosts is two directories
-        sharing = [r for r, entry in enumerate(nodes) if tuple(entry) == (node_id, root)]
-        self.removes_memory_tier = self.rank == min(sharing)
+            dist.all_gather_object(nodes, home)
+        self._memory_homes = [tuple(h) for h in nodes]
+        num_nodes = len({node for node, _ in self._memory_homes})
         kwargs = memory_manager_kwargs(ckpt, num_nodes, node_id)
         return memckpt.CheckpointManager(
             self.memory_base_dir, ckpt.job_id, ckpt.memory.keep_last, **kwargs
@@ -588,11 +584,9 @@ class _Run:
                 dist.barrier(device_ids=[self.device.index])
             else:
                 dist.barrier()
-        if self.removes_memory_tier:
-            layout = ids.JobLayout(self.memory_base_dir, self.cfg.checkpoint.job_id)
-            delete_job(layout)
-            log.info("rank %d: run complete and step %d persisted: removed the memory tier %s",
-                     self.rank, self.state.step, layout.root)  # fmt: skip
+        release_memory_tier(self.memory_base_dir, self.cfg.checkpoint.job_id,
+                            self._memory_homes, self.rank,
+                            f"run complete and step {self.state.step} persisted")  # fmt: skip
 
     def _result(
         self,

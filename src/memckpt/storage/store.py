@@ -312,7 +312,8 @@ class CheckpointStore:
         """
         path = self.layout.damage_mark_path(step, manifest_checksum)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            # O_EXCL: never opens what is there (a planted FIFO would block the open)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileExistsError:
             return
         except OSError as e:

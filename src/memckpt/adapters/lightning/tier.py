@@ -33,10 +33,9 @@ from typing import Any
 from memckpt import ids
 from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
 from memckpt.engine.handle import SaveHandle
-from memckpt.engine.tiers import choose_tier, resume_tiers
+from memckpt.engine.tiers import choose_tier, memory_home, release_memory_tier, resume_tiers
 from memckpt.errors import CheckpointNotFoundError, ConfigTypeError, MemckptError
 from memckpt.manager import CheckpointManager, LoadInfo
-from memckpt.storage.store import delete_job
 
 __all__ = ["MemoryTier", "ResumeDecision", "choose_resume", "split_base_container"]
 
@@ -263,17 +262,14 @@ class MemoryTier:
         if self._manager is None:
             return
         mgr = self._manager
-        mine = os.path.realpath(self.root)
-        roots = mgr.coll.all_gather_object(mine, "memory checkpoint cleanup")
         rank = mgr.rank
+        home = memory_home(self.base_dir, self.job_id, rank, self.manager_options.get("node_id"))
+        homes = mgr.coll.all_gather_object(home, "memory checkpoint cleanup")
         self.close()
         if not remove:
             return
         barrier("memckpt_cleanup")
-        if rank == min(r for r, root in enumerate(roots) if root == mine):
-            delete_job(ids.JobLayout(self.base_dir, self.job_id))
-            log.info("rank %d: removed the memory checkpoints of job %s (%s)",
-                     rank, self.job_id, mine)  # fmt: skip
+        release_memory_tier(self.base_dir, self.job_id, homes, rank, "training ended")
 
     def close(self) -> None:
         """Wait for the save in flight and close the manager (idempotent; reopens on use)."""
