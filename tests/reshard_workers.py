@@ -165,3 +165,21 @@ def save_with_custom_planner(rank: int, world_size: int, base: str) -> bool:
              planner=_NoMetadataPlanner())  # fmt: skip
     close()
     return True
+
+
+def load_newest_loadable(rank: int, world_size: int, base: str) -> dict[str, Any]:
+    """``load_newest``: one call passes over a step damaged in every copy."""
+    from memckpt.adapters.dcp import load_newest
+
+    node_base = _node_base(base)
+    dest = _state(rank, 0)
+
+    def load(cid: str) -> int:
+        dcp.load(dest, checkpoint_id=cid, storage_reader=MemoryStorageReader())
+        return int(dest["step"])
+
+    out = load_newest(load, node_base, "job")
+    close()
+    assert out is not None
+    ok = torch.equal(dest[f"w{rank}"], _state(rank, out[1])[f"w{rank}"])
+    return {"cid": Path(out[0]).name, "step": out[1], "ok": ok}

@@ -16,6 +16,7 @@ from multiproc import run_ranks
 from reshard_workers import (
     flip_first_tensor_byte,
     load_damaged_newest,
+    load_newest_loadable,
     load_step,
     save_steps,
     save_with_custom_planner,
@@ -43,6 +44,15 @@ def test_dcp_damaged_newest_step_is_passed_over_by_latest_and_after_restart(tmp_
     shutil.rmtree(tmp_path / "node1")
     out = run_ranks(load_step, 2, str(tmp_path), 20, timeout=120, env_per_rank=NODES)
     assert out == {r: {"latest": "step-21", "ok": True} for r in (0, 1)}
+
+
+@pytest.mark.timeout(240)
+def test_dcp_load_newest_passes_over_a_damaged_step_in_one_call(tmp_path):
+    run_ranks(save_steps, 2, str(tmp_path), [20, 30], timeout=120, env_per_rank=NODES)
+    for obj in tmp_path.glob("node*/job/step-30/rank-*.mck"):
+        flip_first_tensor_byte(obj)
+    out = run_ranks(load_newest_loadable, 2, str(tmp_path), timeout=120, env_per_rank=NODES)
+    assert out == {r: {"cid": "step-20", "step": 20, "ok": True} for r in (0, 1)}
 
 
 @pytest.mark.timeout(120)

@@ -41,10 +41,10 @@ import logging
 import os
 import pickle
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
@@ -102,6 +102,7 @@ __all__ = [
     "failed_on_damaged_data",
     "item_key",
     "latest_checkpoint",
+    "load_newest",
     "parse_checkpoint_id",
     "prune_steps",
 ]
@@ -372,6 +373,42 @@ def failed_on_damaged_data(error: BaseException) -> bool:
         isinstance(f[0] if isinstance(f, tuple) else f, (DataDamagedError, TransferError))
         for f in failures.values()
     )
+
+
+T = TypeVar("T")
+
+
+def load_newest(
+    load: Callable[[str], T],
+    base_dir: str | os.PathLike[str],
+    job_id: str,
+    **options: Any,
+) -> tuple[str, T] | None:
+    """``load(cid)`` of the newest loadable memory checkpoint; None when there is none.
+
+    Collective. ``latest_checkpoint(base_dir, job_id, **options)`` names the newest complete
+    step; when ``load`` (your ``dcp.load`` with ``MemoryStorageReader``) fails because its
+    data is damaged in every copy, the step is marked and the next older one is tried, on
+    every rank alike (DCP raises the same ``CheckpointException`` everywhere). Other
+    failures are raised. CorruptCheckpointError when every complete step was damaged.
+    """
+    tried: list[str] = []
+    while True:
+        cid = latest_checkpoint(base_dir, job_id, **options)
+        if cid is None:
+            if tried:
+                raise CorruptCheckpointError(
+                    f"job {job_id!r} under {base_dir}: no complete checkpoint loaded (damaged: "
+                    f"{tried}); not starting from scratch: remove the job's directory to do so"
+                )
+            return None
+        try:
+            return cid, load(cid)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if not failed_on_damaged_data(e) or cid in tried:
+                raise
+            log.warning("%s is damaged in every copy; trying the next older step", cid)
+            tried.append(cid)
 
 
 def _load_metadata(manifest: StepManifest, where: str) -> Metadata:

@@ -443,26 +443,17 @@ class State:
     def _load_dcp(self, step: int | None) -> tuple[int, dict[str, Any]]:
         if step is not None:
             return self._load_dcp_step(step)
-        tried: list[str] = []
-        while True:  # newest first; a step whose data is damaged everywhere is marked
-            cid = self._dcp.latest_checkpoint(self.base_dir, self.job_id, **self._reader_options())
-            if cid is None:
-                if tried:
-                    raise CorruptCheckpointError(
-                        f"job {self.job_id!r}: no complete checkpoint loaded (damaged: "
-                        f"{tried}); not starting from scratch; remove the job's directory to "
-                        "do so"
-                    )
-                raise CheckpointNotFoundError(
-                    f"no complete memory checkpoint of job {self.job_id!r} under {self.base_dir}"
-                )
-            try:
-                return self._load_dcp_step(None, cid)
-            except BaseException as e:  # DCP's CheckpointException is a BaseException
-                if not self._dcp.failed_on_damaged_data(e) or cid in tried:
-                    raise
-                log.warning("rank %d: %s is damaged; trying the next older step", self.rank, cid)
-                tried.append(cid)
+        out = self._dcp.load_newest(
+            lambda cid: self._load_dcp_step(None, cid),
+            self.base_dir,
+            self.job_id,
+            **self._reader_options(),
+        )
+        if out is None:
+            raise CheckpointNotFoundError(
+                f"no complete memory checkpoint of job {self.job_id!r} under {self.base_dir}"
+            )
+        return out[1]
 
     def _reader_options(self) -> dict[str, Any]:
         return {
