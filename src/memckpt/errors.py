@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "AuthenticationError",
     "CheckpointNotFoundError",
@@ -22,10 +24,13 @@ __all__ = [
     "SignalInstallError",
     "StateDictMismatchError",
     "StateModifiedError",
+    "StorageIOError",
     "TransferError",
+    "UnsafePathError",
     "UnsupportedValueError",
     "UsageError",
     "WorldSizeMismatchError",
+    "as_storage_error",
 ]
 
 
@@ -43,6 +48,11 @@ class UnsupportedValueError(MemckptError, TypeError):
 
 class CorruptCheckpointError(MemckptError):
     """Stored bytes do not match their recorded checksum or structure."""
+
+
+class UnsafePathError(CorruptCheckpointError):
+    """A path in a job's tree is a symlink, FIFO, device or oversized file where memckpt
+    expects a regular file or directory (the tree is untrusted); it is not read."""
 
 
 class DataDamagedError(CorruptCheckpointError):
@@ -72,6 +82,10 @@ class WorldSizeMismatchError(MemckptError):
 
 class InsufficientSpaceError(MemckptError, OSError):
     """The checkpoint directory has too little free space for a save; nothing was lost."""
+
+
+class StorageIOError(MemckptError, OSError):
+    """Reading or writing a checkpoint tree failed (permission, I/O error); names the path."""
 
 
 class CheckpointNotFoundError(MemckptError, FileNotFoundError):
@@ -128,3 +142,17 @@ class ConfigTypeError(ConfigError, TypeError):
 
 class UsageError(MemckptError, RuntimeError):
     """An API was called out of order or in a state that does not allow it; says what to do."""
+
+
+def as_storage_error(error: OSError, what: str) -> MemckptError:
+    """``error`` as the MemckptError a caller can catch: InsufficientSpaceError for a full
+    disk or quota, StorageIOError for any other OS error; ``what`` says what failed."""
+    if isinstance(error, MemckptError):
+        return error
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpaceError(
+            f"{what}: no space left{where}; free space or make the tmpfs larger "
+            "(docker --shm-size), keep fewer steps (keep_last) or set limit_bytes"
+        )
+    return StorageIOError(f"{what}: {error.strerror or error}{where}")

@@ -68,10 +68,17 @@ MAX_STEP: Final = 2**63 - 1
 
 def validate_job_id(job_id: str) -> str:
     """Return ``job_id`` if it is a safe single path component, else raise InvalidNameError."""
+    if isinstance(job_id, str) and not job_id:
+        raise InvalidNameError("the job id is empty: name the job (e.g. job_id='llama-run1')")
     if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id) or ".." in job_id:
         raise InvalidNameError(
             f"invalid job id {job_id!r}: use 1-128 characters of letters, digits, '_', '-', '.', "
             "starting with a letter or digit, and no '..'"
+        )
+    if _STEP_DIR_RE.fullmatch(job_id) or _WRITING_RE.fullmatch(job_id):
+        raise InvalidNameError(
+            f"invalid job id {job_id!r}: it has the form of a step directory inside a job, so "
+            "tools listing the base directory would take it for a step; choose another name"
         )
     return job_id
 

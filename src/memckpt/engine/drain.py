@@ -15,6 +15,7 @@ directory with the same machinery.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import shutil
@@ -30,8 +31,9 @@ from memckpt.errors import (
     CorruptCheckpointError,
     MemckptError,
 )
-from memckpt.storage.manifest import read_manifest, write_manifest
-from memckpt.storage.store import CheckpointStore, object_digest
+from memckpt.storage.manifest import write_manifest
+from memckpt.storage.safe_fs import open_regular
+from memckpt.storage.store import CheckpointStore, load_step_manifest, object_digest, step_dirs
 
 __all__ = [
     "PART_WAIT_S",
@@ -97,7 +99,14 @@ def wait_for_parts(paths: Sequence[Path], timeout: float = PART_WAIT_S) -> None:
 
 def _copy_durably(src: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    fd = open_regular(src, "object")
+    if fd is None:
+        raise CheckpointNotFoundError(f"{src}: no object to drain")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover, or a link planted there: never written through
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    out_fd = os.open(tmp, flags, 0o644)
+    with os.fdopen(fd, "rb") as fin, os.fdopen(out_fd, "wb") as fout:
         shutil.copyfileobj(fin, fout, 16 << 20)
         fout.flush()
         os.fsync(fout.fileno())
@@ -122,20 +131,13 @@ def persisted_steps(dest_base: Path, job_id: str) -> list[int]:
     """Steps drained completely to ``dest_base/<job>/`` (the manifest is written last), sorted."""
     layout = ids.JobLayout(dest_base, job_id)
     out = []
-    try:
-        entries = list(os.scandir(layout.root))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    for e in entries:
-        step = ids.parse_step_dir(e.name)
-        if step is None or not e.is_dir(follow_symlinks=False):
-            continue
+    for step in step_dirs(layout):
         try:
-            m = read_manifest(layout.manifest_path(step))
+            m = load_step_manifest(layout, step)
         except CorruptCheckpointError as err:
             log.warning("ignoring drained step %d: %s", step, err)
             continue
-        if m is not None and m.step == step and m.job_id == job_id:
+        if m is not None:
             out.append(step)
     return sorted(out)
 
@@ -144,7 +146,7 @@ def persisted_object(dest_base: Path, job_id: str, step: int, rank: int) -> tupl
     """(path, world size that saved it) of ``rank``'s drained object of ``step``, checked
     against the drained manifest's digest; CheckpointNotFoundError or CorruptCheckpointError."""
     layout = ids.JobLayout(dest_base, job_id)
-    m = read_manifest(layout.manifest_path(step))
+    m = load_step_manifest(layout, step)
     if m is None:
         raise CheckpointNotFoundError(f"{layout.step_dir(step)}: no drained manifest")
     if rank not in m.objects:

@@ -25,7 +25,7 @@ from typing import Any
 from memckpt.collectives import Collectives
 from memckpt.engine.handle import SaveHandle, SaveResult
 from memckpt.engine.save_transaction import Ballot, SaveTransaction, Vote, collective_vote
-from memckpt.errors import InsufficientSpaceError, MemckptError
+from memckpt.errors import InsufficientSpaceError, MemckptError, as_storage_error
 from memckpt.ids import validate_step
 from memckpt.replication.replicator import Replicator
 from memckpt.storage import events
@@ -180,9 +180,10 @@ class SaveEngine:
                     raise
                 txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
                           chunk_size=self.chunk_size)  # fmt: skip
-        except (InsufficientSpaceError, OSError) as e:
-            log.error("rank %d: save of step %d failed: %s", self.store.rank, step, e)
-            return SaveHandle(step, self._submit_failure(step, e, txn))
+        except OSError as e:  # InsufficientSpaceError is one
+            err = as_storage_error(e, f"rank {self.store.rank}: save of step {step}")
+            log.error("rank %d: save of step %d failed: %s", self.store.rank, step, err)
+            return SaveHandle(step, self._submit_failure(step, err, txn))
         except BaseException as e:
             self._submit_failure(step, e, txn)
             raise
@@ -232,19 +233,36 @@ class SaveEngine:
         try:
             txn.finalize(self.world_size, durable=self.durable)
             txn.commit_local()
+        except OSError as e:  # every I/O error reaches the handle as a MemckptError
+            err = as_storage_error(e, f"rank {rank}: save of step {step}")
+            log.error("rank %d: save of step %d failed: %s", rank, step, err)
+            txn.fail(self.vote, err)
+            raise err from e
         except BaseException as e:
             log.error("rank %d: save of step %d failed: %s", rank, step, e)
             txn.fail(self.vote, e)
             raise
         txn.replicate(self.replicator)
         t_vote = time.perf_counter()
-        _, replicated = txn.complete(self.vote, blobs)
+        try:
+            _, replicated = txn.complete(self.vote, blobs)
+        except OSError as e:  # after the vote: writing this node's manifest failed
+            err = as_storage_error(
+                e, f"rank {rank}: step {step} was committed by the vote but this node could "
+                "not record its manifest (the copies on other nodes stay loadable)"
+            )  # fmt: skip
+            log.error("%s", err)
+            raise err from e
         commit_s = time.perf_counter() - t_vote
         with self._lock:
             self._committed = sorted({s for s in self._committed if s < step} | {step})
             if replicated:
                 self._replicated = max(step, self._replicated or step)
-        self._retain(step)
+        try:
+            self._retain(step)
+        except (OSError, MemckptError) as e:  # the step is committed: retention tries again
+            log.warning("rank %d: step %d committed; removing older steps failed: %s",
+                        rank, step, e)  # fmt: skip
         for hook in self.after_commit:
             hook(step)
         total_s = time.perf_counter() - t0

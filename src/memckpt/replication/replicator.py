@@ -39,6 +39,7 @@ from memckpt.replication import (
     strategy_from_spec,
 )
 from memckpt.storage.inventory import Inventory
+from memckpt.storage.safe_fs import write_atomic
 from memckpt.storage.store import CheckpointStore
 from memckpt.transport.client import RemoteObjectReader, TransferClient
 from memckpt.transport.protocol import (
@@ -405,10 +406,7 @@ class Replicator:
             },
             "time": time.time(),
         }
-        final = layout.peer_file(self.rank)
-        tmp = final.with_name(f".{final.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, final)
+        write_atomic(layout.peer_file(self.rank), json.dumps(doc, indent=1).encode())
 
     def close(self) -> None:
         """Stop: pushes still running fail at once (their connections are closed)."""

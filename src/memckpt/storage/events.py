@@ -15,7 +15,9 @@ import os
 import time
 from typing import Any
 
+from memckpt.errors import CorruptCheckpointError
 from memckpt.settings import EVENTS_FILE_ENV
+from memckpt.storage.safe_fs import open_regular
 
 __all__ = ["EVENTS_FILE_ENV", "emit", "read_events"]
 
@@ -43,7 +45,14 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The events in ``path``, oldest first; a torn last line is skipped."""
     out: list[dict[str, Any]] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        fd = open_regular(path, "event log")
+    except CorruptCheckpointError as e:
+        log.warning("not reading events: %s", e)
+        return out
+    if fd is None:
+        return out
+    try:
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     doc = json.loads(line)
@@ -51,6 +60,6 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                     continue
                 if isinstance(doc, dict) and "event" in doc:
                     out.append(doc)
-    except FileNotFoundError:
-        pass
+    except OSError as e:
+        log.warning("stopped reading events at %s: %s", path, e)
     return out

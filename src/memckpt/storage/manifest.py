@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from memckpt.errors import CorruptCheckpointError
 from memckpt.storage.format import checksum
+from memckpt.storage.safe_fs import read_regular, write_atomic
 
 __all__ = [
     "MANIFEST_MAGIC",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 MANIFEST_MAGIC: Final = b"MCKMAN01"
-MAX_MANIFEST_BYTES: Final = 1 << 30
+MAX_MANIFEST_BYTES: Final = 256 << 20  # refused before reading: a planted file costs nothing
 _PREFIX_LEN: Final = len(MANIFEST_MAGIC) + 17
 
 
@@ -164,29 +165,16 @@ def decode_manifest(raw: bytes, where: str) -> StepManifest:
 def read_manifest(path: str | os.PathLike[str]) -> StepManifest | None:
     """The manifest at ``path``; None when there is none. Damage raises CorruptCheckpointError."""
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
-    except (FileNotFoundError, NotADirectoryError):
+    # a symlink, FIFO or device planted in its place is refused, never read or waited on
+    raw = read_regular(p, MAX_MANIFEST_BYTES, "step manifest")
+    if raw is None:
         return None
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"{p}: step manifest larger than {MAX_MANIFEST_BYTES} bytes")
     return decode_manifest(raw, str(p))
 
 
 def write_manifest(path: str | os.PathLike[str], manifest: StepManifest, tag: str = "") -> None:
     """Write atomically: a temporary file in the same directory, then rename over ``path``."""
-    p = Path(path)
-    tmp = p.with_name(f"{p.name}.tmp.{tag}{os.getpid()}")
-    data = encode_manifest(manifest)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.rename(tmp, p)
+    write_atomic(path, encode_manifest(manifest), tag)
 
 
 def new_manifest(

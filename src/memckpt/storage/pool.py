@@ -29,13 +29,15 @@ import itertools
 import logging
 import mmap
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from memckpt.errors import InsufficientSpaceError
+from memckpt.errors import InsufficientSpaceError, UnsafePathError
+from memckpt.storage.safe_fs import remove_entry
 
 __all__ = ["Buffer", "BufferPool", "free_bytes"]
 
@@ -245,7 +247,7 @@ class BufferPool:
                 continue  # another live process of this rank (e.g. DCP's async saver) owns it
             except FileNotFoundError:
                 continue  # deleted since the listing (a closing pool's last pre-fault)
-            except InsufficientSpaceError as e:
+            except (InsufficientSpaceError, UnsafePathError) as e:
                 log.warning("rank %d: dropping pool file %s: %s", rank, p, e)
                 p.unlink(missing_ok=True)
 
@@ -258,8 +260,12 @@ class BufferPool:
 
     def _open(self, path: Path) -> Buffer:
         """Adopt an existing file; _BufferBusy if a live process holds it."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # the tree is untrusted: never follow a planted symlink, never block on a FIFO
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePathError(f"{path}: not a regular file; refusing to use it as a buffer")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             _lock_buffer(fd, path)
             st = os.fstat(fd)
             buf = Buffer(path=path, fd=fd, capacity=st.st_size)
@@ -505,9 +511,14 @@ class BufferPool:
         are adopted the same way, so their pages are reused rather than freed.
         """
         try:
-            ino = os.stat(path).st_ino
+            st = os.lstat(path)
         except FileNotFoundError:
             return
+        if not stat.S_ISREG(st.st_mode):  # planted: remove the entry itself, never its target
+            log.warning("rank %d: deleting %s: not a regular file", self.rank, path)
+            remove_entry(path)
+            return
+        ino = st.st_ino
         new_path = self._next_path()
         os.rename(path, new_path)
         with self._lock:
@@ -519,7 +530,7 @@ class BufferPool:
                 # another live process still maps it: its pages go when that process lets go
                 new_path.unlink(missing_ok=True)
                 return
-            except InsufficientSpaceError as e:
+            except (InsufficientSpaceError, UnsafePathError) as e:
                 log.warning("rank %d: deleting retired %s instead of reusing it: %s",
                             self.rank, path, e)  # fmt: skip
                 new_path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ the object, and verification costs little beyond the copy.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from memckpt.storage.format import (
     decode_index,
     pread_exact,
 )
+from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.statedict import check_skeleton, iter_named_tensors, restore_state_dict
 from memckpt.storage.tensorbytes import is_plain_cpu, tensor_memoryview
 
@@ -95,7 +97,10 @@ class ObjectReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.where = str(self.path)
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(self.path, "object")  # never a symlink, FIFO or device
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", self.where)
+        self.fd = fd
         try:
             st = os.fstat(self.fd)
             self.header, self.index, self.skeleton = read_sections(

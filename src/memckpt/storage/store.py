@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,23 @@ from memckpt.storage.format import read_header
 from memckpt.storage.inventory import ManifestInfo, StepHoldings
 from memckpt.storage.manifest import StepManifest, read_manifest, write_manifest
 from memckpt.storage.pool import Buffer, BufferPool
+from memckpt.storage.safe_fs import (
+    ensure_job_root,
+    is_real_dir,
+    open_regular,
+    real_subdirs,
+    remove_entry,
+)
 
-__all__ = ["CheckpointStore", "ObjectInfo", "delete_job", "node_inventory", "object_digest"]
+__all__ = [
+    "CheckpointStore",
+    "ObjectInfo",
+    "delete_job",
+    "load_step_manifest",
+    "node_inventory",
+    "object_digest",
+    "step_dirs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +61,13 @@ class ObjectInfo:
 
 
 def object_digest(path: Path) -> tuple[int, int] | None:
-    """(file size, header digest) of an object file; None if absent. Raises on a bad header."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    """(file size, header digest) of an object file; None if absent.
+
+    Raises CorruptCheckpointError on a bad header, UnsafePathError when the path is a
+    symlink, FIFO or anything but a regular file.
+    """
+    fd = open_regular(path, "object")
+    if fd is None:
         return None
     try:
         h = read_header(fd, str(path))
@@ -59,21 +76,32 @@ def object_digest(path: Path) -> tuple[int, int] | None:
         os.close(fd)
 
 
-def _step_dirs(layout: ids.JobLayout) -> list[int]:
-    try:
-        entries = list(os.scandir(layout.root))
-    except FileNotFoundError:
-        return []
+def step_dirs(layout: ids.JobLayout) -> list[int]:
+    """Steps with a directory in the job's tree, oldest first.
+
+    Only real directories count: a symlink named like a step (to a directory outside the
+    job) is never listed, so nothing reads or deletes through it.
+    """
     return sorted(
-        s for e in entries if (s := ids.parse_step_dir(e.name)) is not None and e.is_dir()
+        s for e in real_subdirs(layout.root) if (s := ids.parse_step_dir(e.name)) is not None
     )
 
 
-def _objects(layout: ids.JobLayout, step: int, validate: bool = True) -> list[ObjectInfo]:
-    try:
-        entries = list(os.scandir(layout.step_dir(step)))
-    except FileNotFoundError:
+_step_dirs = step_dirs
+
+
+def _step_entries(layout: ids.JobLayout, step: int) -> list[os.DirEntry[str]]:
+    d = layout.step_dir(step)
+    if not is_real_dir(d) or not is_real_dir(layout.root):
         return []
+    try:
+        return list(os.scandir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _objects(layout: ids.JobLayout, step: int, validate: bool = True) -> list[ObjectInfo]:
+    entries = _step_entries(layout, step)
     out = []
     for entry in entries:
         rank = ids.parse_object_name(entry.name)
@@ -86,8 +114,8 @@ def _objects(layout: ids.JobLayout, step: int, validate: bool = True) -> list[Ob
                 if found is None:
                     continue
                 out.append(ObjectInfo(step, rank, path, found[0], found[1]))
-            else:
-                out.append(ObjectInfo(step, rank, path, entry.stat().st_size))
+            elif entry.is_file(follow_symlinks=False):
+                out.append(ObjectInfo(step, rank, path, entry.stat(follow_symlinks=False).st_size))
         except FileNotFoundError:
             continue
         except CorruptCheckpointError as e:
@@ -95,25 +123,36 @@ def _objects(layout: ids.JobLayout, step: int, validate: bool = True) -> list[Ob
     return sorted(out, key=lambda o: o.rank)
 
 
+def load_step_manifest(layout: ids.JobLayout, step: int) -> StepManifest | None:
+    """The manifest of ``step`` in this tree, by the one rule every reader applies.
+
+    None when there is none. CorruptCheckpointError when it is damaged, is not a regular
+    file in a real step directory, or describes another job or step (a copied or
+    tampered manifest is never taken for this step's).
+    """
+    path = layout.manifest_path(step)
+    if not is_real_dir(layout.step_dir(step)):
+        return None
+    m = read_manifest(path)
+    if m is not None and (m.step != step or m.job_id != layout.job_id):
+        raise CorruptCheckpointError(
+            f"{path}: the manifest describes job {m.job_id!r} step {m.step}, not job "
+            f"{layout.job_id!r} step {step}"
+        )
+    return m
+
+
 def _manifest(layout: ids.JobLayout, step: int) -> StepManifest | None:
     try:
-        m = read_manifest(layout.manifest_path(step))
+        return load_step_manifest(layout, step)
     except CorruptCheckpointError as e:
         log.warning("ignoring %s", e)
         return None
-    if m is not None and (m.step != step or m.job_id != layout.job_id):
-        log.warning("ignoring %s: it describes job %r step %d", layout.manifest_path(step),
-                    m.job_id, m.step)  # fmt: skip
-        return None
-    return m
 
 
 def _damage_marks(layout: ids.JobLayout, step: int) -> frozenset[int]:
     """Manifest checksums a load marked damaged in this step's directory (names only)."""
-    try:
-        entries = list(os.scandir(layout.step_dir(step)))
-    except (FileNotFoundError, NotADirectoryError):
-        return frozenset()
+    entries = _step_entries(layout, step)
     return frozenset(c for e in entries if (c := ids.parse_damage_mark(e.name)) is not None)
 
 
@@ -134,11 +173,35 @@ def delete_job(layout: ids.JobLayout) -> None:
 
     Only once no process of the job runs on this node (close its runtimes first). Step
     manifests go first, so a node inventory taken meanwhile never counts a step complete
-    whose objects are being deleted.
+    whose objects are being deleted. Only what memckpt names is deleted (step
+    directories, markers, its dot-directories), never through a symlink; a directory
+    that still holds other files afterwards is kept (and logged), so a misnamed job
+    never takes a user's files with it.
     """
-    for step in _step_dirs(layout):
-        layout.manifest_path(step).unlink(missing_ok=True)
-    shutil.rmtree(layout.root, ignore_errors=True)
+    root = layout.root
+    if not is_real_dir(root):
+        if os.path.islink(root):
+            log.warning("%s is a symlink, not a job's tree: removing the link only", root)
+            remove_entry(root)
+        return
+    for step in step_dirs(layout):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layout.manifest_path(step))
+    for entry in list(os.scandir(root)):
+        name = entry.name
+        if (
+            ids.parse_step_dir(name) is not None
+            or ids.parse_writing_marker(name) is not None
+            or name in (ids.POOL_DIR, ids.PEERS_DIR, ids.SIGNALS_DIR)
+        ):
+            remove_entry(entry.path)
+    try:
+        root.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        left = sorted(os.listdir(root))[:5]
+        log.warning("kept %s: it holds files memckpt did not write (%s)", root, ", ".join(left))
 
 
 class CheckpointStore:
@@ -156,7 +219,7 @@ class CheckpointStore:
         self.job_id = self.layout.job_id
         self.rank = ids.validate_rank(rank)
         self.root = self.layout.root
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_job_root(self.root)  # 0700, ours: the base may be a shared /dev/shm
         self.pool = BufferPool(self.layout.pool_dir, rank, limit_bytes)
 
     # -- paths ---------------------------------------------------------------------------
@@ -213,6 +276,16 @@ class CheckpointStore:
         return restored
 
     # -- save lifecycle ------------------------------------------------------------------
+    def _make_step_dir(self, step: int) -> Path:
+        """The step's directory, made a real one: a symlink or file in its place goes."""
+        d = self.step_dir(step)
+        if os.path.lexists(d) and not is_real_dir(d):
+            log.warning("rank %d: removing %s: not a directory memckpt made", self.rank, d)
+            remove_entry(d)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o755)
+        return d
+
     def begin(self, step: int) -> None:
         """Mark that this rank writes ``step``; nothing committed is touched."""
         self.marker_path(step, self.rank).touch()
@@ -227,9 +300,10 @@ class CheckpointStore:
         return found is not None and found[1] == m.objects[rank].digest
 
     def _publish(self, step: int, rank: int, buf: Buffer) -> Path:
+        self._make_step_dir(step)  # first: nothing below may go through a planted symlink
         final = self.object_path(step, rank)
         prev = self.layout.prev_object_path(step, rank)
-        if final.exists():
+        if os.path.lexists(final):
             if self._matches(_manifest(self.layout, step), rank, final):
                 # committed: keep it reachable until the new copy is committed or rolled back
                 self.pool.release(prev)
@@ -237,7 +311,7 @@ class CheckpointStore:
             else:
                 self.pool.release(final)  # uncommitted leftovers: reuse their pages
         for attempt in range(3):
-            final.parent.mkdir(exist_ok=True)
+            self._make_step_dir(step)
             try:
                 os.rename(buf.path, final)
                 break
@@ -270,8 +344,7 @@ class CheckpointStore:
 
     def write_manifest(self, manifest: StepManifest) -> None:
         """Record the global commit of ``manifest.step`` in this node's tree (atomic)."""
-        d = self.step_dir(manifest.step)
-        d.mkdir(exist_ok=True)
+        self._make_step_dir(manifest.step)
         write_manifest(self.layout.manifest_path(manifest.step), manifest, tag=f"{self.rank}.")
 
     def manifest(self, step: int) -> StepManifest | None:
@@ -372,7 +445,7 @@ class CheckpointStore:
         """Size of this rank's newest object in the tree (a hint for pre-faulting)."""
         for step in reversed(self.steps()):
             try:
-                return self.object_path(step, self.rank).stat().st_size
+                return os.lstat(self.object_path(step, self.rank)).st_size
             except FileNotFoundError:
                 continue
         return None
@@ -385,6 +458,9 @@ class CheckpointStore:
         apart; buffers go back to the pool; the directory goes with its last object.
         """
         d = self.step_dir(step)
+        if not is_real_dir(d):  # a planted symlink: remove the link, never what it points to
+            remove_entry(d)
+            return
         self.layout.manifest_path(step).unlink(missing_ok=True)
         for r in {self.rank, *ranks}:
             self.pool.release(self.layout.prev_object_path(step, r))
@@ -392,14 +468,16 @@ class CheckpointStore:
         self._remove_if_empty(d)
 
     def _remove_if_empty(self, d: Path) -> None:
+        if not is_real_dir(d):
+            return
         try:
             names = [e.name for e in os.scandir(d)]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return
         if any(ids.parse_object_name(n.removesuffix(ids.PREV_SUFFIX)) is not None for n in names):
             return
-        for name in names:
-            (d / name).unlink(missing_ok=True)
+        for name in names:  # marks, set-aside copies, whatever else: the step is gone
+            remove_entry(d / name)
         with contextlib.suppress(OSError):
             d.rmdir()
 

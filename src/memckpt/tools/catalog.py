@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memckpt import ids
 from memckpt.errors import CorruptCheckpointError, MemckptError
-from memckpt.storage.manifest import StepManifest, read_manifest
+from memckpt.storage.manifest import StepManifest
 from memckpt.storage.reader import ObjectReader, TensorDamage
 from memckpt.storage.retention import plan_retention
+from memckpt.storage.safe_fs import is_real_dir, real_subdirs, remove_entry
+from memckpt.storage.store import load_step_manifest
 
 __all__ = ["ObjectSummary", "StepSummary", "find_jobs", "gc_job", "scan_job", "verify_job"]
 
@@ -32,7 +34,9 @@ class ObjectSummary:
 class StepSummary:
     """One step as the scanned trees show it, judged by its manifest.
 
-    ``committed``: a valid manifest exists (the step was globally committed).
+    ``committed``: a valid manifest exists (the step was globally committed), for this job
+    and step: a manifest that names another job or step, is damaged, or is not a regular
+    file does not count (``manifest_error`` says why), the same rule ``latest()`` applies.
     ``complete``: committed, and every rank's object the manifest names lies, valid, in
     the scanned trees; the same rule recovery applies to the live nodes. A node's own
     tree holds only its ranks and replicas, so scan every node's directory to judge a
@@ -87,13 +91,13 @@ def find_jobs(path: str | os.PathLike[str]) -> list[Path]:
         raise MemckptError(f"{p} is not a directory")
 
     def is_job(d: Path) -> bool:
-        return (d / ids.POOL_DIR).is_dir() or any(
-            ids.parse_step_dir(e.name) is not None for e in os.scandir(d)
+        return is_real_dir(d / ids.POOL_DIR) or any(
+            ids.parse_step_dir(e.name) is not None for e in real_subdirs(d)
         )
 
     if is_job(p):
         return [p]
-    return sorted(d for d in p.iterdir() if d.is_dir() and is_job(d))
+    return sorted(Path(e.path) for e in real_subdirs(p) if is_job(Path(e.path)))
 
 
 def _summarize_object(rank: int, path: Path) -> ObjectSummary:
@@ -112,12 +116,14 @@ def _summarize_object(rank: int, path: Path) -> ObjectSummary:
 def _scan_one(root: Path) -> tuple[dict[int, list[ObjectSummary]], dict[int, list[int]], set[int]]:
     writing: dict[int, list[int]] = {}
     steps: set[int] = set()
+    if not is_real_dir(root):  # a missing node directory holds nothing; a symlink is not read
+        return {}, writing, steps
     for e in os.scandir(root):
         m = ids.parse_writing_marker(e.name)
         if m:
             writing.setdefault(m[0], []).append(m[1])
         s = ids.parse_step_dir(e.name)
-        if s is not None and e.is_dir():
+        if s is not None and e.is_dir(follow_symlinks=False):
             steps.add(s)
     objs: dict[int, list[ObjectSummary]] = {}
     for s in steps:
@@ -150,10 +156,10 @@ def scan_job(*job_dirs: str | os.PathLike[str]) -> list[StepSummary]:
         for s, ranks in wr.items():
             writing.setdefault(s, []).extend(ranks)
         steps |= st | set(wr)
+        layout = _layout(root)
         for s in st:
-            path = root / ids.step_dir_name(s) / ids.MANIFEST_NAME
             try:
-                m = read_manifest(path)
+                m = load_step_manifest(layout, s)
             except CorruptCheckpointError as e:
                 errors.setdefault(s, str(e))
                 continue
@@ -191,22 +197,30 @@ def verify_job(
     return result
 
 
-def gc_job(job_dir: str | os.PathLike[str], keep: int, dry_run: bool = False) -> list[int]:
-    """Delete all but the newest ``keep`` committed steps of one node's tree; return them.
+def _layout(job_dir: Path) -> ids.JobLayout:
+    p = Path(os.path.abspath(job_dir))
+    return ids.JobLayout(p.parent, p.name)
 
-    The same retention policy the engine runs: nothing newer than the newest committed
-    step is touched (a save may be running). Do not run it on a job whose saves are in
-    flight on this node.
+
+def gc_job(job_dir: str | os.PathLike[str], keep: int, dry_run: bool = False) -> list[int]:
+    """Delete all but the newest ``keep`` loadable steps of one node's tree; return them.
+
+    The same retention policy the engine runs, counting only steps that are complete in
+    this tree (valid manifest for this job and step, every rank's object present and
+    matching): a damaged or tampered newest step never makes gc delete the older steps
+    that still load. Nothing newer than the newest complete step is touched (a save may
+    be running). Do not run it on a job whose saves are in flight on this node.
     """
     if keep < 1:
         raise MemckptError(f"--keep must be >= 1, got {keep}")
     steps = scan_job(job_dir)
     plan = plan_retention(
-        [s.step for s in steps], [s.step for s in steps if s.committed], keep_last=keep
+        [s.step for s in steps], [s.step for s in steps if s.complete], keep_last=keep
     )
     if not dry_run:
-        layout = ids.JobLayout(Path(job_dir).parent, Path(job_dir).name)
+        layout = _layout(Path(job_dir))
         for s in plan.delete:
-            layout.manifest_path(s).unlink(missing_ok=True)
-            shutil.rmtree(layout.step_dir(s), ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layout.manifest_path(s))  # first: the step never looks complete
+            remove_entry(layout.step_dir(s))
     return list(plan.delete)

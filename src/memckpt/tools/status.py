@@ -18,8 +18,9 @@ from typing import Any
 
 from memckpt import ids
 from memckpt.engine.recovery_plan import RecoveryPlan, plan_recovery
-from memckpt.errors import MemckptError
+from memckpt.errors import CorruptCheckpointError, MemckptError
 from memckpt.storage.inventory import StepHoldings
+from memckpt.storage.safe_fs import read_regular
 from memckpt.storage.store import node_inventory
 from memckpt.tools.catalog import find_jobs
 
@@ -72,8 +73,10 @@ def _read_peers(job_dir: Path) -> list[dict[str, Any]]:
     peers_dir = ids.JobLayout(job_dir.parent, job_dir.name).peers_dir
     for p in sorted(peers_dir.glob("rank-*.json")):
         try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError) as e:
+            raw = read_regular(p, 1 << 20, "peer file")  # never a FIFO, link or device
+            if raw is not None:
+                out.append(json.loads(raw))
+        except (OSError, ValueError, CorruptCheckpointError) as e:
             log.warning("ignoring unreadable %s: %s", p, e)
     return out
 

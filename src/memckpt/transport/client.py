@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import hmac
 import logging
 import os
@@ -46,6 +47,7 @@ from memckpt.storage.format import (
 )
 from memckpt.storage.pool import Buffer
 from memckpt.storage.reader import TensorDamage, read_sections, verify_object_bytes
+from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.store import CheckpointStore
 from memckpt.transport.protocol import (
     MAX_CONTROL_PAYLOAD,
@@ -444,7 +446,9 @@ class TransferClient:
         return self._retrying(what, addr, lambda: self._put_once(addr, ref, Path(path)))
 
     def _put_once(self, addr: Address, ref: ObjectRef, path: Path) -> int:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path, "object")
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", str(path))
         try:
             total = read_header(fd, str(path)).end
             tid = secrets.token_hex(16)

@@ -52,6 +52,7 @@ from memckpt.storage.faults import fault_point
 from memckpt.storage.format import HEADER_SIZE, read_header
 from memckpt.storage.pool import Buffer, free_bytes
 from memckpt.storage.reader import verify_object_bytes
+from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.store import CheckpointStore
 from memckpt.transport.protocol import (
     HANDSHAKE_TIMEOUT_S,
@@ -407,8 +408,11 @@ class TransferServer:
         self._check_job(payload, peer)
         path = resolve_object_path(self.store.base_dir, ref.job_id, ref.step, ref.rank)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = open_regular(path, "object")  # never a symlink, FIFO or device
+        except CorruptCheckpointError as e:
+            send_frame(conn, MessageType.ERROR, {"message": str(e)}, peer=peer)
+            return
+        if fd is None:
             send_frame(conn, MessageType.ERROR, {"message": f"no object {ref.relpath} here"},
                        peer=peer)  # fmt: skip
             return
