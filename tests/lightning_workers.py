@@ -94,22 +94,26 @@ def fit(
     options: dict[str, Any] | None = None,
     accumulate: int = 1,
     epoch_len: int = 64,
+    job_dir: str | None = None,
+    weights_only: bool | None = None,
 ) -> dict[str, Any]:
     """One fit of the test model; returns its final weights and what it resumed from.
 
     ``ns="nemo"``: a ``nemo.lightning.Trainer``, wrapped by ``wrap_trainer_and_auto_resume``
-    with ``nemo.lightning.AutoResume(**auto_resume)``, set up before the fit.
+    with ``nemo.lightning.AutoResume(**auto_resume)``, set up before the fit. ``job_dir``:
+    the job directory as written (default ``<base>/node<k>/job``); ``weights_only``: passed
+    to ``Trainer.fit`` when given.
     """
     from memckpt.adapters.lightning import MemoryCheckpointCallback, wrap_trainer
 
     c = classes(ns)
     pl = c["pl"]
     node = rank // ranks_per_node
-    job_dir = Path(base) / f"node{node}" / "job"
+    job = job_dir if job_dir is not None else Path(base) / f"node{node}" / "job"
     torch.manual_seed(0)
     model = c["Net"]()
     counter = c["BatchCounter"]()
-    memory = MemoryCheckpointCallback(job_dir, every, skip_every_n_steps=skip, enabled=enabled,
+    memory = MemoryCheckpointCallback(job, every, skip_every_n_steps=skip, enabled=enabled,
                                       keep_on_train_end=keep)  # fmt: skip
     callbacks = [counter, memory]
     if persist_every:
@@ -145,12 +149,12 @@ def fit(
         from memckpt.adapters.nemo import wrap_trainer_and_auto_resume
 
         resume = wrap_trainer_and_auto_resume(
-            trainer, job_dir, default_auto_resume=nl.AutoResume(**(auto_resume or {})), **options
+            trainer, job, default_auto_resume=nl.AutoResume(**(auto_resume or {})), **options
         )
         tier = resume.memory_tier
         resume.setup(trainer, model)
     else:
-        tier = wrap_trainer(trainer, job_dir, **options)
+        tier = wrap_trainer(trainer, job, **options)
     if saved_steps is not None:
         save = tier.save
         tier.save = lambda step, ckpt: (saved_steps.append(step), save(step, ckpt))[1]  # type: ignore[method-assign]
@@ -158,7 +162,8 @@ def fit(
     # an epoch's iterator is made (the batches' values come from the step, not the data)
     loader = torch.utils.data.DataLoader(list(range(epoch_len)), batch_size=1,
                                          shuffle=epoch_len != 64)  # fmt: skip
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
+    fit_options = {} if weights_only is None else {"weights_only": weights_only}
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path, **fit_options)
     resumed = tier.resumed
     return {
         # bytes, not tensors: a tensor put on a multiprocessing queue is shared through a

@@ -16,7 +16,6 @@ import datetime
 import fractions
 import os
 import pathlib
-import pickle
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -106,13 +105,16 @@ def _convert(obj: Any, where: str, allowed: tuple[type, ...]) -> Any:
     )
 
 
-def persistent_step(path: str | os.PathLike[str]) -> int | None:
+def persistent_step(path: str | os.PathLike[str], weights_only: bool | None = None) -> int | None:
     """The ``global_step`` a persistent Lightning checkpoint was saved at, or None if unknown.
 
     Read from the name first (``ModelCheckpoint`` names files ``...step=N...``, NeMo
-    resumes from ``.../<...step=N...>/weights``); a local
-    file without one (``last.ckpt``) is opened with ``torch.load(mmap=True)``, which
-    reads the pickled part and maps the tensors without reading them.
+    resumes from ``.../<...step=N...>/weights``); a local file without one (``last.ckpt``)
+    is opened with ``torch.load(mmap=True, weights_only=True)``, which rebuilds only plain
+    data and maps the tensors without reading them. Only ``weights_only=False``, the
+    user's own choice for the load (``fit(weights_only=False)``), lets it unpickle
+    arbitrary classes. Raises what ``torch.load`` raises for a file it refuses (the
+    caller treats the step as unknown, and Lightning applies its own rule to the file).
     """
     parts = Path(os.fspath(path)).parts
     for name in reversed(parts[-2:]):  # NeMo resumes from <name with step=N>/weights
@@ -121,10 +123,8 @@ def persistent_step(path: str | os.PathLike[str]) -> int | None:
             return int(m.group(1))
     if not os.path.isfile(path):
         return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError:  # hyper-parameters of other classes: the file Lightning
-        # would load itself if it were chosen
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    # the file is the user's, maybe from elsewhere: resolving "last" must not run code
+    # from it that the load the user asked for would refuse
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only is not False)
     step = ckpt.get("global_step") if isinstance(ckpt, Mapping) else None
-    return step if isinstance(step, int) else None
+    return step if type(step) is int else None

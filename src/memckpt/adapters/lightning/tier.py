@@ -7,8 +7,9 @@ pickled to spawned workers carries only settings.
 
 Call sequence, every rank, in this order:
 
-    fit start     decide(persistent_path): open the manager (collective the first time),
-                  rank 0's reading of the persistent step shared through one all-gather,
+    fit start     decide(persistent_path, weights_only): open the manager (collective the
+                  first time), rank 0's reading of the persistent step (weights_only=True
+                  unless the fit passed False) shared through one all-gather,
                   then the engine's tier rule: the newest memory step at or above it is
                   loaded (collective), falling back over damaged steps; every rank gets
                   the same ResumeDecision, naming the step actually loaded
@@ -25,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,12 @@ from memckpt import ids
 from memckpt.adapters.lightning.checkpoint_dict import persistent_step, to_storable
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.tiers import choose_tier, memory_home, release_memory_tier, resume_tiers
-from memckpt.errors import CheckpointNotFoundError, ConfigTypeError, MemckptError
+from memckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigTypeError,
+    InvalidNameError,
+    MemckptError,
+)
 from memckpt.manager import CheckpointManager, LoadInfo
 
 __all__ = ["MemoryTier", "ResumeDecision", "choose_resume", "split_base_container"]
@@ -72,8 +79,24 @@ def choose_resume(
 
 
 def split_base_container(base_container: str | os.PathLike[str]) -> tuple[Path, str]:
-    """(base_dir, job_id) of a job directory ``<base_dir>/<job_id>``."""
-    path = Path(os.path.abspath(os.fspath(base_container)))
+    """(base_dir, job_id) of a job directory ``<base_dir>/<job_id>``.
+
+    The job id is the last component as written: a path ending in a separator, ``.`` or
+    ``..`` (``"/dev/shm/memckpt/"``) names a directory, not a job, and is refused, since
+    the job's directory is deleted at train end (InvalidNameError).
+    """
+    raw = os.fspath(base_container)
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    last = os.path.basename(raw.rstrip("".join(seps))) if raw else ""
+    if not raw or raw.endswith(seps) or last in (".", ".."):
+        example = os.path.join(raw.rstrip("".join(seps)) or ".", "job-7")
+        raise InvalidNameError(
+            f"job directory {raw!r} has no job id: its last component is empty, '.' or '..', "
+            "so it names a base directory, and the job's directory is deleted at the end of "
+            f"training. Pass <base_dir>/<job_id>, e.g. {example!r}, with a job id of its own "
+            "that stays the same across restarts"
+        )
+    path = Path(os.path.abspath(raw))
     return path.parent, ids.validate_job_id(path.name)
 
 
@@ -147,12 +170,17 @@ class MemoryTier:
             self._manager = CheckpointManager(self.base_dir, self.job_id, **self.manager_options)
         return self._manager
 
-    def decide(self, persistent_path: str | None) -> ResumeDecision:
+    def decide(
+        self, persistent_path: str | None, weights_only: bool | None = None
+    ) -> ResumeDecision:
         """Agree on every rank where this fit resumes from, and load it if memory (collective).
 
         The engine's tier rule decides (``memckpt.engine.tiers``): memory steps at or above
         the persistent step are loaded newest first, falling back over damaged ones, so
         the decision is made on data that verified; else the persistent checkpoint.
+        ``weights_only`` is the one the fit loads with: rank 0 reads the persistent
+        step with ``weights_only=True`` unless it is False (``persistent_step``); a file
+        that read refuses has an unknown step, so it wins and Lightning loads it itself.
         """
         mgr = self.manager()
         self._preloaded = None
@@ -161,13 +189,14 @@ class MemoryTier:
             self.resumed = ResumeDecision("memory", persistent_path, asked, None, None)
             return self.resumed
         pstep = None
+        unread = ""  # why rank 0 could not read the persistent step
         if persistent_path is not None:
             mine = None
             if mgr.rank == 0:
                 try:
-                    mine = persistent_step(persistent_path)
-                except Exception as e:  # an unreadable file: Lightning's own load reports it
-                    log.warning("could not read the step of %s: %s", persistent_path, e)
+                    mine = persistent_step(persistent_path, weights_only)
+                except Exception as e:  # refused or unreadable: Lightning's own load decides
+                    unread = f" ({_reason(e)})"
             pstep = mgr.coll.all_gather_object(mine, "persistent checkpoint step")[0]
 
         def load_memory(floor: int | None) -> int | None:
@@ -182,10 +211,11 @@ class MemoryTier:
         choice = resume_tiers(load_memory, pstep, persistent_path is not None)
         if choice.tier == "persistent" and pstep is None:
             log.warning(
-                "rank %d: resuming from %s, whose step could not be read, rather than memory; "
-                "name persistent checkpoints with step=N (ModelCheckpoint's default) to let a "
-                "newer memory step win",
-                mgr.rank, persistent_path,
+                "rank %d: resuming from %s, whose step could not be read%s, rather than memory "
+                "(Lightning loads it with its own weights_only rule); name persistent "
+                "checkpoints with step=N (ModelCheckpoint's default) to let a newer memory "
+                "step win",
+                mgr.rank, persistent_path, unread,
             )  # fmt: skip
         if choice.tier == "none" and self.require_checkpoint:
             raise CheckpointNotFoundError(
@@ -210,15 +240,26 @@ class MemoryTier:
     def save(self, step: int, checkpoint: dict[str, Any]) -> None:
         """Save ``checkpoint`` as ``step`` on this rank; returns once its tensors are copied.
 
-        Every rank calls it for the same steps (the commit vote needs each one). A
-        failed save is logged and recorded in ``failed_steps``; training goes on and
-        the previous memory checkpoint stays.
+        Every rank calls it for the same steps (the commit vote needs each one). A save
+        that fails with a MemckptError, at staging or later, is logged and recorded in
+        ``failed_steps``; training goes on and the previous memory checkpoint stays. A
+        checkpoint holding a value memory checkpoints do not store raises
+        UnsupportedValueError (every save would fail alike).
         """
         self._collect()
         storable = to_storable(checkpoint, "checkpoint", self.safe_globals)
-        self._handles.append(self.manager().save(step, storable, blocking=not self.async_save))
+        try:
+            handle = self.manager().save(step, storable, blocking=not self.async_save)
+        except MemckptError as e:  # refused at staging, or (blocking) the commit failed
+            self._record_failure(step, e)
+            return
+        self._handles.append(handle)
         if not self.async_save:
             self._collect()
+
+    def _record_failure(self, step: int, error: MemckptError) -> None:
+        self.failed_steps.append(step)
+        log.warning("memory checkpoint of step %d failed: %s", step, error)
 
     def _collect(self, wait: bool = False) -> None:
         """Record the outcome of every save that has ended (all of them with ``wait``)."""
@@ -230,8 +271,7 @@ class MemoryTier:
             try:
                 h.wait()
             except MemckptError as e:
-                self.failed_steps.append(h.step)
-                log.warning("memory checkpoint of step %d failed: %s", h.step, e)
+                self._record_failure(h.step, e)
         self._handles = pending
 
     def wait(self) -> None:
@@ -278,6 +318,16 @@ class MemoryTier:
         self._collect(wait=True)
         mgr, self._manager = self._manager, None
         mgr.close()
+
+
+def _reason(error: BaseException) -> str:
+    """``error`` in one short line; torch's weights_only refusal as the class it refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    refused = re.search(r"Unsupported global: [^.\n]*", text)
+    if refused:
+        return f"weights_only=True refused it: {refused.group(0)}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), repr(error))
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 def _to_device(checkpoint: Any, map_location: Any) -> Any:

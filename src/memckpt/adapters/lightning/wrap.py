@@ -62,7 +62,9 @@ class _ResumeHook:
     AutoResume's choice) before the process group exists, then calls
     ``_CheckpointConnector.resume_start(path)`` on every rank once it does; the hook
     replaces that method on the Trainer's connector, decides there (collectively) and
-    hands Lightning the chosen path. A class, not a closure, so that the Trainer still
+    hands Lightning the chosen path. The fit's ``weights_only`` (Lightning 2.6 passes it
+    to ``resume_start``; 2.4 has none) goes to the decision, which reads the persistent
+    checkpoint's step under it. A class, not a closure, so that the Trainer still
     pickles (``ddp_spawn``).
     """
 
@@ -74,7 +76,8 @@ class _ResumeHook:
         state = self.connector.trainer.state
         if getattr(state.fn, "value", state.fn) == "fit":
             persistent = os.fspath(checkpoint_path) if checkpoint_path else None
-            checkpoint_path = self.tier.decide(persistent).path
+            weights_only = kwargs.get("weights_only", args[0] if args else None)
+            checkpoint_path = self.tier.decide(persistent, weights_only).path
         original = type(self.connector).resume_start
         return original(self.connector, checkpoint_path, *args, **kwargs)
 
