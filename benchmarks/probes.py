@@ -28,6 +28,16 @@ from ``tests/``), at audit scale, on 127.0.0.1 and a scratch directory under --d
             newest committed step must load bit-exactly, no partial object may be
             visible, and descriptors, threads and tmpfs bytes must stay bounded.
 
+- tree:     the job tree is untrusted (issue 20): one thing planted per check, each
+            must be refused: a DCP bytes item and a Lightning ``last.ckpt`` whose pickle
+            would run code, step directories that are symlinks out of the job (gc,
+            retention, delete_job, a save), a directory inside an old step, an empty
+            Lightning job id, FIFOs as manifest and object, a manifest linked to
+            /dev/zero, a tampered newest manifest before ``gc --keep 1``, ENOSPC after the
+            vote, job ids of the form ``step-N``, a DCP ``.metadata`` with Enum members
+            pickled by name, and job roots that are world-writable, symlinked or owned by
+            another user (that one as root only).
+
 --quick runs every probe at a small scale (under a minute). Exit status 1 when any
 probe found a failure; the failures are listed under the table (and in --json).
 """
@@ -40,6 +50,7 @@ import contextlib
 import dataclasses
 import gc
 import importlib
+import io
 import json
 import logging
 import os
@@ -55,6 +66,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1115,8 +1127,346 @@ def _check_tree(r: Result, job: Path, kept: list[int]) -> None:
             r.check(reader.verify() == [], f"step {s} is damaged")
 
 
+# -- tree: planted files in an untrusted job tree -------------------------------------------
+
+
+class _Evil:
+    """Unpickling it creates ``marker``: proof that a reader ran a checkpoint's code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def _evil_bytes(marker: Path) -> bytes:
+    buf = io.BytesIO()
+    torch.save(_Evil(marker), buf)
+    return buf.getvalue()
+
+
+def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn() on a daemon thread; AssertionError when it blocks longer than ``seconds``."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise AssertionError(f"blocked for more than {seconds:.0f}s")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _tree_manager(base: Path, keep_last: int = 3) -> memckpt.CheckpointManager:
+    return memckpt.CheckpointManager(base, "job", keep_last=keep_last, prefault=False)
+
+
+def _tree_saves(base: Path, steps: list[int], keep_last: int = 3) -> None:
+    m = _tree_manager(base, keep_last)
+    try:
+        for s in steps:
+            m.save(s, {"w": torch.full((256,), float(s)), "step": s}, blocking=True)
+    finally:
+        m.close()
+
+
+def _tree_latest(base: Path) -> int | None:
+    m = _tree_manager(base)
+    try:
+        return m.latest()
+    finally:
+        m.close()
+
+
+def _victim(d: Path) -> Path:
+    v = d / "victim"
+    v.mkdir()
+    for name in ("manifest.json", "rank-0.mck", "notes.txt"):
+        (v / name).write_text("not memckpt's")
+    return v
+
+
+def _intact(v: Path) -> bool:
+    return sorted(p.name for p in v.iterdir()) == ["manifest.json", "notes.txt", "rank-0.mck"]
+
+
+def _refused(fn: Callable[[], Any], *kinds: type[BaseException]) -> str:
+    try:
+        fn()
+    except kinds as e:
+        cause = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> error
+        first = next(iter(cause.values())) if isinstance(cause, dict) and cause else e
+        first = first[0] if isinstance(first, tuple) else first  # (error, traceback)
+        return f"{type(first).__name__}: {str(first)[:90]}"
+    raise AssertionError("accepted")
+
+
+def _check_dcp_bytes(d: Path) -> str:
+    import torch.distributed.checkpoint as dcp
+
+    from memckpt.adapters.dcp import MemoryStorageReader, MemoryStorageWriter, latest_checkpoint
+
+    marker = d / "ran"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(4), "extra": _Evil(marker)},
+                 checkpoint_id=f"{d}/job/step-1", storage_writer=MemoryStorageWriter(),
+                 no_dist=True)  # fmt: skip
+        cid = latest_checkpoint(d, "job")
+        into: dict[str, Any] = {"w": torch.zeros(4), "extra": None}
+        why = _refused(lambda: dcp.load(into, checkpoint_id=cid,
+                                        storage_reader=MemoryStorageReader(), no_dist=True),
+                       BaseException)  # fmt: skip
+    assert not marker.exists() and into["extra"] is None, "the planted pickle ran"
+    return why
+
+
+def _check_lightning_ckpt(d: Path) -> str:
+    try:
+        from memckpt.adapters.lightning.checkpoint_dict import persistent_step
+    except ImportError as e:
+        return f"skipped (lightning: {e})"
+    marker = d / "ran"
+    (d / "last.ckpt").write_bytes(_evil_bytes(marker))
+    why = _refused(lambda: persistent_step(d / "last.ckpt"), Exception)
+    assert not marker.exists(), "the planted pickle ran"
+    return why
+
+
+def _check_symlink_gc(d: Path) -> str:
+    from memckpt.tools.catalog import gc_job
+
+    _tree_saves(d, [5, 6])
+    v = _victim(d)
+    (d / "job" / "step-1").symlink_to(v)
+    deleted = gc_job(d / "job", keep=1)
+    assert _intact(v), "gc deleted through the link"
+    return f"gc deleted {deleted}; the linked directory is untouched"
+
+
+def _check_symlink_retention(d: Path) -> str:
+    v = _victim(d)
+    _tree_saves(d, [1])
+    (d / "job" / "step-0").symlink_to(v)
+    _tree_saves(d, [2, 3, 4], keep_last=1)
+    assert _intact(v), "retention deleted through the link"
+    return "retention passed over the link"
+
+
+def _check_symlink_delete_job(d: Path) -> str:
+    from memckpt import ids
+    from memckpt.storage.store import delete_job
+
+    v = _victim(d)
+    _tree_saves(d, [1])
+    (d / "job" / "step-9").symlink_to(v)
+    (d / "job" / "user-file").write_text("mine")
+    delete_job(ids.JobLayout(d, "job"))
+    assert _intact(v), "delete_job deleted through the link"
+    assert (d / "job" / "user-file").exists(), "delete_job deleted a user's file"
+    return "only memckpt's entries deleted; the link's target and a user file stay"
+
+
+def _check_symlink_save(d: Path) -> str:
+    v = _victim(d)
+    (d / "job").mkdir(mode=0o700)
+    (d / "job" / "step-1").symlink_to(v)
+    _tree_saves(d, [1])
+    assert _intact(v), "the save wrote through the link"
+    return "the link was replaced by a real step directory"
+
+
+def _check_subdir(d: Path) -> str:
+    m = _tree_manager(d, keep_last=1)
+    try:
+        m.save(1, {"w": torch.ones(4)}, blocking=True)
+        (d / "job" / "step-1" / "sub").mkdir()
+        for s in (2, 3):
+            m.save(s, {"w": torch.ones(4)}).wait()
+        assert m.latest() == 3
+    finally:
+        m.close()
+    return "later saves committed; the old step went with its subdirectory"
+
+
+def _check_lightning_job_id(d: Path) -> str:
+    try:
+        from memckpt.adapters.lightning.tier import split_base_container
+    except ImportError as e:
+        return f"skipped (lightning: {e})"
+    return _refused(lambda: split_base_container(f"{d}/"), memckpt.MemckptError)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _check_fifo(d: Path, name: str) -> str:
+    _tree_saves(d, [1, 2])
+    _fifo(d / "job" / "step-2" / name)
+    latest = _within(20, lambda: _tree_latest(d))
+    assert latest == 1, f"latest() = {latest}"
+    return "latest() = 1 at once (step 2 passed over)"
+
+
+def _check_dev_zero(d: Path) -> str:
+    _tree_saves(d, [1, 2])
+    path = d / "job" / "step-2" / "manifest.json"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    tracemalloc.start()
+    try:
+        latest = _within(20, lambda: _tree_latest(d))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert latest == 1 and peak < PEAK_ALLOC, f"latest {latest}, peak {peak} bytes"
+    return f"latest() = 1, peak allocation {peak / (1 << 20):.1f} MiB"
+
+
+def _check_tampered_gc(d: Path) -> str:
+    from memckpt.storage.manifest import StepManifest, read_manifest, write_manifest
+    from memckpt.tools.catalog import gc_job
+
+    _tree_saves(d, [1, 2, 3])
+    path = d / "job" / "step-3" / "manifest.json"
+    m = read_manifest(path)
+    write_manifest(path, StepManifest("other", m.step, m.world_size, m.objects, m.blobs))
+    deleted = gc_job(d / "job", keep=1)
+    latest = _tree_latest(d)
+    assert latest == 2, f"after gc latest() = {latest}"
+    return f"gc --keep 1 deleted {deleted}; latest() = 2"
+
+
+def _check_enospc_after_vote(d: Path) -> str:
+    from memckpt.storage import safe_fs
+
+    class NoSpaceOs:
+        def __getattr__(self, name: str) -> Any:
+            if name == "write":
+
+                def write(fd: int, data: Any) -> int:
+                    raise OSError(28, "No space left on device")
+
+                return write
+            return getattr(os, name)
+
+    m = _tree_manager(d)
+    try:
+        m.save(1, {"w": torch.ones(4)}, blocking=True)
+        real = safe_fs.os
+        safe_fs.os = NoSpaceOs()  # type: ignore[assignment]
+        try:
+            h = m.save(2, {"w": torch.ones(4)})
+            why = _refused(h.wait, InsufficientSpaceError)
+        finally:
+            safe_fs.os = real
+        m.save(3, {"w": torch.ones(4)}, blocking=True)
+        assert m.latest() == 3
+    finally:
+        m.close()
+    return why + "; the next save committed"
+
+
+def _check_step_job_id(d: Path) -> str:
+    return _refused(lambda: memckpt.CheckpointManager(d, "step-5"), memckpt.InvalidNameError)
+
+
+def _check_enum_by_name(d: Path) -> str:
+    import pickletools
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from memckpt.storage.statedict import restore_state_dict
+
+    # what CPython 3.11.2 writes for an Enum member: getattr(WriteItemType, 'TENSOR')
+    def by_name(cls: type, member: str) -> bytes:
+        name = member.encode()
+        glob = f"c{cls.__module__}\n{cls.__qualname__}\n".encode()
+        return (b"\x80\x02cbuiltins\ngetattr\n" + glob + b"X" + struct.pack("<I", len(name))
+                + name + b"\x86R.")  # fmt: skip
+
+    raw = by_name(WriteItemType, "TENSOR")
+    pickletools.dis(raw, out=io.StringIO())  # a well-formed pickle
+    value = restore_state_dict(raw, lambda i: torch.empty(0), [WriteItemType, MetadataIndex])
+    assert value is WriteItemType.TENSOR, f"got {value!r}"
+    bad = by_name(WriteItemType, "__subclasses__")  # not a member: refused
+    why = _refused(
+        lambda: restore_state_dict(bad, lambda i: torch.empty(0), [WriteItemType]), Exception
+    )
+    return f"by-name member accepted; getattr on anything else refused ({why[:60]})"
+
+
+def _check_root(d: Path) -> str:
+    from memckpt.errors import ConfigError
+
+    shown = []
+    open_root = d / "a" / "job"
+    open_root.mkdir(parents=True)
+    open_root.chmod(0o777)
+    shown.append(_refused(lambda: _tree_manager(d / "a"), ConfigError).split(": ", 2)[-1][:70])
+    (d / "b").mkdir()
+    (d / "b" / "job").symlink_to(d / "a")
+    shown.append(_refused(lambda: _tree_manager(d / "b"), ConfigError).split(": ", 2)[-1][:70])
+    if os.geteuid() == 0:
+        other = d / "c" / "job"
+        other.mkdir(parents=True)
+        other.chmod(0o755)
+        os.chown(other, 65534, 65534)
+        shown.append(_refused(lambda: _tree_manager(d / "c"), ConfigError).split(": ", 2)[-1][:70])
+    return " | ".join(shown)
+
+
+TREE_CHECKS: dict[str, Callable[[Path], str]] = {
+    "dcp bytes item runs code": _check_dcp_bytes,
+    "lightning last.ckpt runs code": _check_lightning_ckpt,
+    "gc through a symlinked step": _check_symlink_gc,
+    "retention through a symlinked step": _check_symlink_retention,
+    "delete_job through a symlinked step": _check_symlink_delete_job,
+    "save through a symlinked step": _check_symlink_save,
+    "directory inside an old step": _check_subdir,
+    "empty Lightning job id": _check_lightning_job_id,
+    "FIFO as manifest.json": lambda d: _check_fifo(d, "manifest.json"),
+    "FIFO as rank-0.mck": lambda d: _check_fifo(d, "rank-0.mck"),
+    "manifest.json -> /dev/zero": _check_dev_zero,
+    "gc after a tampered manifest": _check_tampered_gc,
+    "ENOSPC after the vote": _check_enospc_after_vote,
+    "job id step-5": _check_step_job_id,
+    "DCP .metadata enum by name": _check_enum_by_name,
+    "job root not private or not ours": _check_root,
+}
+
+
+def probe_tree(work: Path) -> Result:
+    r = Result("tree", "plant one hostile entry per check in a job tree")
+    for i, (name, check) in enumerate(TREE_CHECKS.items()):
+        d = work / f"c{i}"
+        d.mkdir()
+        try:
+            r.details[name] = check(d)
+        except Exception as e:
+            r.failures.append(f"{name}: {type(e).__name__}: {e}"[:300])
+            r.details[name] = f"FAILED: {e}"[:200]
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    r.count = len(TREE_CHECKS)
+    r.figure = f"{r.count - len(r.failures)}/{r.count} refused as designed"
+    return r
+
+
 # -- main ---------------------------------------------------------------------------------
-PROBES = ("hostile", "slow", "fuzz", "crash", "objects", "soak")
+PROBES = ("hostile", "slow", "fuzz", "crash", "objects", "soak", "tree")
 
 
 def run_probe(name: str, work: Path, sz: Sizes, seed: int, quick: bool) -> Result:
@@ -1135,6 +1485,8 @@ def run_probe(name: str, work: Path, sz: Sizes, seed: int, quick: bool) -> Resul
             r = probe_crash(d, sz, seed, budget)
         elif name == "objects":
             r = probe_objects(d, sz, seed)
+        elif name == "tree":
+            r = probe_tree(d)
         else:
             r = probe_soak(d, sz, seed, budget)
     except Exception as e:
@@ -1155,6 +1507,9 @@ def print_summary(doc: dict[str, Any]) -> None:
                 f"{doc['load_before']:.2f}->{doc['load_after']:.2f})",
                 ["probe", "what was tried", "count", "outcome", "figure"], rows)  # fmt: skip
     for r in doc["results"]:
+        if r["probe"] == "tree":  # one line per planted entry: what refused it
+            for check, answer in r["details"].items():
+                print(f"tree: {check}: {answer}")
         for f in r["failures"]:
             print(f"{r['probe']}: {f}")
 
