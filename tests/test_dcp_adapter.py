@@ -178,6 +178,25 @@ def test_flipped_byte_never_loads_silently(shm_dir):
     assert "checksum mismatch" in str(failure)
 
 
+def test_a_failed_save_is_caught_by_the_except_docs_dcp_md_shows(shm_dir):
+    # docs/dcp.md, "When a save fails": CheckpointException is a BaseException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    assert not issubclass(CheckpointException, Exception)
+    state = {"w": torch.randn(1 << 16)}
+    writer = MemoryStorageWriter(limit_bytes=1 << 12)  # the buffers cannot fit: out of space
+    caught = None
+    try:
+        dcp.save(state, checkpoint_id=checkpoint_id(shm_dir, "job", 1), storage_writer=writer)
+    except (Exception, CheckpointException) as e:
+        caught = e
+    assert isinstance(caught, CheckpointException), caught
+    (failure,) = caught.failures.values()
+    failure = failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
+    assert isinstance(failure, memckpt.InsufficientSpaceError), failure
+    assert latest_checkpoint(shm_dir, "job") is None
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, warnings, torch, torch.distributed.checkpoint as dcp
     warnings.filterwarnings("ignore")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
+import pathlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ pytest.importorskip(
 )
 
 from megatron.core import dist_checkpointing as dc
+from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
@@ -29,7 +33,7 @@ from megatron_workers import (
 from memckpt.adapters import megatron as mm
 from memckpt.adapters.megatron.items import CHUNKS_BLOB, step_metadata
 from memckpt.engine.handle import SaveHandle
-from memckpt.errors import CorruptCheckpointError, MemckptError
+from memckpt.errors import ConfigError, CorruptCheckpointError, MemckptError, UnsupportedValueError
 from memckpt.storage.manifest import ObjectDigest, new_manifest
 from multiproc import free_port, run_ranks
 
@@ -113,6 +117,81 @@ def test_regular_checkpoints_are_refused_by_the_memory_load_strategy():
         strategy.check_backend_compatibility("torch_dist")
     with pytest.raises(CheckpointingException, match="version 2"):
         strategy.check_version_compatibility(2)
+
+
+class Touch:
+    """Unpickling it creates ``path``: stands for any code a planted pickle would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (pathlib.Path.touch, (self.path,))
+
+
+@dataclasses.dataclass
+class Point:
+    """A harmless user class in a ShardedObject."""
+
+    x: int
+    y: int
+
+
+def _save_object(base: Path, step: int, data: object) -> str:
+    state = sharded_state(0, 1, step, "rows")
+    state["obj"] = ShardedObject("obj", data, (1,), (0,))
+    cid = mm.checkpoint_id(base, "job", step)
+    mm.save(state, cid, mm.MemoryAsyncSaveStrategy(), async_sharded_save=False)
+    return cid
+
+
+def _load_object(cid: str, strategy: mm.MemoryLoadShardedStrategy) -> object:
+    return dc.load(sharded_state(0, 1, 0, "rows", empty=True), cid, strategy)["obj"]
+
+
+def _failure(err: BaseException) -> BaseException:
+    (failure,) = err.failures.values()  # type: ignore[attr-defined]
+    return failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
+
+
+def test_weights_only_load_refuses_a_planted_sharded_object_and_runs_nothing(
+    shm_dir, one_rank, tmp_path
+):
+    # Given a step whose ShardedObject unpickles into a call that creates a file
+    marker = tmp_path / "ran"
+    cid = _save_object(shm_dir, 1, Touch(marker))
+    assert mm.latest_checkpoint(shm_dir, "job") == cid
+    # When it is loaded with the weights-only option, Then it is refused by name
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException) as err:
+        _load_object(cid, mm.MemoryLoadShardedStrategy(weights_only=True))
+    failure = _failure(err.value)
+    assert isinstance(failure, UnsupportedValueError), failure
+    assert "obj/shard_0_1" in str(failure) and cid in str(failure)
+    assert "MemoryLoadShardedStrategy(weights_only=True, safe_globals=" in str(failure)
+    assert not marker.exists()
+
+
+def test_sharded_objects_load_as_with_torch_dist_unless_weights_only(shm_dir, one_rank):
+    # docs/megatron.md, Trust: unrestricted by default; weights_only=True with safe_globals
+    cid = _save_object(shm_dir, 2, Point(1, 2))
+    mm.latest_checkpoint(shm_dir, "job")
+    assert _load_object(cid, mm.MemoryLoadShardedStrategy()) == Point(1, 2)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException) as err:
+        _load_object(cid, mm.MemoryLoadShardedStrategy(weights_only=True))
+    assert "Point" in str(_failure(err.value))
+    strict = mm.MemoryLoadShardedStrategy(weights_only=True, safe_globals=[Point])
+    assert _load_object(cid, strict) == Point(1, 2)
+    # plain data passes the weights-only load without any opt-in
+    cid = _save_object(shm_dir, 3, {"rank": 0, "step": 3})
+    mm.latest_checkpoint(shm_dir, "job")
+    strict = mm.MemoryLoadShardedStrategy(weights_only=True)
+    check_loaded(dc.load(sharded_state(0, 1, 0, "rows", empty=True), cid, strict), 0, 1, 3, "rows")
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        mm.MemoryLoadShardedStrategy(safe_globals=[Point])
 
 
 def _manifest(*chunks: object) -> object:

@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import pickle
-import shutil
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +84,14 @@ from memckpt.errors import (
     InvalidNameError,
     MemckptError,
     TransferError,
+    UnsupportedValueError,
 )
 from memckpt.storage.format import TensorEntry
-from memckpt.storage.manifest import StepManifest, read_manifest
+from memckpt.storage.manifest import StepManifest
 from memckpt.storage.reader import ObjectReader
+from memckpt.storage.safe_fs import real_subdirs, remove_entry
 from memckpt.storage.statedict import flatten_state_dict, restore_state_dict
+from memckpt.storage.store import load_step_manifest
 from memckpt.storage.tensorbytes import is_plain_cpu, tensor_memoryview
 
 __all__ = [
@@ -450,7 +453,16 @@ class MemoryStorageReader(StorageReader):
 
     Loads verify every chunk's checksum. A rank reads whichever ranks' objects DCP's
     planner assigns it (resharding), from this node or from peers that hold them.
+
+    No checkpoint bytes run code on load: every bytes item must pass
+    ``torch.load(weights_only=True)`` before the planner (whichever it is) unpickles it;
+    one that does not is an UnsupportedValueError naming the item. ``safe_globals``:
+    the classes and functions beyond plain data that bytes items may build, for a
+    checkpoint you trust (as ``torch.serialization.safe_globals`` takes them).
     """
+
+    _OPT_IN = "MemoryStorageReader(safe_globals=[...])"
+    """How a user allows more in bytes items (an adapter's reader names its own option)."""
 
     def __init__(
         self,
@@ -461,11 +473,14 @@ class MemoryStorageReader(StorageReader):
         secret: bytes | None = None,
         timeout_s: float | None = None,
         threads: int = 2,
+        safe_globals: Iterable[Any] = (),
     ) -> None:
         super().__init__()
         self._settings = RuntimeSettings(replication=replication, node_id=node_id,
                                          secret=secret, timeout_s=timeout_s)  # fmt: skip
         self.threads = threads
+        self.safe_globals = tuple(safe_globals)
+        self._weights_only = True
         self.checkpoint_id: str | None = None
         self._where: tuple[Path, str, int] | None = None
         self._runtime: NodeRuntime | None = None
@@ -542,6 +557,7 @@ class MemoryStorageReader(StorageReader):
                 name = storage[item.storage_index][1]
                 value = values[name]
                 if item.type == LoadItemType.BYTE_IO:
+                    self._check_bytes(item.storage_index.fqn, rank, value)
                     planner.load_bytes(item, io.BytesIO(value))
                     continue
                 target = targets[i]
@@ -562,9 +578,38 @@ class MemoryStorageReader(StorageReader):
         fut.set_result(None)
         return fut
 
+    def _check_bytes(self, fqn: str, rank: int, value: bytes) -> None:
+        """Refuse a bytes item that a weights-only load refuses, before any planner reads it.
+
+        DCP's planners unpickle bytes items with ``torch.load(weights_only=False)``.
+        """
+        if not self._weights_only:
+            return
+        where = f"{self.checkpoint_id}: bytes item {fqn!r} of rank {rank}"
+        try:
+            with torch.serialization.safe_globals(list(self.safe_globals)):
+                torch.load(io.BytesIO(value), weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            raise UnsupportedValueError(
+                f"{where} was not loaded: a weights-only load refuses it "
+                f"({_weights_only_reason(e)}). Checkpoint bytes never run code on load; if "
+                f"you trust this checkpoint, name what it may build: {self._OPT_IN}"
+            ) from None
+        except Exception as e:
+            raise CorruptCheckpointError(
+                f"{where} is not a torch.save payload ({type(e).__name__}: {e})"
+            ) from e
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return MemoryStorageWriter.validate_checkpoint_id(checkpoint_id)
+
+
+def _weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what was refused."""
+    text = str(error)
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    return (found.group(1) if found else text.splitlines()[0] if text else "refused").strip()
 
 
 def _read_values(
@@ -614,12 +659,13 @@ def complete_steps(directory: str | os.PathLike[str]) -> tuple[list[int], list[i
     """
     root = Path(directory)
     present, complete = [], []
-    for entry in root.iterdir() if root.is_dir() else ():
+    for entry in real_subdirs(root):  # a symlinked step is never listed, read or deleted
         step = ids.parse_step_dir(entry.name)
-        if step is None or not entry.is_dir():
+        if step is None:
             continue
         present.append(step)
-        if (entry / DCP_METADATA_FILE).is_file():
+        meta = Path(entry.path) / DCP_METADATA_FILE
+        if meta.is_file() and not meta.is_symlink():
             complete.append(step)
     return sorted(present), sorted(complete)
 
@@ -640,7 +686,7 @@ def prune_steps(directory: str | os.PathLike[str], keep_last: int) -> list[int]:
     for step in doomed:
         path = root / ids.step_dir_name(step)
         (path / DCP_METADATA_FILE).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_entry(path)
     if doomed:
         log.info("deleted DCP steps %s under %s", doomed, root)
     return doomed
@@ -663,7 +709,7 @@ def export(
     layouts = [ids.JobLayout(b, job) for b in (base, *sources)]
     manifest = None
     for lay in layouts:
-        manifest = read_manifest(lay.manifest_path(step))
+        manifest = load_step_manifest(lay, step)  # the one rule: this job, this step
         if manifest is not None:
             break
     if manifest is None:

@@ -87,20 +87,6 @@ def _unpack(raw: Any, safe_globals: Iterable[Any], where: str) -> Any:
     return restore_state_dict(skeleton, tensor, safe_globals, where=where)
 
 
-def _dcp_load_planner() -> Any:
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-        """DCP's planner, but bytes items must pass ``torch.load(weights_only=True)``."""
-
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            torch.load(value, weights_only=True)  # refuses anything but plain data
-            value.seek(0)
-            super().load_bytes(read_item, value)
-
-    return WeightsOnlyLoadPlanner()
-
-
 def _done_handle(step: int, result: SaveResult) -> SaveHandle:
     future: Future[SaveResult] = Future()
     future.set_result(result)
@@ -134,7 +120,8 @@ class State:
         base_dir: node-local checkpoint directory (default ``MEMCKPT_BASE_DIR``, else
             ``/dev/shm/memckpt``); job_id: the job's name under it.
         keep_last, replication, timeout_s: as for ``CheckpointManager``.
-        safe_globals: classes the extra state may hold beyond plain data.
+        safe_globals: classes the extra state may hold beyond plain data (in "fsdp" mode
+            also DCP's bytes items, such as a module's extra state).
         step: the counter's value before any resume.
         **options: further ``CheckpointManager`` arguments ("single"/"ddp") or
             ``MemoryStorageWriter`` arguments ("fsdp").
@@ -491,8 +478,9 @@ class State:
         key = _RANK_KEY.format(rank=source)
         sd = self._dcp_state()
         sd[key] = b""
-        reader = self._dcp.MemoryStorageReader(**reader_options)
-        dcp.load(sd, checkpoint_id=cid, storage_reader=reader, planner=_dcp_load_planner())
+        # the reader lets bytes items through a weights-only load only (with safe_globals)
+        reader = self._dcp.MemoryStorageReader(safe_globals=self.safe_globals, **reader_options)
+        dcp.load(sd, checkpoint_id=cid, storage_reader=reader)
         if self.optimizer is None:
             set_model_state_dict(self.model, sd["model"])
         else:

@@ -7,7 +7,8 @@ never pass through pickle. Each tensor gets a path name (``model.layer.weight``,
 tensor object reached twice (tied weights) is stored once and comes back as one
 object. The skeleton is read back by a restricted unpickler that only builds
 plain data types, through constructors that refuse arguments costing more than the
-bytes that hold them, and the globals a user explicitly allows.
+bytes that hold them, and the globals a user explicitly allows (with the members of
+allowed Enum classes, in both forms CPython pickles them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import builtins
 import collections
 import datetime
+import enum
 import fractions
 import io
 import math
@@ -386,9 +388,46 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _Unknown
         if key in self._extra:
             return self._extra[key]
+        if key == ("builtins", "getattr"):
+            return self._enum_member
         raise UnsupportedValueError(
             f"{self._where}: the checkpoint names {module}.{name}, which is not allowed to load. "
             f"If you trust it, pass safe_globals=[{module}.{name}] to the load call."
+        )
+
+    def _enum_member(self, *args: Any) -> Any:
+        """``getattr(cls, name)`` of an allowed Enum class and one of its member names only.
+
+        Some CPython 3.11 releases (3.11.2, for one) pickle an Enum member by name, as
+        ``getattr(cls, name)``; others by value, as ``cls(value)``. Both load; any other
+        getattr is refused, so it never reaches an attribute that is not a member.
+        """
+        if len(args) == 2:
+            cls, name = args
+            if (
+                isinstance(cls, type)
+                and issubclass(cls, enum.Enum)
+                and self._allows(cls)
+                and isinstance(name, str)
+                and name in cls.__members__
+            ):
+                return cls.__members__[name]
+        # never the repr of a structure: a pickle can share one into an exponential repr
+        shown = ", ".join(
+            f"{a.__module__}.{a.__qualname__}" if isinstance(a, type)
+            else repr(a[:60]) if isinstance(a, str)
+            else f"<{type(a).__name__}>"
+            for a in args
+        )  # fmt: skip
+        raise UnsupportedValueError(
+            f"{self._where}: the checkpoint calls builtins.getattr({shown}), which is not "
+            "allowed to load: only a member of an allowed Enum class is read this way"
+        )
+
+    def _allows(self, obj: Any) -> bool:
+        """Whether ``obj`` is one of the globals this load allows (not merely equal to one)."""
+        return any(v is obj for v in _SAFE_GLOBALS.values()) or any(
+            v is obj for v in (self._extra or {}).values()
         )
 
     def persistent_load(self, pid: Any) -> Any:

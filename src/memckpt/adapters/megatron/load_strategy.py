@@ -11,12 +11,17 @@ manifest, DCP's metadata assembled from every saving rank's chunk list) -> DCP's
 global plan -> ``read_data``. Afterwards the engine counts the step as the job's
 current one and, in the background, pushes each saved object to as many nodes as the
 replication strategy keeps (whatever world size saved it).
+
+Trust: ShardedObjects are unpickled as torch_dist does (``torch.load(weights_only=False)``
+by Megatron's load planner), so a checkpoint's bytes can run code. ``weights_only=True``
+makes every ShardedObject pass a weights-only load first, as memckpt's DCP reader does.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
@@ -45,8 +50,9 @@ from memckpt.adapters.dcp import MemoryStorageReader, attach_storage_data, parse
 from memckpt.adapters.megatron.files import BACKEND, BACKEND_VERSION
 from memckpt.adapters.megatron.items import step_metadata
 from memckpt.engine.runtime import RuntimeSettings
-from memckpt.errors import CheckpointNotFoundError
-from memckpt.storage.manifest import StepManifest, read_manifest
+from memckpt.errors import CheckpointNotFoundError, ConfigError
+from memckpt.storage.manifest import StepManifest
+from memckpt.storage.store import load_step_manifest
 
 __all__ = ["MemoryLoadShardedStrategy"]
 
@@ -54,7 +60,17 @@ log = logging.getLogger(__name__)
 
 
 class _MegatronReader(MemoryStorageReader):
-    """memckpt's DCP reader, with DCP's metadata assembled from the ranks' chunk lists."""
+    """memckpt's DCP reader, with DCP's metadata assembled from the ranks' chunk lists.
+
+    ShardedObjects pass a weights-only load first only with ``weights_only=True``;
+    otherwise they are unpickled as torch_dist does.
+    """
+
+    _OPT_IN = "MemoryLoadShardedStrategy(weights_only=True, safe_globals=[...])"
+
+    def __init__(self, *args: Any, weights_only: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._weights_only = weights_only
 
     def step_metadata(self, manifest: StepManifest) -> Metadata:
         where = str(self.checkpoint_id)
@@ -68,6 +84,11 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
     (it also wrote ``common.pt`` and ``metadata.json`` there on every node, which
     ``dist_checkpointing.load`` reads first). Data on other nodes is read from there
     whatever ``replication`` says; it only decides how copies are pushed again.
+
+    ShardedObjects are unpickled as torch_dist does: only load checkpoints you trust.
+    ``weights_only=True`` refuses, with an UnsupportedValueError naming the object (inside
+    DCP's ``CheckpointException``), every ShardedObject that ``torch.load(weights_only=True)``
+    refuses; ``safe_globals`` names the classes and functions it may build beyond that.
     """
 
     def __init__(
@@ -78,11 +99,20 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
         secret: bytes | None = None,
         timeout_s: float | None = None,
         threads: int = 2,
+        weights_only: bool = False,
+        safe_globals: Iterable[Any] = (),
     ) -> None:
         super().__init__()
         self._settings = RuntimeSettings(replication=replication, node_id=node_id,
                                          secret=secret, timeout_s=timeout_s)  # fmt: skip
         self.threads = threads
+        self.weights_only = weights_only
+        self.safe_globals = tuple(safe_globals)
+        if self.safe_globals and not weights_only:
+            raise ConfigError(
+                "MemoryLoadShardedStrategy: safe_globals applies to weights-only loads; pass "
+                "weights_only=True with it (without, ShardedObjects load unrestricted)"
+            )
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -126,6 +156,8 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
             secret=self._settings.secret,
             timeout_s=self._settings.timeout_s,
             threads=self.threads,
+            safe_globals=self.safe_globals,
+            weights_only=self.weights_only,
         )
         # DCP's _load_state_dict (what Megatron's torch_dist load calls, through the
         # deprecated load_state_dict): dcp.load would put the loaded ShardedObjects into a
@@ -171,7 +203,7 @@ class MemoryLoadShardedStrategy(LoadShardedStrategy):
 def _local_metadata(checkpoint_dir: str | os.PathLike[str]) -> Metadata:
     """DCP metadata of a step from this node's manifest (no collective)."""
     base, job, step = parse_checkpoint_id(checkpoint_dir)
-    manifest = read_manifest(ids.JobLayout(base, job).manifest_path(step))
+    manifest = load_step_manifest(ids.JobLayout(base, job), step)
     if manifest is None:
         raise CheckpointNotFoundError(
             f"{checkpoint_dir}: no step manifest on this node; call "
