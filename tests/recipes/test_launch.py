@@ -103,10 +103,11 @@ def test_run_mlp_on_two_simulated_nodes_end_to_end(shm_dir, tmp_path, capsys):
                "checkpoint.memory.interval=8",
                f"checkpoint.memory.base_dir={shm_dir}", "train.progress=false",
                f"checkpoint.persistent.dir={tmp_path / 'persist'}",
-               "--plugin", "profiler:start=2,steps=2"])  # fmt: skip
+               "--plugin", "profiler:start=2,steps=2", "--json"])  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert rc == 0, out
     assert out["final_step"] == 24 and out["exit_codes"] == {"0": 0, "1": 0}
+    assert out["completed"] is False and out["run_dir"] == str(run_dir)
     r0 = json.loads((run_dir / "results" / "rank0.json").read_text())
     r1 = json.loads((run_dir / "results" / "rank1.json").read_text())
     assert r0["world_size"] == 2 and r0["weights_sha256"] == r1["weights_sha256"]

@@ -135,6 +135,7 @@ def test_memckpt_run_with_nemo_run_is_killed_by_the_fault_plugin_then_resumes(
         *("train.steps=12", "train.progress=false", "checkpoint.memory.interval=5"),
         *(f"checkpoint.memory.base_dir={shm_dir}", "checkpoint.persistent.enabled=false"),
         *("--launcher", "nemo-run", "--nproc-per-node", "2", "--run-dir", str(run_dir)),
+        "--json",
     ]
     assert main(["run", "mlp_synthetic", *common, "--plugin", "fault:node=0,step=8"]) == 1
     first = summary_of(capsys.readouterr().out)

@@ -8,16 +8,19 @@ addresses exchanged); later acquires of the same job return the same runtime wit
 collective, no new group and no new server. ``release`` closes it with the last user.
 
 A job opened twice with different settings (replication, keep_last, ...) is refused
-with an error naming both, rather than silently using either.
+with an error naming only the options that differ, both values, and who opened the
+job (the API and the caller's file and line), rather than silently using either.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,13 @@ from memckpt.storage.manifest import StepManifest
 from memckpt.storage.retention import check_keep_last
 from memckpt.storage.store import CheckpointStore
 
-__all__ = ["NodeRuntime", "RuntimeOptions", "RuntimeSettings"]
+__all__ = [
+    "NodeRuntime",
+    "RuntimeOptions",
+    "RuntimeSettings",
+    "conflict_message",
+    "differing_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,61 @@ class RuntimeSettings:
         return RuntimeOptions(**given), set(given)
 
 
+_API_MODULES = ("memckpt.manager", "memckpt.adapters.", "memckpt.engine.")
+# frameworks that call memckpt's adapters for the user: the user's own line is further out
+_FRAMEWORKS = ("torch.", "lightning.", "pytorch_lightning.", "megatron.", "nvidia_resiliency_ext.")
+
+
+def _opener() -> str:
+    """Who is opening the job: the memckpt API called and the caller's file and line."""
+    frame = sys._getframe(1)
+    api = None
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(_FRAMEWORKS):
+            frame = frame.f_back
+            continue
+        if not module.startswith(_API_MODULES):
+            where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+            return f"{api} at {where}" if api else where
+        if not module.startswith("memckpt.engine."):
+            owner = frame.f_locals.get("self")
+            api = type(owner).__name__ if owner is not None else frame.f_code.co_name
+        frame = frame.f_back
+    return api or "unknown"
+
+
+def conflict_message(
+    job_id: str,
+    base_dir: str | os.PathLike[str],
+    open_options: RuntimeOptions,
+    asked: RuntimeOptions,
+    names: Iterable[str],
+    opened_by: str,
+    asked_by: str,
+    advice: str,
+) -> str:
+    """The error for a job opened again with other settings: only the ``names`` that differ,
+    each with the value the open runtime has and the value asked for, and who opened it."""
+    diffs = "; ".join(
+        f"{n}={getattr(open_options, n)!r} where this call asks for {getattr(asked, n)!r}"
+        for n in names
+    )
+    return (
+        f"job {job_id!r} under {base_dir} is already open in this process with {diffs} "
+        f"(opened by {opened_by}; this call: {asked_by}). {advice}"
+    )
+
+
+def differing_options(a: RuntimeOptions, b: RuntimeOptions) -> list[str]:
+    """The compared options whose values differ, in declaration order."""
+    return [
+        f.name
+        for f in dataclasses.fields(RuntimeOptions)
+        if f.compare and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
 class NodeRuntime:
     """See the module docstring. Build with :meth:`acquire`, give back with :meth:`release`.
 
@@ -125,6 +189,7 @@ class NodeRuntime:
         self._key = key
         self._users = 0
         self._connect_args = connect_args or {}
+        self.opened_by = "unknown"  # the API and caller that opened it, for conflict errors
         self._explicit: set[str] = set()  # settings the opener named (hold)
         self._for_reading = False  # opened by reading calls only (hold)
         # checks that say a step is persisted, registered by whoever drains it
@@ -187,16 +252,18 @@ class NodeRuntime:
         with cls._lock:
             rt = cls._open.get(key)
             if rt is not None:
-                if rt.options != options:
-                    raise MemckptError(
-                        f"job {job_id!r} under {base_dir} is already open in this process with "
-                        f"{rt.options}; this call asks for {options}. Pass the same settings, "
-                        "or close the other manager or writer first"
-                    )
+                differ = differing_options(rt.options, options)
+                if differ:
+                    raise MemckptError(conflict_message(
+                        job_id, base_dir, rt.options, options, differ, rt.opened_by,
+                        _opener(), "Pass the same settings, or close the other manager or "
+                        "writer first",
+                    ))  # fmt: skip
                 rt._users += 1
                 return rt
         rt = cls._open_new(base_dir, job_id, options, key, collectives, commit_collectives,
                            strategy, transfer_host, transfer_port, secret, vote)  # fmt: skip
+        rt.opened_by = _opener()
         with cls._lock:
             cls._open[key] = rt
             rt._users += 1
@@ -321,15 +388,14 @@ class NodeRuntime:
                 cls._held[key] = rt
         if not reading:
             rt._for_reading = False
-        for name in sorted(explicit):
-            if getattr(rt.options, name) != getattr(options, name):
-                raise MemckptError(
-                    f"job {job_id!r} under {base_dir} is open in this process with {name}="
-                    f"{getattr(rt.options, name)!r}; this call asks for "
-                    f"{getattr(options, name)!r}. Use the same settings, or close the job "
-                    "first: memckpt.adapters.dcp.close(base_dir, job_id) (DCP), "
-                    "memckpt.adapters.megatron.close(base_dir, job_id) (Megatron)"
-                )
+        differ = [n for n in differing_options(rt.options, options) if n in explicit]
+        if differ:
+            raise MemckptError(conflict_message(
+                job_id, base_dir, rt.options, options, differ, rt.opened_by, _opener(),
+                "Use the same settings, or close the job first: "
+                "memckpt.adapters.dcp.close(base_dir, job_id) (DCP), "
+                "memckpt.adapters.megatron.close(base_dir, job_id) (Megatron)",
+            ))  # fmt: skip
         return rt
 
     @classmethod
@@ -392,7 +458,10 @@ class NodeRuntime:
         return mine
 
     def release(self) -> None:
-        """Give back one use; the last one waits for the save in flight and closes everything."""
+        """Give back one use; the last one closes everything, after waiting for the save in
+        flight and background work (a load's re-replication), then for re-replication
+        transfers still in flight to or from this rank, each bounded by the transfer
+        timeout (``Replicator.finish_transfers``)."""
         with self._lock:
             self._users -= 1
             if self._users > 0:
@@ -400,6 +469,7 @@ class NodeRuntime:
             self._open.pop(self._key, None)
         self.engine.close()
         if self.network is not None:
+            self.network.finish_transfers()
             self.network.close()
         self.store.close()
 

@@ -66,6 +66,7 @@ from memckpt.recipes.data import build_data
 from memckpt.recipes.models import build_model, loss_function
 from memckpt.recipes.profiling import StepProfiler
 from memckpt.recipes.reporting import TrainingReporter
+from memckpt.recipes.validate import BACKENDS, check_config
 from memckpt.settings import (
     BASE_DIR_ENV,
     KILL_AT_STEP_ENV,
@@ -103,9 +104,6 @@ GROUP_RANK_ENV: Final = "GROUP_RANK"
 LOCAL_RANK_ENV: Final = "LOCAL_RANK"  # set by torchrun: this rank's number on its node
 # cuBLAS reproducibility (CUDA docs): read when cuBLAS starts, so set before the first GPU op
 CUBLAS_WORKSPACE_CONFIG_ENV: Final = "CUBLAS_WORKSPACE_CONFIG"
-
-BACKENDS: Final = ("gloo", "nccl", "auto")
-"""Values of ``dist.backend``: ``gloo`` trains on the CPU, ``nccl`` on GPUs, ``auto`` picks."""
 
 
 @dataclass(frozen=True)
@@ -245,35 +243,6 @@ def memory_manager_kwargs(ckpt: CheckpointConfig, num_nodes: int, node_id: str) 
         kwargs["replication"] = ckpt.replication.strategy
         kwargs["node_id"] = node_id
     return kwargs
-
-
-def _check_config(cfg: ConfigContainer) -> None:
-    pairs = {"gpt": "arithmetic", "mlp": "regression"}
-    if pairs.get(cfg.model.kind) != cfg.data.kind:
-        raise ConfigError(
-            f"model.kind {cfg.model.kind!r} does not fit data.kind {cfg.data.kind!r}; "
-            "use gpt with arithmetic or mlp with regression"
-        )
-    checks = [
-        ("train.steps", cfg.train.steps, 0),
-        ("train.micro_batch_size", cfg.train.micro_batch_size, 1),
-        ("train.log_every", cfg.train.log_every, 1),
-        ("checkpoint.memory.interval", cfg.checkpoint.memory.interval, 1),
-        ("checkpoint.memory.keep_last", cfg.checkpoint.memory.keep_last, 1),
-        ("checkpoint.persistent.interval", cfg.checkpoint.persistent.interval, 1),
-        ("optimizer.warmup_steps", cfg.optimizer.warmup_steps, 0),
-    ]
-    for name, value, minimum in checks:
-        if value < minimum:
-            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    if cfg.train.stop_after is not None and cfg.train.stop_after < 0:
-        raise ConfigError(f"train.stop_after must be >= 0 or None, got {cfg.train.stop_after}")
-    if cfg.optimizer.lr <= 0:
-        raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
-    if cfg.dist.backend not in BACKENDS:
-        raise ConfigError(
-            f"dist.backend must be one of {', '.join(BACKENDS)}, got {cfg.dist.backend!r}"
-        )
 
 
 # ---- process group and gradient reduction
@@ -651,7 +620,7 @@ def train(cfg: ConfigContainer) -> TrainResult:
     deterministic kernels for the rest of the process. With ``cfg.checkpoint.resume``
     it resumes from the newer of the two checkpoint tiers.
     """
-    _check_config(cfg)
+    check_config(cfg)
     logging.getLogger("memckpt").setLevel(cfg.logger.level.upper())
     placement = local_placement(cfg.dist.backend, os.environ)
     if placement.on_gpu:

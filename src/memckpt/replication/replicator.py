@@ -15,6 +15,17 @@ holder that keeps failing is skipped for a while by the client's circuit breaker
 During recovery ``fetch`` brings back an object this node lost, and ``rereplicate``
 pushes this rank's object to holders that lost their copy, so a replaced node again
 holds what the strategy says.
+
+Closing, on every rank (``NodeRuntime.release``)::
+
+    engine.close()                 # the save worker: saves, a load's fetch and rereplicate
+    replicator.finish_transfers()  # this rank's pushes still running, and the copies the
+                                   # peers' rereplicate sends to this rank (each bounded)
+    replicator.close()             # client and server: a transfer still running fails
+
+A receiving rank knows which copies to wait for from the inventories its
+``rereplicate`` got (every rank gets the same), so a replaced node does not close
+its server while its peers are still pushing to it.
 """
 
 from __future__ import annotations
@@ -50,7 +61,16 @@ from memckpt.transport.protocol import (
 )
 from memckpt.transport.server import TransferServer, format_address
 
-__all__ = ["PeerInfo", "ReplicationOutcome", "Replicator", "default_node_id", "plan_copies"]
+__all__ = [
+    "PeerInfo",
+    "ReplicationOutcome",
+    "Replicator",
+    "TreeId",
+    "check_one_node_per_tree",
+    "default_node_id",
+    "plan_copies",
+    "tree_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +84,8 @@ def default_node_id(rank: int) -> str:
 
     Under torchrun the node rank (``GROUP_RANK``) is appended, so simulated nodes on
     one host are told apart; with only ``LOCAL_WORLD_SIZE`` set, ``rank //
-    LOCAL_WORLD_SIZE`` is.
+    LOCAL_WORLD_SIZE`` is. Every rank of a node must get the same id: ranks that share a
+    job directory under two ids are refused at setup (``check_one_node_per_tree``).
     """
     explicit = os.environ.get(NODE_ID_ENV)
     if explicit:
@@ -96,16 +117,73 @@ def default_host() -> str:
     return "127.0.0.1"
 
 
+def _machine_id() -> str:
+    """This kernel's boot id (unique per machine and boot), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class TreeId:
+    """Which directory a rank's job tree is: equal for two ranks only when both write into
+    the same directory (one kernel, one device, one inode), whatever path each used."""
+
+    machine: str
+    device: int
+    inode: int
+    path: str  # its real path, for messages
+
+    def same_tree(self, other: TreeId) -> bool:
+        return (self.machine, self.device, self.inode) == (other.machine, other.device,
+                                                           other.inode)  # fmt: skip
+
+
+def tree_id(root: str | os.PathLike[str]) -> TreeId:
+    """The identity of the job directory ``root`` (which must exist)."""
+    st = os.stat(root)
+    return TreeId(_machine_id(), st.st_dev, st.st_ino, os.path.realpath(root))
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     rank: int
     node_id: str
     host: str
     port: int
+    tree: TreeId | None = None  # the rank's job directory
 
     @property
     def address(self) -> str:
         return format_address(self.host, self.port)
+
+
+def check_one_node_per_tree(peers: Sequence[PeerInfo]) -> None:
+    """Refuse two node ids on one job directory (pure; every rank decides the same).
+
+    Ranks that write into one directory are one node to replication: with two node ids
+    a rank's replicas would be pushed into the directory that holds the originals.
+    Raises ReplicationConfigError naming both ranks, both node ids and the directory.
+    """
+    first: dict[TreeId, PeerInfo] = {}
+    for p in peers:
+        if p.tree is None:
+            continue
+        seen = next((q for t, q in first.items() if t.same_tree(p.tree)), None)
+        if seen is None:
+            first[p.tree] = p
+            continue
+        if seen.node_id != p.node_id:
+            raise ReplicationConfigError(
+                f"ranks {seen.rank} and {p.rank} write into one checkpoint directory, "
+                f"{p.tree.path}, but name different nodes: {seen.node_id!r} and "
+                f"{p.node_id!r}; replicas would be written over the originals. A node id "
+                f"names a node: set {NODE_ID_ENV} (or node_id=) per node, the same value for "
+                f"every rank of a node (here: one value for ranks {seen.rank} and {p.rank}, "
+                "or leave it unset), or give each node its own directory (base_dir)"
+            )
 
 
 @dataclass
@@ -146,6 +224,8 @@ class Replicator:
             thread_name_prefix=f"memckpt-push-r{self.rank}",
         )
         self._running: dict[int, tuple[int, concurrent.futures.Future[int]]] = {}
+        # step -> ranks whose object of it a peer's re-replication pushes to this rank
+        self._incoming: dict[int, set[int]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -187,17 +267,20 @@ class Replicator:
                                 timeout_s=timeout_s, min_throughput=min_throughput)  # fmt: skip
         plan: ReplicationPlan | None = None
         try:
-            me = PeerInfo(rank, node_id, server.host, server.port)
+            me = PeerInfo(rank, node_id, server.host, server.port, tree_id(store.root))
             peers = coll.all_gather_object(me, "transfer address exchange")
+            check_one_node_per_tree(peers)
             topology = NodeTopology.from_node_ids([p.node_id for p in peers])
             if topology.num_nodes < 2:
                 if strategy is not None:
                     log.warning(
                         "rank %d: all %d ranks run on one node (%s); nothing to replicate to, "
-                        "replication is off. Set MEMCKPT_NODE_ID per node if that is wrong.",
+                        "replication is off. If that is wrong, set %s per node (the same "
+                        "value for every rank of a node)",
                         rank,
                         coll.world_size,
                         node_id,
+                        NODE_ID_ENV,
                     )
                 server.close()
                 return None
@@ -242,13 +325,14 @@ class Replicator:
             return 1
         return 1 + len({self.topology.node(h) for h in self.plan.holders_of(self.rank)})
 
-    def holders(self) -> tuple[int, ...]:
-        """One holder rank per node that must keep a copy of this rank's data."""
+    def holders(self, rank: int | None = None) -> tuple[int, ...]:
+        """One holder rank per node that must keep a copy of ``rank``'s data (default: this
+        rank's); the ranks a push of that data goes to."""
         if self.plan is None:
             return ()
         seen: set[int] = set()
         out = []
-        for h in self.plan.holders_of(self.rank):
+        for h in self.plan.holders_of(self.rank if rank is None else rank):
             node = self.topology.node(h)
             if node not in seen:
                 seen.add(node)
@@ -358,9 +442,76 @@ class Replicator:
             return digest is None or held.objects[self.rank] == digest
 
         missing = [h for h in self.holders() if not has(h)]
+        coming = self.incoming(step, inventories)
+        if coming:
+            with self._lock:
+                self._incoming.setdefault(step, set()).update(coming)
+            log.debug("rank %d: peers re-replicate step %d of ranks %s to it", self.rank, step,
+                      list(coming))  # fmt: skip
         if missing:
             log.info("rank %d: re-replicating step %d to ranks %s", self.rank, step, missing)
         return self._push(step, missing)
+
+    def incoming(self, step: int, inventories: Sequence[Inventory]) -> tuple[int, ...]:
+        """Ranks whose ``rereplicate(step, inventories)`` pushes their object to this rank:
+        the ones this rank holds for whose copy its node's inventory lacked (pure)."""
+        held = inventories[self.rank].get(step)
+        have = held.objects if held is not None else {}
+        return tuple(
+            r
+            for r in range(len(self.peers))
+            if r != self.rank and r not in have and self.rank in self.holders(r)
+        )
+
+    def finish_transfers(self) -> None:
+        """Before closing: wait for this rank's pushes still running and for the copies the
+        peers re-replicate to it (see ``incoming``), then return; never raises.
+
+        Pushes are waited for up to their bound (``push_bound_s``). Expected copies are
+        waited for until they are all here; the wait gives up once the transfer timeout
+        (``timeout_s``) passes with none of them here and no transfer to this rank in
+        progress (a peer that died or gave up), and at the latest after ``push_bound_s``,
+        the bound the sending peer keeps to.
+        """
+        with self._lock:
+            running = [f for _, f in self._running.values() if not f.done()]
+            incoming = sorted((step, r) for step, owners in self._incoming.items() for r in owners)
+        bound = self.push_bound_s(self._largest_object())
+        if running:
+            _, late = concurrent.futures.wait(running, timeout=bound)
+            if late:
+                log.warning("rank %d: closing with %d push(es) still running after %.1fs",
+                            self.rank, len(late), bound)  # fmt: skip
+        if not incoming:
+            return
+        idle_s = self.server.timeout_s
+        now = time.monotonic()
+        cap, deadline = now + bound, now + idle_s
+        while True:
+            kept = set(self.store.steps())  # a step retention has deleted is not waited for
+            missing = [(s, r) for s, r in incoming
+                       if s in kept and not self.store.object_path(s, r).exists()]  # fmt: skip
+            if not missing:
+                return
+            now = time.monotonic()
+            if self.server.pending_transfers():  # one is arriving: it keeps its own deadline
+                deadline = min(cap, now + idle_s)
+            if now >= deadline:
+                what = ", ".join(f"rank {r} step {s}" for s, r in missing)
+                log.warning("rank %d: closing without the copies of %s that peers were "
+                            "re-replicating to it (none arrived in time; transfer timeout "
+                            "%.0fs)", self.rank, what, idle_s)  # fmt: skip
+                return
+            time.sleep(0.02)
+
+    def _largest_object(self) -> int:
+        sizes = [0]
+        for step in self.store.steps():
+            try:
+                sizes.append(self.store.object_path(step, self.rank).stat().st_size)
+            except OSError:
+                continue
+        return max(sizes)
 
     def move_copies(self, step: int, moves: Sequence[tuple[str, int, int]]) -> ReplicationOutcome:
         """Carry out this rank's part of ``plan_copies`` for ``step``, in turn.
@@ -409,7 +560,8 @@ class Replicator:
         write_atomic(layout.peer_file(self.rank), json.dumps(doc, indent=1).encode())
 
     def close(self) -> None:
-        """Stop: pushes still running fail at once (their connections are closed)."""
+        """Stop: pushes still running fail at once (their connections are closed), and so
+        do transfers to this rank; ``finish_transfers`` first waits for them."""
         self._pushes.shutdown(wait=False, cancel_futures=True)
         self.client.close()
         self.server.close()

@@ -9,6 +9,12 @@ machines. The workers run ``python -m memckpt.recipes.entry --config config.yaml
 the same entry a real multi-node torchrun uses; ``--slurm`` writes the sbatch
 script that wraps that torchrun in ``srun`` on a cluster.
 
+The config is checked whole before anything starts (``memckpt.recipes.validate``).
+Every rank also logs to ``<run_dir>/logs/rank<r>.log`` (``MEMCKPT_LOG_DIR``); when a
+run fails, :func:`explain_failure` reads the first error line of the rank that failed
+first from there, and says whether re-running resumes (:func:`resume_point`: a complete
+checkpoint of the job in memory or on the persistent tier).
+
 Plugins adjust the config and the environment before launch, like NeMo-Run
 plugins: :class:`ProfilerPlugin` and :class:`FaultInjectionPlugin`.
 ``memckpt.tools.nemo_run`` launches through NeMo-Run instead and wraps both as
@@ -37,6 +43,7 @@ from memckpt.settings import (
     BASE_DIR_ENV,
     KILL_AT_STEP_ENV,
     KILL_NODE_ENV,
+    LOG_DIR_ENV,
     NODE_ID_ENV,
     PROFILE_DIR_ENV,
     PROFILE_STEPS_ENV,
@@ -46,13 +53,17 @@ from memckpt.settings import (
 )
 
 __all__ = [
+    "FailureReport",
     "FaultInjectionPlugin",
     "LaunchResult",
     "LaunchSpec",
     "Plugin",
     "ProfilerPlugin",
+    "ResumePoint",
+    "explain_failure",
     "launch_local",
     "plugin_from_spec",
+    "resume_point",
     "sbatch_script",
     "torchrun_command",
 ]
@@ -180,10 +191,12 @@ class LaunchResult:
     returncodes: dict[int, int]  # node -> exit code of its torchrun agent
     seconds: float
     run_dir: Path
+    timed_out: bool = False  # ran past LaunchSpec.timeout_s and was killed
+    started_unix: float = 0.0  # when the launch began (rank logs older than it are ignored)
 
     @property
     def ok(self) -> bool:
-        return all(rc == 0 for rc in self.returncodes.values())
+        return not self.timed_out and all(rc == 0 for rc in self.returncodes.values())
 
 
 def write_config(cfg: ConfigContainer, run_dir: Path) -> Path:
@@ -208,18 +221,26 @@ def launch_local(
 ) -> LaunchResult:
     """Run ``cfg`` on ``spec.nnodes`` simulated nodes of this machine; wait for the end.
 
-    If one node's agent fails, the others get up to ``cfg.dist.timeout_s`` to notice
-    and are then killed. Every process is killed on the way out, even on Ctrl-C.
+    The config is checked first (ConfigError, nothing started). If one node's agent
+    fails, the others get up to ``cfg.dist.timeout_s`` to notice and are then killed.
+    A job still running after ``spec.timeout_s`` is killed (``timed_out``). Every
+    process is killed on the way out, even on Ctrl-C.
     """
+    from memckpt.recipes.validate import check_config
+
     for p in plugins:
         p.setup(cfg, spec)
+    check_config(cfg)
     config_path = write_config(cfg, spec.run_dir).resolve()
     port = spec.master_port or _free_port()
     result_dir = (spec.run_dir / "results").resolve()
     result_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = str((spec.run_dir / "logs").resolve())
     procs: dict[int, subprocess.Popen[bytes]] = {}
     logs = []
+    started = time.time()
     t0 = time.monotonic()
+    timed_out = False
     try:
         for node in range(spec.nnodes):
             env = dict(os.environ)
@@ -230,6 +251,7 @@ def launch_local(
                     TRANSFER_HOST_ENV: "127.0.0.1",
                     "OMP_NUM_THREADS": str(spec.threads_per_proc),
                     RESULT_DIR_ENV: str(result_dir),
+                    LOG_DIR_ENV: log_dir,
                 }
             )
             env.update(spec.env)
@@ -259,7 +281,9 @@ def launch_local(
                         log.warning("node %d exited with %d", node, p.returncode)
             now = time.monotonic()
             if now - t0 > spec.timeout_s:
-                raise MemckptError(f"the job ran past its {spec.timeout_s:.0f}s limit; killed")
+                log.warning("the job ran past its %.0fs limit; killing it", spec.timeout_s)
+                timed_out = True
+                break
             if first_fail is not None and now - first_fail > grace:
                 log.warning("killing nodes still running %.0fs after a node failed", grace)
                 break
@@ -268,7 +292,7 @@ def launch_local(
             if node not in codes:
                 _kill_group(p)
                 codes[node] = p.wait()
-        return LaunchResult(codes, time.monotonic() - t0, spec.run_dir)
+        return LaunchResult(codes, time.monotonic() - t0, spec.run_dir, timed_out, started)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -277,11 +301,141 @@ def launch_local(
             f.close()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) ": state, ppid
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a node's torchrun agent and every process under it.
+
+    The agent starts each rank in a session of its own, so killing the agent's process
+    group alone would leave the ranks running (and writing to the terminal).
+    """
+    ranks = _descendants(p.pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(p.pid, signal.SIGKILL)
+    own = os.getpgrp()
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != own:
+                os.killpg(group, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         p.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a re-run of the job would start: the newer complete checkpoint of its tiers."""
+
+    tier: str | None  # "memory", "persistent", or None: it starts from step 0
+    step: int | None
+    memory_step: int | None  # newest complete step in the nodes' memory directories
+    persistent_step: int | None  # newest complete persistent step
+    note: str  # one line: "re-running resumes from step 20 (memory tier, ...)"
+
+
+def resume_point(cfg: ConfigContainer, nnodes: int) -> ResumePoint:
+    """Where re-running ``cfg`` on ``nnodes`` simulated nodes resumes (reads both tiers).
+
+    Memory: a step is complete when its manifest and every rank's object are found,
+    valid, in the nodes' directories (``memckpt ls`` over all of them); persistent: the
+    newest complete DCP step. The newer wins, memory on a tie (the workers' rule).
+    """
+    from memckpt.recipes.checkpointing import (
+        choose_resume_tier,
+        latest_persistent_step,
+        persistent_job_dir,
+    )
+    from memckpt.tools.catalog import scan_job
+
+    ckpt = cfg.checkpoint
+    job = ckpt.job_id
+    nodes = "node0" if nnodes == 1 else f"node<0..{nnodes - 1}>"
+    mem_where = str(Path(ckpt.memory.base_dir) / nodes / job)
+    pers_dir = persistent_job_dir(ckpt)
+    memory_step = persistent_step = None
+    if ckpt.memory.enabled:
+        try:
+            steps = scan_job(*(node_base_dir(cfg, n) / job for n in range(nnodes)))
+            memory_step = max((s.step for s in steps if s.complete), default=None)
+        except (MemckptError, OSError) as e:
+            log.warning("cannot read the memory tier of job %r (%s): %s", job, mem_where, e)
+    if ckpt.persistent.enabled:
+        try:
+            persistent_step = latest_persistent_step(pers_dir)
+        except (MemckptError, OSError) as e:
+            log.warning("cannot read the persistent tier of job %r (%s): %s", job, pers_dir, e)
+    if not ckpt.resume:
+        return ResumePoint(None, None, memory_step, persistent_step,
+                           "re-running starts from step 0: checkpoint.resume is false")  # fmt: skip
+    tier = choose_resume_tier(memory_step, persistent_step)
+    if tier is not None:
+        step = memory_step if tier == "memory" else persistent_step
+        where = mem_where if tier == "memory" else str(pers_dir)
+        note = f"re-running resumes from step {step} ({tier} tier, {where})"
+        return ResumePoint(tier, step, memory_step, persistent_step, note)
+    mem = f"in memory ({mem_where})" if ckpt.memory.enabled else "in memory (tier off)"
+    pers = f"on disk ({pers_dir})" if ckpt.persistent.enabled else "on disk (tier off)"
+    note = f"re-running starts from step 0: no complete checkpoint of job {job!r} {mem} or {pers}"
+    return ResumePoint(None, None, memory_step, persistent_step, note)
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """Why a launch failed (one line) and whether re-running resumes."""
+
+    why: str
+    rank: int | None  # the rank whose error line ``why`` quotes
+    log: Path | None  # that rank's log
+    resume: ResumePoint
+
+
+def explain_failure(cfg: ConfigContainer, spec: LaunchSpec, result: LaunchResult) -> FailureReport:
+    """Why ``result`` failed: the earliest error line any rank logged during this launch
+    (``<run_dir>/logs/rank<r>.log``), the timeout, or the agents' exit codes."""
+    from memckpt.recipes.rank_log import first_failure
+
+    failure = first_failure(spec.run_dir / "logs", since=result.started_unix)
+    parts = []
+    if result.timed_out:
+        parts.append(f"the job ran past its --timeout of {spec.timeout_s:g} s and was killed")
+    if failure is not None:
+        parts.append(f"rank {failure.rank}: {failure.why}")
+    elif not result.timed_out:
+        bad = sorted((n, rc) for n, rc in result.returncodes.items() if rc != 0)
+        codes = ", ".join(f"node {n} exited with {rc}" for n, rc in bad) or "no node failed"
+        parts.append(
+            f"{codes}; no rank logged an error (a rank killed by a signal, such as the fault "
+            "plugin's or the OOM killer's, logs none: torchrun's report names it)"
+        )
+    return FailureReport(
+        "; ".join(parts),
+        failure.rank if failure is not None else None,
+        failure.log if failure is not None else None,
+        resume_point(cfg, spec.nnodes),
+    )
 
 
 def sbatch_script(
