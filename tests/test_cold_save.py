@@ -18,9 +18,14 @@ from memckpt.storage.format import HEADER_SIZE
 from memckpt.storage.pool import Buffer, BufferPool
 from memckpt.storage.writer import ObjectLayout, _unwritten_pages
 from test_full_disk import _can_mount_private_tmpfs
-from zoo import assert_same, make_zoo
+from zoo import LOAD_NON_FINITE, assert_same, make_zoo
 
 WORKER = str(Path(__file__).with_name("cold_save_worker.py"))
+
+
+@pytest.fixture(autouse=True)
+def _zoo_holds_nan(monkeypatch):
+    monkeypatch.setenv(*next(iter(LOAD_NON_FINITE.items())))
 
 
 @pytest.fixture

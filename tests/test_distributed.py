@@ -17,10 +17,11 @@ def test_zoo_round_trips_on_gloo_ranks(shm_dir, world, per_node):
 
 
 @pytest.mark.timeout(90)
-def test_one_rank_out_of_space_fails_the_step_on_every_rank(shm_dir):
+def test_one_rank_out_of_space_skips_the_step_on_every_rank(shm_dir):
     out = run_ranks(w.one_rank_runs_out_of_space, 2, str(shm_dir), timeout=80)
-    assert "InsufficientSpaceError" in out[1]["error"]
-    assert "CommitError" in out[0]["error"] and "rank 1" in out[0]["error"]
+    # a skipped save is a result on every rank, naming the rank that had no room
+    for o in out.values():
+        assert o["error"] is None and "rank 1" in o["skipped"] and "limit_bytes" in o["skipped"]
     for o in out.values():
         assert o["latest"] == 1 and o["loaded_previous"]
 

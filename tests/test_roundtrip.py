@@ -9,7 +9,12 @@ import torch
 
 import memckpt
 from memckpt.errors import StateDictMismatchError, UnsupportedValueError
-from zoo import all_dtypes, assert_same, make_zoo
+from zoo import LOAD_NON_FINITE, all_dtypes, assert_same, make_zoo
+
+
+@pytest.fixture(autouse=True)
+def _zoo_holds_nan(monkeypatch):
+    monkeypatch.setenv(*next(iter(LOAD_NON_FINITE.items())))
 
 
 @pytest.fixture

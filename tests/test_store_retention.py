@@ -51,15 +51,17 @@ def test_saving_an_existing_step_replaces_it(shm_dir):
         assert m.load()["v"].item() == 2
 
 
-def test_size_limit_fails_the_save_cleanly_and_keeps_the_previous(shm_dir):
+def test_size_limit_skips_the_save_cleanly_and_keeps_the_previous(shm_dir):
     limit = 24 << 20
     with memckpt.CheckpointManager(shm_dir, "job", keep_last=1, limit_bytes=limit) as m:
         m.save(1, {"t": torch.ones(1 << 20)}).wait()  # 4 MiB
         # When a save needs more than the limit allows
         handle = m.save(2, {"t": torch.ones(8 << 20)})  # 32 MiB
-        # Then the error is on the handle and names the limit
-        with pytest.raises(memckpt.InsufficientSpaceError, match="limit"):
-            handle.wait()
+        # Then the save is skipped: its result names the limit, nothing raises
+        result = handle.wait()
+        assert not result.committed and "limit_bytes" in result.skipped
+        with pytest.raises(memckpt.InsufficientSpaceError, match="limit_bytes"):
+            result.raise_if_skipped()  # for callers that want an exception
         # and the previous checkpoint stays loadable, training can go on
         assert m.latest() == 1
         assert torch.equal(m.load()["t"], torch.ones(1 << 20))

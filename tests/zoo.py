@@ -19,6 +19,12 @@ def all_dtypes() -> list[torch.dtype]:
     return [getattr(torch, n) for n in names if hasattr(torch, n)]
 
 
+# The zoo holds every bit pattern, NaN and Inf included, on purpose: a load that must
+# give them back bit-exactly asks for steps saved holding them (recovery passes over
+# such steps by default). Tests that load a zoo set this in their environment.
+LOAD_NON_FINITE = {"MEMCKPT_ON_NON_FINITE": "load"}
+
+
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random bytes reinterpreted as ``dtype``: every bit pattern (NaNs too) must survive."""
     n = 1

@@ -17,6 +17,7 @@ __all__ = [
     "InsufficientSpaceError",
     "InvalidNameError",
     "MemckptError",
+    "NonFiniteStateError",
     "PeerClosedError",
     "ProtocolError",
     "ReplicationConfigError",
@@ -59,6 +60,10 @@ class DataDamagedError(CorruptCheckpointError):
     """An object's stored bytes fail their checksums: this copy is damaged (not a mismatch
     of settings or devices). A load tries the next copy and, when every copy is damaged,
     marks the step so every rank and restart passes over it."""
+
+
+class NonFiniteStateError(MemckptError):
+    """The step to load was saved holding NaN/Inf and ``on_non_finite="raise"`` refuses it."""
 
 
 class StateDictMismatchError(MemckptError, ValueError):

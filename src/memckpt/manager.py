@@ -174,18 +174,36 @@ class CheckpointManager:
     def root(self) -> str:
         return str(self.store.root)
 
-    def save(self, step: int, state_dict: Any, *, blocking: bool = False) -> SaveHandle:
+    def save(
+        self,
+        step: int,
+        state_dict: Any,
+        *,
+        blocking: bool = False,
+        check_finite: Callable[[str], bool] | None = None,
+    ) -> SaveHandle:
         """Checkpoint ``state_dict`` as ``step``; returns once its tensors are copied.
 
         The caller may change its tensors as soon as this returns. The rest (hashing,
         commit, vote, retention) runs in the background; ``handle.wait()`` returns the
         SaveResult or raises the error. With ``blocking=True`` it returns committed.
-        A full filesystem fails the handle, not training; the previous checkpoint stays.
+        A save that does not fit (tmpfs, memory cgroup, ``limit_bytes``) is skipped:
+        ``wait()`` returns a result with ``committed=False`` and ``skipped`` saying why;
+        training goes on and the previous checkpoint stays.
+
+        Floating tensors are checked for NaN/Inf in the background (from the staged
+        copy); ``check_finite(name)`` limits the check to the flattened names it accepts
+        (``"model.mask"``), for tensors that hold Inf on purpose.
         """
-        return self.engine.save(step, state_dict, blocking=blocking)
+        return self.engine.save(step, state_dict, blocking=blocking, check_finite=check_finite)
 
     def wait(self) -> None:
-        """Wait for the save in flight (if any) to finish."""
+        """Wait for the save in flight and the background work queued after it.
+
+        That includes a load's re-replication on this rank: its fetch, and its pushes,
+        each up to its bound (a push still running then goes on in the background). It
+        does not wait for copies other ranks push to this node; ``close()`` does.
+        """
         self.engine.wait_idle()
 
     def _plan(self, step: int | None, on_world_size_mismatch: str) -> RecoveryPlan:
@@ -193,7 +211,11 @@ class CheckpointManager:
         return txn.plan()
 
     def latest(
-        self, *, on_world_size_mismatch: str = "raise", newer_than: int | None = None
+        self,
+        *,
+        on_world_size_mismatch: str = "raise",
+        newer_than: int | None = None,
+        on_non_finite: str | None = None,
     ) -> int | None:
         """The newest complete step, or None (collective).
 
@@ -203,10 +225,11 @@ class CheckpointManager:
         WorldSizeMismatchError (``on_world_size_mismatch="skip"`` passes over it
         instead). Decided from the inventories the ranks exchange (headers, manifests
         and damage marks; tensor data is verified by ``load``), so it answers in one
-        round trip even when nothing survives.
+        round trip even when nothing survives. A step saved holding NaN/Inf is passed
+        over as ``load`` would (``on_non_finite``).
         """
         txn = LoadTransaction(self.runtime, on_world_size_mismatch=on_world_size_mismatch,
-                              newer_than=newer_than)  # fmt: skip
+                              newer_than=newer_than, on_non_finite=on_non_finite)  # fmt: skip
         return txn.plan().step
 
     def recovery_plan(self, step: int | None = None) -> RecoveryPlan:
@@ -223,6 +246,7 @@ class CheckpointManager:
         safe_globals: Iterable[Any] = (),
         on_world_size_mismatch: str = "raise",
         newer_than: int | None = None,
+        on_non_finite: str | None = None,
     ) -> Any:
         """Load a checkpoint (collective). Returns the state dict, or None if none exists.
 
@@ -240,6 +264,11 @@ class CheckpointManager:
         returns only a step that rewrote every one of them; otherwise it raises
         StateModifiedError instead of returning None. The engine's
         ``memckpt.engine.LoadTransaction`` runs the protocol; ``last_load`` says what it did.
+
+        A step saved holding NaN/Inf (recorded at save time) is passed over to the newest
+        finite step with ``on_non_finite="skip"``, the default (a step asked for by
+        number still loads); ``"load"`` loads it; ``"raise"`` raises
+        NonFiniteStateError. None takes ``MEMCKPT_ON_NON_FINITE``, else ``"skip"``.
         """
 
         def read(src: ObjectSource, written: set[str]) -> Any:
@@ -247,14 +276,20 @@ class CheckpointManager:
                                safe_globals=safe_globals, written=written)  # fmt: skip
 
         if step is None and self.persist_dir is not None:
-            return self._resume_tiers(read, on_world_size_mismatch, newer_than)
-        return self._load_memory(step, read, on_world_size_mismatch, newer_than)
+            return self._resume_tiers(read, on_world_size_mismatch, newer_than, on_non_finite)
+        return self._load_memory(step, read, on_world_size_mismatch, newer_than, on_non_finite)
 
     def _load_memory(
-        self, step: int | None, read: _Read, on_world_size_mismatch: str, newer_than: int | None
+        self,
+        step: int | None,
+        read: _Read,
+        on_world_size_mismatch: str,
+        newer_than: int | None,
+        on_non_finite: str | None = None,
     ) -> Any:
         txn = LoadTransaction(self.runtime, step, on_world_size_mismatch=on_world_size_mismatch,
-                              newer_than=newer_than)  # fmt: skip
+                              newer_than=newer_than,
+                              on_non_finite=on_non_finite)  # fmt: skip
         out = txn.run(read)
         if out is None:
             return None
@@ -262,7 +297,11 @@ class CheckpointManager:
         return result
 
     def _resume_tiers(
-        self, read: _Read, on_world_size_mismatch: str, newer_than: int | None
+        self,
+        read: _Read,
+        on_world_size_mismatch: str,
+        newer_than: int | None,
+        on_non_finite: str | None = None,
     ) -> Any:
         """Memory and the drained tier by the engine's tier rule (memory on a tie)."""
         assert self.persist_dir is not None
@@ -273,7 +312,7 @@ class CheckpointManager:
 
         def load_memory(floor: int | None) -> int | None:
             low = floor - 1 if floor is not None else newer_than
-            out = self._load_memory(None, read, on_world_size_mismatch, low)
+            out = self._load_memory(None, read, on_world_size_mismatch, low, on_non_finite)
             if out is None or self.last_load is None:
                 return None
             loaded.append(out)
@@ -320,6 +359,10 @@ class CheckpointManager:
 
     def close(self, *, release_memory: bool | None = None) -> None:
         """Wait for the save in flight, stop the background worker and the transfer server.
+
+        Before the server stops, it waits for re-replication in flight: this rank's pushes
+        still running and the copies peers re-replicate to this node after a load, each
+        bounded by the transfer timeout (``memckpt.replication.replicator``).
 
         Collective. With ``persist_every`` (``release_memory`` None, the default) a normal
         end gives the job's RAM back: once every drain has ended and the newest committed

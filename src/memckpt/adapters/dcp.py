@@ -301,6 +301,7 @@ class MemoryStorageWriter(StorageWriter):
                 )
             blobs[METADATA_BLOB] = pickle.dumps(metadata)
         result = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=True).wait()
+        result.raise_if_skipped()  # DCP has no "skipped": its save fails with the reason
         results = [
             WriteResult(index=item.index, size_in_bytes=_item_bytes(items[item_key(item.index)]),
                         storage_data=(rt.rank, item_key(item.index)))

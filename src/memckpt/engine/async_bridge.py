@@ -45,6 +45,7 @@ class AsyncSaveBridge:
         try:
             result = self.handle.wait(self.timeout_s)
             self.signal.wait()  # the hook's work is done just before it is set
+            result.raise_if_skipped()  # a framework's request failed when nothing was saved
             if self.errors:
                 raise MemckptError(
                     f"rank {self.rank}: step {self.step} committed, but the work after it "
@@ -69,8 +70,8 @@ def bridge_async_save(
     bridge = AsyncSaveBridge(signal, handle, timeout_s, step, runtime.rank)
 
     def hook(h: SaveHandle) -> None:
-        if after is None or h.exception() is not None:
-            return
+        if after is None or h.exception() is not None or h.wait().skipped is not None:
+            return  # nothing was committed: no work after it
         try:
             after(h)
         except BaseException as e:  # raised by finalize, on this rank

@@ -6,6 +6,8 @@ import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from memckpt.errors import InsufficientSpaceError
+
 __all__ = ["SaveHandle", "SaveResult"]
 
 
@@ -27,6 +29,23 @@ class SaveResult:
     replicated: bool = False
     replication_bytes: int = 0
     replication_s: float = 0.0
+    non_finite: tuple[str, ...] = ()  # this rank's tensors that held NaN/Inf when saved
+    step_finite: bool = True  # False when any rank saved NaN/Inf: recovery passes it over
+    skipped: str | None = None  # why the save was skipped (no room); then not committed
+
+    @classmethod
+    def skip(cls, step: int, reason: str, blocking_s: float = 0.0) -> SaveResult:
+        """The result of a save that did not fit and was skipped: nothing was written."""
+        return cls(step=step, nbytes=0, file_bytes=0, num_tensors=0, blocking_s=blocking_s,
+                   stage_s=0.0, checksum_s=0.0, commit_s=0.0, total_s=blocking_s, path="",
+                   committed=False, skipped=reason)  # fmt: skip
+
+    def raise_if_skipped(self) -> SaveResult:
+        """For APIs whose callers expect a written step: a skipped save raises
+        InsufficientSpaceError with the reason; otherwise returns this result."""
+        if self.skipped is not None:
+            raise InsufficientSpaceError(f"step {self.step} was not saved: {self.skipped}")
+        return self
 
     @property
     def throughput_gbps(self) -> float:

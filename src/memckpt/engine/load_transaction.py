@@ -28,24 +28,33 @@ that rewrote every touched tensor or with ``StateModifiedError``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from memckpt.engine.recovery_plan import RecoveryPlan, plan_recovery
+from memckpt.engine.recovery_plan import (
+    NON_FINITE_REASON,
+    RecoveryPlan,
+    check_on_non_finite,
+    plan_recovery,
+)
 from memckpt.engine.runtime import NodeRuntime
 from memckpt.engine.sources import ObjectLocator, ObjectSource
 from memckpt.errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     MemckptError,
+    NonFiniteStateError,
     StateModifiedError,
     TransferError,
     WorldSizeMismatchError,
 )
 from memckpt.ids import validate_step
 from memckpt.replication.replicator import plan_copies
+from memckpt.settings import ON_NON_FINITE_ENV
 from memckpt.storage import events
 from memckpt.storage.inventory import Inventory
 
@@ -131,6 +140,17 @@ def decide_after_vote(
     return LoadDecision("raise", failed, touched)
 
 
+def resolve_on_non_finite(value: str | None) -> str:
+    """The policy for steps saved holding NaN/Inf: ``value``, else the environment's, else skip."""
+    if value is None:
+        value = os.environ.get(ON_NON_FINITE_ENV) or "skip"
+        try:
+            return check_on_non_finite(value)
+        except ConfigError as e:
+            raise ConfigError(f"{ON_NON_FINITE_ENV}: {e}") from None
+    return check_on_non_finite(value)
+
+
 def world_size_error(job_id: str, world_size: int, plan: RecoveryPlan) -> WorldSizeMismatchError:
     assert plan.world_size_mismatch is not None
     step, saved = plan.world_size_mismatch
@@ -162,6 +182,10 @@ class LoadTransaction:
             (resharding readers, which read any saved rank's object).
         newer_than: only steps newer than this are considered (a tier policy that
             prefers another tier at or below it).
+        on_non_finite: what to do with a step saved holding NaN/Inf: ``"skip"`` (pass
+            over it to the newest finite step, one log line per rank), ``"load"`` (load
+            it like any other), ``"raise"`` (NonFiniteStateError). None: the
+            ``MEMCKPT_ON_NON_FINITE`` environment variable, else ``"skip"``.
     """
 
     def __init__(
@@ -171,11 +195,14 @@ class LoadTransaction:
         *,
         on_world_size_mismatch: str = "raise",
         newer_than: int | None = None,
+        on_non_finite: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.step = validate_step(step) if step is not None else None
         self.on_world_size_mismatch = on_world_size_mismatch
         self.newer_than = newer_than
+        self.on_non_finite = resolve_on_non_finite(on_non_finite)
+        self._told_non_finite = False
         self.excluded: list[int] = []
         self.touched: set[str] = set()  # this rank's tensors a failed attempt wrote into
         self.any_touched = False
@@ -213,9 +240,24 @@ class LoadTransaction:
             exclude_steps=tuple(self.excluded),
             on_world_size_mismatch=self.on_world_size_mismatch,
             newer_than=self.newer_than,
+            on_non_finite=self.on_non_finite,
         )
         if plan.world_size_mismatch is not None:
             raise world_size_error(self.job_id, rt.world_size, plan)
+        if plan.non_finite is not None:
+            bad, detail = plan.non_finite
+            raise NonFiniteStateError(
+                f"step {bad} of job {self.job_id!r} was saved holding NaN/Inf ({detail}); "
+                "on_non_finite='raise' refuses it. Pass on_non_finite='skip' to resume from "
+                "the newest finite step, or 'load' to load it anyway"
+            )
+        passed = [s for s, why in plan.skipped.items() if why.startswith(NON_FINITE_REASON)]
+        if passed and not self._told_non_finite:  # once per load, on every rank
+            self._told_non_finite = True
+            log.warning("rank %d: passing over step(s) %s: %s; %s",
+                        self.rank, sorted(passed, reverse=True), plan.skipped[max(passed)],
+                        f"loading step {plan.step}" if plan.step is not None
+                        else "no finite step to load")  # fmt: skip
         self._attempt = _Attempt(plan, invs)
         return plan
 

@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 from memckpt.errors import ConfigError
 from memckpt.storage.inventory import Inventory, ManifestInfo, StepHoldings
 
-__all__ = ["RecoveryPlan", "plan_recovery"]
+__all__ = ["NON_FINITE_POLICIES", "RecoveryPlan", "check_on_non_finite", "plan_recovery"]
+
+NON_FINITE_POLICIES = ("skip", "load", "raise")
+NON_FINITE_REASON = "saved holding NaN/Inf"
+
+
+def check_on_non_finite(value: object) -> str:
+    """``value`` if it is a policy for steps saved holding NaN/Inf, else ConfigError."""
+    if value not in NON_FINITE_POLICIES:
+        raise ConfigError(f"on_non_finite must be one of {NON_FINITE_POLICIES}, got {value!r}")
+    return value  # type: ignore[return-value]
+
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +47,7 @@ class RecoveryPlan:
     manifest: ManifestInfo | None = None
     manifest_holders: tuple[int, ...] = ()
     world_size_mismatch: tuple[int, int] | None = None
+    non_finite: tuple[int, str] | None = None  # (step, which tensors) under "raise"
 
     @property
     def fetches(self) -> list[tuple[int, int]]:
@@ -66,6 +78,7 @@ def plan_recovery(
     exclude_steps: Sequence[int] = (),
     on_world_size_mismatch: str = "raise",
     newer_than: int | None = None,
+    on_non_finite: str = "skip",
 ) -> RecoveryPlan:
     """Pick the newest complete step and a source for every rank's object (pure).
 
@@ -83,7 +96,13 @@ def plan_recovery(
     ``newer_than`` passes over steps at or below it (a tier policy's floor).
     ``skipped`` says why each newer step was passed over. A step some node marked
     damaged (a load found its data failing verification on every holder) is passed over.
+
+    A step saved holding NaN/Inf (its manifest says which ranks and tensors) is passed
+    over with ``on_non_finite="skip"`` (the default) unless it is the ``step`` asked
+    for; ``"load"`` loads it like any other; ``"raise"`` stops there (``step`` None,
+    ``non_finite`` set).
     """
+    check_on_non_finite(on_non_finite)
     if on_world_size_mismatch not in ("raise", "skip", "allow"):
         raise ConfigError(
             "on_world_size_mismatch must be 'raise', 'skip' or 'allow', "
@@ -120,6 +139,13 @@ def plan_recovery(
             if missing:
                 reasons.append(f"no live copy of rank(s) {missing}")
                 continue
+            if m.non_finite_ranks and on_non_finite != "load":
+                if on_non_finite == "raise":
+                    return RecoveryPlan(None, skipped=skipped,
+                                        non_finite=(s, m.non_finite_detail))  # fmt: skip
+                if step is None:
+                    reasons.append(f"{NON_FINITE_REASON} ({m.non_finite_detail})")
+                    continue
             if m.world_size != world_size and on_world_size_mismatch != "allow":
                 if on_world_size_mismatch == "raise":
                     return RecoveryPlan(

@@ -24,7 +24,13 @@ from typing import Any
 
 from memckpt.collectives import Collectives
 from memckpt.engine.handle import SaveHandle, SaveResult
-from memckpt.engine.save_transaction import Ballot, SaveTransaction, Vote, collective_vote
+from memckpt.engine.save_transaction import (
+    Ballot,
+    SaveSkipped,
+    SaveTransaction,
+    Vote,
+    collective_vote,
+)
 from memckpt.errors import InsufficientSpaceError, MemckptError, as_storage_error
 from memckpt.ids import validate_step
 from memckpt.replication.replicator import Replicator
@@ -33,9 +39,10 @@ from memckpt.storage.faults import fault_point
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE
 from memckpt.storage.pool import free_bytes
 from memckpt.storage.retention import check_keep_last, plan_retention
+from memckpt.storage.room import Room, cgroup_memory, shortfall
 from memckpt.storage.statedict import FlatStateDict, flatten_state_dict
 from memckpt.storage.store import CheckpointStore
-from memckpt.storage.writer import ObjectLayout, plan_layout
+from memckpt.storage.writer import ObjectLayout, meta_estimate, plan_layout
 
 __all__ = ["SaveEngine", "space_needed"]
 
@@ -93,6 +100,7 @@ class SaveEngine:
         # steps found at start: a first save that is older abandons them (until a load says)
         self._abandoned: set[int] = set(store.steps())
         self._draining: set[int] = set()
+        self._non_finite: set[int] = set()  # committed steps saved holding NaN/Inf
         self._checked_space = False
         self.after_commit: list[Callable[[int], None]] = []
         self._closed = False
@@ -150,8 +158,12 @@ class SaveEngine:
         blocking: bool = False,
         blobs: Mapping[str, bytes] | None = None,
         flat: FlatStateDict | None = None,
+        check_finite: Callable[[str], bool] | None = None,
     ) -> SaveHandle:
-        """Stage ``state_dict`` (or an already flattened ``flat``) as ``step``; see the module."""
+        """Stage ``state_dict`` (or an already flattened ``flat``) as ``step``; see the module.
+
+        ``check_finite(name)`` picks the tensors checked for NaN/Inf (default: all).
+        """
         t0 = time.perf_counter()
         if self._closed:
             raise MemckptError("save() after close()")
@@ -165,22 +177,34 @@ class SaveEngine:
             raise
         layout = plan_layout(flat, self._layout)
         self._layout = layout
+        if not self._checked_space:  # the first save tells what the job will need in all
+            self._checked_space = True
+            self._warn_if_short(layout.data_end)
+        size = layout.data_end + meta_estimate(flat, self.chunk_size)
+        reason = self._no_room(size)
+        if reason is not None and self._retire_pinned(step):  # its buffers are free now
+            reason = self._no_room(size)
+        if reason is not None:
+            log.warning("rank %d: skipping the save of step %d (training goes on): it %s",
+                        self.store.rank, step, reason)  # fmt: skip
+            return SaveHandle(step, self._submit_skip(step, reason, None, t0))
         txn: SaveTransaction | None = None
         try:
             txn = SaveTransaction(self.store, step, held=self._held())
             has_cuda = any(t.is_cuda for t in flat.tensors)
-            if not self._checked_space:
-                self._checked_space = True
-                self._warn_if_short(layout.data_end)
             try:
                 txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
-                          chunk_size=self.chunk_size)  # fmt: skip
+                          chunk_size=self.chunk_size, check_finite=check_finite)  # fmt: skip
             except InsufficientSpaceError:
                 if not self._retire_pinned(step):
                     raise
                 txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
-                          chunk_size=self.chunk_size)  # fmt: skip
-        except OSError as e:  # InsufficientSpaceError is one
+                          chunk_size=self.chunk_size, check_finite=check_finite)  # fmt: skip
+        except InsufficientSpaceError as e:  # the space went while staging: skip, as above
+            log.warning("rank %d: skipping the save of step %d (training goes on): %s",
+                        self.store.rank, step, e)  # fmt: skip
+            return SaveHandle(step, self._submit_skip(step, str(e), txn, t0))
+        except OSError as e:
             err = as_storage_error(e, f"rank {self.store.rank}: save of step {step}")
             log.error("rank %d: save of step %d failed: %s", self.store.rank, step, err)
             return SaveHandle(step, self._submit_failure(step, err, txn))
@@ -200,6 +224,44 @@ class SaveEngine:
         last = self._last
         if last is not None:
             concurrent.futures.wait([last])
+
+    def _no_room(self, size: int) -> str | None:
+        """Why a save of an object of ``size`` bytes would not fit now (None: it fits).
+
+        Counts what it newly allocates: its own buffer and the replicas this rank will
+        receive, less the free pool buffers it reuses; checks tmpfs free space, the memory
+        cgroup's headroom and ``limit_bytes`` (``memckpt.storage.room``).
+        """
+        pool = self.store.pool
+        reusable = pool.free_capacity()
+        need = max(0, (1 + len(self._held())) * size - reusable)
+        if need == 0:
+            return None
+        limit_left = None
+        if pool.limit_bytes is not None:
+            limit_left = max(0, pool.limit_bytes - pool.owned_bytes())
+        room = Room(need, free_bytes(self.store.root), str(self.store.root), cgroup_memory(),
+                    limit_left)  # fmt: skip
+        return shortfall(room)
+
+    def _submit_skip(
+        self, step: int, reason: str, txn: SaveTransaction | None, t0: float
+    ) -> concurrent.futures.Future[SaveResult]:
+        blocking_s = time.perf_counter() - t0
+
+        def skip() -> SaveResult:
+            if txn is not None:
+                txn.skip(self.vote, reason)
+            else:
+                try:
+                    self.vote(step, Ballot(self.store.rank, False, reason, skipped=True))
+                finally:
+                    self.store.rollback(step, self._held())
+            return SaveResult.skip(step, f"rank {self.store.rank} {reason}", blocking_s)
+
+        fut = self._executor.submit(skip)
+        self._last = fut
+        return fut
 
     def _submit_failure(
         self, step: int, error: BaseException, txn: SaveTransaction | None = None
@@ -245,7 +307,10 @@ class SaveEngine:
         txn.replicate(self.replicator)
         t_vote = time.perf_counter()
         try:
-            _, replicated = txn.complete(self.vote, blobs)
+            manifest, replicated = txn.complete(self.vote, blobs)
+        except SaveSkipped as e:  # another rank had no room: every rank skips the step
+            log.warning("rank %d: step %d skipped: %s", rank, step, e)
+            return SaveResult.skip(step, str(e), blocking_s)
         except OSError as e:  # after the vote: writing this node's manifest failed
             err = as_storage_error(
                 e, f"rank {rank}: step {step} was committed by the vote but this node could "
@@ -258,6 +323,14 @@ class SaveEngine:
             self._committed = sorted({s for s in self._committed if s < step} | {step})
             if replicated:
                 self._replicated = max(step, self._replicated or step)
+            if manifest.finite:
+                self._non_finite.discard(step)
+            else:
+                self._non_finite.add(step)
+        if not manifest.finite:
+            log.warning("rank %d: step %d was saved holding NaN/Inf (%s); it is kept, but "
+                        "recovery passes over it unless on_non_finite='load'", rank, step,
+                        manifest.non_finite_summary())  # fmt: skip
         try:
             self._retain(step)
         except (OSError, MemckptError) as e:  # the step is committed: retention tries again
@@ -299,6 +372,7 @@ class SaveEngine:
                 replicated=self._replicated,
                 draining=self._draining,
                 abandoned=self._abandoned,
+                non_finite=self._non_finite,
             )
             self._committed = [s for s in self._committed if s in plan.keep]
             self._abandoned = set()

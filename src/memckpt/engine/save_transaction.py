@@ -33,7 +33,13 @@ from memckpt.errors import CommitError
 from memckpt.replication.replicator import ReplicationOutcome, Replicator
 from memckpt.storage.faults import fault_point
 from memckpt.storage.format import read_header
-from memckpt.storage.manifest import ObjectDigest, StepManifest, new_manifest
+from memckpt.storage.manifest import (
+    MAX_NON_FINITE_NAMES,
+    NonFinite,
+    ObjectDigest,
+    StepManifest,
+    new_manifest,
+)
 from memckpt.storage.pool import Buffer
 from memckpt.storage.statedict import FlatStateDict
 from memckpt.storage.store import CheckpointStore
@@ -45,7 +51,18 @@ from memckpt.storage.writer import (
     stage,
 )
 
-__all__ = ["Ballot", "SaveTransaction", "Vote", "collective_vote", "single_rank_vote"]
+__all__ = [
+    "Ballot",
+    "SaveSkipped",
+    "SaveTransaction",
+    "Vote",
+    "collective_vote",
+    "single_rank_vote",
+]
+
+
+class SaveSkipped(Exception):
+    """Some rank had no room for the step: every rank skips it (a result, not an error)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class Ballot:
     object: ObjectDigest | None = None
     blobs: Mapping[str, bytes] = field(default_factory=dict)
     unix: float = 0.0  # when the rank voted; the manifest's time is the latest of them
+    non_finite: NonFinite | None = None  # tensors of this rank that held NaN/Inf
+    skipped: bool = False  # not ok because the save did not fit: every rank skips it
 
 
 Vote = Callable[[int, Ballot], Sequence[Ballot]]
@@ -94,12 +113,19 @@ class SaveTransaction:
         self.hash_s = 0.0
         self.file_bytes = 0
         self._committed_locally = False
+        self.manifest: StepManifest | None = None
         store.begin(step)
         fault_point("after_begin", step)
 
     # -- caller thread -------------------------------------------------------------------
     def stage(
-        self, flat: FlatStateDict, layout: ObjectLayout, *, hash_inline: bool, chunk_size: int
+        self,
+        flat: FlatStateDict,
+        layout: ObjectLayout,
+        *,
+        hash_inline: bool,
+        chunk_size: int,
+        check_finite: Callable[[str], bool] | None = None,
     ) -> StagedObject:
         """Copy the tensors into a pool buffer; the caller may change them afterwards."""
         # cold_ok: with no pre-faulted buffer, write straight into a new file (as torch.save
@@ -110,6 +136,8 @@ class SaveTransaction:
         self.staged = stage(
             flat, layout, self.buf, hash_inline=hash_inline, chunk_size=chunk_size, step=self.step
         )
+        if check_finite is not None:
+            self.staged.check_finite = [bool(check_finite(n)) for n in flat.names]
         fault_point("after_stage", self.step)
         return self.staged
 
@@ -157,14 +185,19 @@ class SaveTransaction:
         ranks that failed and why.
         """
         replicated = self.outcome is not None and self.outcome.ok
+        bad = self.staged.non_finite if self.staged is not None else []
+        nf = NonFinite(len(bad), tuple(bad[:MAX_NON_FINITE_NAMES])) if bad else None
         ballot = Ballot(self.store.rank, True, "", replicated, self.digest, dict(blobs or {}),
-                        time.time())  # fmt: skip
+                        time.time(), nf)  # fmt: skip
         try:
             ballots = list(vote(self.step, ballot))
         except BaseException:
             self.rollback()
             raise
         failed = [b for b in ballots if not b.ok]
+        if failed and all(b.skipped for b in failed):
+            self.rollback()
+            raise SaveSkipped("; ".join(f"rank {b.rank} {b.error}" for b in failed))
         if failed:
             self.rollback()
             detail = "; ".join(f"rank {b.rank}: {b.error}" for b in failed)
@@ -178,8 +211,11 @@ class SaveTransaction:
             merged.update(b.blobs)
         digests = {b.rank: b.object for b in ballots if b.object is not None}
         # built from the ballots alone, so every node writes the very same bytes
+        non_finite = {b.rank: b.non_finite for b in ballots if b.non_finite is not None}
         manifest = new_manifest(self.store.job_id, self.step, len(ballots), digests, merged,
-                                created_unix=max(b.unix for b in ballots))  # fmt: skip
+                                created_unix=max(b.unix for b in ballots),
+                                non_finite=non_finite)  # fmt: skip
+        self.manifest = manifest
         self.store.write_manifest(manifest)
         fault_point("after_manifest", self.step)
         self.store.settle(self.step, (self.store.rank, *self.held))
@@ -189,6 +225,13 @@ class SaveTransaction:
         """Vote no (the other ranks learn why instead of timing out), then roll back."""
         try:
             vote(self.step, Ballot(self.store.rank, False, f"{type(error).__name__}: {error}"))
+        finally:
+            self.rollback()
+
+    def skip(self, vote: Vote, reason: str) -> None:
+        """Vote that this rank has no room for the step (every rank skips it), roll back."""
+        try:
+            vote(self.step, Ballot(self.store.rank, False, reason, skipped=True))
         finally:
             self.rollback()
 
@@ -213,4 +256,6 @@ class SaveTransaction:
             "path": str(self.path),
             "replication_bytes": self.outcome.nbytes if self.outcome else 0,
             "replication_s": self.outcome.seconds if self.outcome else 0.0,
+            "non_finite": tuple(staged.non_finite) if staged else (),
+            "step_finite": self.manifest.finite if self.manifest is not None else True,
         }

@@ -18,6 +18,8 @@ class ManifestInfo:
     digests: tuple[int, ...]
     checksum: int
     created_unix: float = 0.0
+    non_finite_ranks: tuple[int, ...] = ()  # ranks that saved NaN/Inf
+    non_finite_detail: str = ""  # which tensors, for the log line and ``status``
 
     @classmethod
     def of(cls, manifest: StepManifest) -> ManifestInfo:
@@ -26,6 +28,8 @@ class ManifestInfo:
             tuple(manifest.objects[r].digest for r in range(manifest.world_size)),
             manifest.checksum,
             manifest.created_unix,
+            tuple(sorted(manifest.non_finite)),
+            manifest.non_finite_summary(),
         )
 
 

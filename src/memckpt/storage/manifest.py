@@ -35,6 +35,7 @@ from memckpt.storage.safe_fs import read_regular, write_atomic
 __all__ = [
     "MANIFEST_MAGIC",
     "MAX_MANIFEST_BYTES",
+    "NonFinite",
     "ObjectDigest",
     "StepManifest",
     "decode_manifest",
@@ -57,6 +58,17 @@ class ObjectDigest:
 
 
 @dataclass(frozen=True)
+class NonFinite:
+    """One rank's tensors that held NaN or Inf when saved: how many, and the first names."""
+
+    count: int
+    names: tuple[str, ...]
+
+
+MAX_NON_FINITE_NAMES: Final = 8
+
+
+@dataclass(frozen=True)
 class StepManifest:
     """What a globally committed step consists of (see the module docstring)."""
 
@@ -66,6 +78,23 @@ class StepManifest:
     objects: Mapping[int, ObjectDigest]
     blobs: Mapping[str, bytes] = field(default_factory=dict)
     created_unix: float = 0.0
+    non_finite: Mapping[int, NonFinite] = field(default_factory=dict)
+
+    @property
+    def finite(self) -> bool:
+        """False when some rank saved NaN or Inf (see ``non_finite``)."""
+        return not self.non_finite
+
+    def non_finite_summary(self, limit: int = 3) -> str:
+        """``rank 1: 'w', 'b' (+3 more)`` for the first ranks with non-finite tensors."""
+        parts = []
+        for r in sorted(self.non_finite)[:limit]:
+            nf = self.non_finite[r]
+            more = f" (+{nf.count - len(nf.names)} more)" if nf.count > len(nf.names) else ""
+            parts.append(f"rank {r}: {', '.join(repr(n) for n in nf.names)}{more}")
+        if len(self.non_finite) > limit:
+            parts.append(f"{len(self.non_finite) - limit} more ranks")
+        return "; ".join(parts)
 
     def __post_init__(self) -> None:
         if set(self.objects) != set(range(self.world_size)):
@@ -94,6 +123,10 @@ def _body(m: StepManifest) -> bytes:
         "objects": [[r, m.objects[r].size, m.objects[r].digest] for r in range(m.world_size)],
         "blobs": {k: base64.b64encode(v).decode() for k, v in sorted(m.blobs.items())},
     }
+    if m.non_finite:  # absent when finite: a finite step's bytes are those of format 1
+        doc["non_finite"] = {
+            str(r): [nf.count, list(nf.names)] for r, nf in sorted(m.non_finite.items())
+        }
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -151,13 +184,27 @@ def decode_manifest(raw: bytes, where: str) -> StepManifest:
             blobs[k] = base64.b64decode(v, validate=True)
         except (binascii.Error, ValueError):
             raise bad(f"blob {k!r} is not base64") from None
+    non_finite: dict[int, NonFinite] = {}
+    nf_doc = doc.get("non_finite", {})
+    if not isinstance(nf_doc, dict):
+        raise bad("field 'non_finite'")
+    for k, v in nf_doc.items():
+        ok = (
+            isinstance(k, str) and k.isdigit() and int(k) in objects
+            and isinstance(v, list) and len(v) == 2 and _int(v[0]) and isinstance(v[1], list)
+            and len(v[1]) <= MAX_NON_FINITE_NAMES and all(isinstance(n, str) for n in v[1])
+        )  # fmt: skip
+        if not ok:
+            raise bad(f"non_finite entry {str(k)[:20]!r}")
+        non_finite[int(k)] = NonFinite(v[0], tuple(n[:200] for n in v[1]))
     created = doc.get("created_unix", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise bad("field 'created_unix'")
     try:
         return StepManifest(
-            doc["job_id"], doc["step"], doc["world_size"], objects, blobs, float(created)
-        )
+            doc["job_id"], doc["step"], doc["world_size"], objects, blobs, float(created),
+            non_finite,
+        )  # fmt: skip
     except ValueError as e:
         raise bad(str(e)) from None
 
@@ -185,6 +232,8 @@ def new_manifest(
     blobs: Mapping[str, bytes] | None = None,
     *,
     created_unix: float | None = None,
+    non_finite: Mapping[int, NonFinite] | None = None,
 ) -> StepManifest:
     when = time.time() if created_unix is None else created_unix
-    return StepManifest(job_id, step, world_size, dict(objects), dict(blobs or {}), when)
+    return StepManifest(job_id, step, world_size, dict(objects), dict(blobs or {}), when,
+                        dict(non_finite or {}))  # fmt: skip

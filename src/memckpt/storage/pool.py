@@ -280,6 +280,11 @@ class BufferPool:
             raise
         return buf
 
+    def free_capacity(self) -> int:
+        """Bytes of the free buffers: what the next saves reuse without allocating."""
+        with self._lock:
+            return sum(b.capacity for b in self._free)
+
     def owned_bytes(self) -> int:
         """Bytes of every buffer this pool holds: free, committed, and handed out."""
         with self._lock:

@@ -36,6 +36,7 @@ def plan_retention(
     replicated: int | None = None,
     draining: Iterable[int] = (),
     abandoned: Iterable[int] = (),
+    non_finite: Iterable[int] = (),
 ) -> RetentionPlan:
     """Keep the newest ``keep_last`` committed steps up to ``newest``; delete older others.
 
@@ -46,6 +47,9 @@ def plan_retention(
     - ``draining`` steps (being written to persistent storage) are kept.
     - Steps newer than ``newest`` are kept (a faster peer may be saving them) unless
       they are ``abandoned``: left behind by a restart from an older step.
+    - ``non_finite`` steps (saved holding NaN/Inf) count toward ``keep_last`` but the
+      newest committed finite step is always kept: non-finite saves never push out the
+      last step recovery would load.
     """
     check_keep_last(keep_last)
     done = sorted(set(committed))
@@ -57,6 +61,10 @@ def plan_retention(
     if newest not in kept_committed:
         kept_committed = [*kept_committed[1:], newest] if kept_committed else [newest]
     keep = set(kept_committed) | set(draining)
+    bad = set(non_finite)
+    good = [s for s in done if s <= newest and s not in bad]
+    if good:
+        keep.add(good[-1])
     if replicated is not None and replicated <= newest:
         keep.add(replicated)
     gone = set(abandoned)

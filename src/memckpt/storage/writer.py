@@ -24,6 +24,7 @@ import torch.nn as nn
 import xxhash
 
 from memckpt.storage.faults import fault_point
+from memckpt.storage.finite import finite_check
 from memckpt.storage.format import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
@@ -33,6 +34,7 @@ from memckpt.storage.format import (
     align,
     checksum,
     chunk_checksums,
+    dtype_from_name,
     dtype_name,
     encode_header,
     encode_index,
@@ -92,6 +94,8 @@ class StagedObject:
     checksums: list[list[int]] | None = None
     cuda_events: list[Any] = field(default_factory=list)
     stage_s: float = 0.0
+    non_finite: list[str] = field(default_factory=list)  # set by finalize: NaN/Inf tensors
+    check_finite: list[bool] | None = None  # which tensors to check (None: every one)
 
 
 _COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -148,12 +152,8 @@ def _run_pieces(
 
     if not parallel or len(pieces) < 2 or _COPY_THREADS < 2:
         return [work(p) for p in pieces]
-    global _copy_pool
-    if _copy_pool is None:
-        _copy_pool = concurrent.futures.ThreadPoolExecutor(
-            _COPY_THREADS, thread_name_prefix="memckpt-stage"
-        )
-    futs = [_copy_pool.submit(work, p) for p in pieces]
+    pool = _get_copy_pool()
+    futs = [pool.submit(work, p) for p in pieces]
     concurrent.futures.wait(futs, return_when=concurrent.futures.FIRST_EXCEPTION)
     for f in futs:
         f.cancel()  # after a failure, those not started yet
@@ -340,14 +340,9 @@ def finalize(
     for ev in staged.cuda_events:  # pragma: no cover - needs CUDA
         ev.synchronize()
     buf, layout = staged.buf, staged.layout
-    mv = buf.memoryview()
     t0 = time.perf_counter()
-    sums = staged.checksums
-    if sums is None:
-        sums = [
-            chunk_checksums(mv[off : off + n], staged.chunk_size)
-            for off, n in zip(layout.offsets, layout.nbytes)
-        ]
+    sums, finite = _scan_staged(staged)
+    staged.non_finite = [n for n, ok in zip(staged.flat_names, finite) if not ok]
     hash_s = time.perf_counter() - t0
     entries = tuple(
         TensorEntry(
@@ -404,6 +399,72 @@ def finalize(
     if durable:
         os.fsync(buf.fd)
     return index_offset + len(index_bytes), hash_s
+
+
+def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
+    """Per tensor: its chunk checksums (unless staging hashed them) and whether it is finite.
+
+    One pass over the staged bytes, chunks spread over the copy threads: each 256 KiB
+    piece is hashed and then checked for NaN/Inf (``memckpt.storage.finite``) while it
+    is in cache. A tensor already found non-finite is not checked further.
+    """
+    layout, chunk = staged.layout, staged.chunk_size
+    mv = staged.buf.memoryview()
+    raw = torch.frombuffer(mv, dtype=torch.uint8)
+    wanted = staged.check_finite or [True] * len(staged.dtypes)
+    checks = [finite_check(dtype_from_name(dt)) if w else None
+              for dt, w in zip(staged.dtypes, wanted)]  # fmt: skip
+    known = staged.checksums
+    # pieces of a chunk are whole elements when the chunk size is (itemsize <= 16)
+    aligned = chunk % 16 == 0 and _SUB_BLOCK % 16 == 0
+    finite = [True] * len(checks)
+    jobs = [
+        (i, off + c, min(chunk, n - c))
+        for i, (off, n) in enumerate(zip(layout.offsets, layout.nbytes))
+        for c in range(0, n, chunk)
+    ]
+
+    def work(job: tuple[int, int, int]) -> int:
+        i, start, n = job
+        check = checks[i] if aligned else None
+        h = xxhash.xxh3_64() if known is None else None
+        for o in range(start, start + n, _SUB_BLOCK):
+            k = min(_SUB_BLOCK, start + n - o)
+            if h is not None:
+                h.update(mv[o : o + k])
+            if check is not None and finite[i] and not check(raw[o : o + k]):
+                finite[i] = False
+        return h.intdigest() if h is not None else 0
+
+    if len(jobs) < 2 or _COPY_THREADS < 2:
+        digests = [work(j) for j in jobs]
+    else:
+        digests = list(_get_copy_pool().map(work, jobs))
+    if known is not None:
+        sums = known
+    else:
+        sums = [[] for _ in checks]
+        for (i, _, _), d in zip(jobs, digests):
+            sums[i].append(d)
+        for i, n in enumerate(layout.nbytes):
+            if n == 0:
+                sums[i] = [checksum(b"")]
+    if not aligned:  # an odd chunk size: check whole tensors in element-aligned pieces
+        for i, (off, n) in enumerate(zip(layout.offsets, layout.nbytes)):
+            check = checks[i]
+            if check is not None:
+                finite[i] = all(check(raw[o : o + min(_SUB_BLOCK, off + n - o)])
+                                for o in range(off, off + n, _SUB_BLOCK))  # fmt: skip
+    return sums, finite
+
+
+def _get_copy_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _copy_pool
+    if _copy_pool is None:
+        _copy_pool = concurrent.futures.ThreadPoolExecutor(
+            _COPY_THREADS, thread_name_prefix="memckpt-stage"
+        )
+    return _copy_pool
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

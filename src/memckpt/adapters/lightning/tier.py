@@ -78,6 +78,12 @@ def choose_resume(
     return choose_tier(memory_step, persistent_step, persistent_path is not None)
 
 
+def lightning_weights(name: str) -> bool:
+    """Tensors whose NaN/Inf makes a step unfit to resume from: the model's and the
+    optimizers' (callbacks' trackers such as ModelCheckpoint's ``kth_value`` hold Inf)."""
+    return name.startswith(("state_dict.", "optimizer_states."))
+
+
 def split_base_container(base_container: str | os.PathLike[str]) -> tuple[Path, str]:
     """(base_dir, job_id) of a job directory ``<base_dir>/<job_id>``.
 
@@ -249,7 +255,8 @@ class MemoryTier:
         self._collect()
         storable = to_storable(checkpoint, "checkpoint", self.safe_globals)
         try:
-            handle = self.manager().save(step, storable, blocking=not self.async_save)
+            handle = self.manager().save(step, storable, blocking=not self.async_save,
+                                         check_finite=lightning_weights)  # fmt: skip
         except MemckptError as e:  # refused at staging, or (blocking) the commit failed
             self._record_failure(step, e)
             return
@@ -269,7 +276,7 @@ class MemoryTier:
                 pending.append(h)
                 continue
             try:
-                h.wait()
+                h.wait().raise_if_skipped()  # a save skipped for lack of room failed too
             except MemckptError as e:
                 self._record_failure(h.step, e)
         self._handles = pending

@@ -264,7 +264,7 @@ class LocalCheckpointManager:
         mgr = self.manager
         self.latest_iteration = -1
         if not is_async:
-            mgr.engine.save(iteration, saved, blocking=True).wait()
+            mgr.engine.save(iteration, saved, blocking=True).wait().raise_if_skipped()
             log.info("rank %d: saved local checkpoint of iteration %d", self.rank, iteration)
             return None
         bridge = bridge_async_save(
