@@ -409,19 +409,20 @@ def test_cli_reports_crafted_objects_without_tracebacks(shm_dir, capsys):
     INDEX_CRAFTS["deep-json"](job / "step-2" / "rank-0.mck")
     replace_skeleton(job / "step-3" / "rank-0.mck", SKELETON_CRAFTS["fraction-exponent"])
     capsys.readouterr()
-    # ls lists every step; step 2 is damaged and incomplete, the others complete
-    assert cli_main(["ls", str(shm_dir), "--json"]) == 0
+    # ls lists every step; step 2 is damaged and incomplete, the others complete (exit 1:
+    # damage found)
+    assert cli_main(["ls", str(shm_dir), "--json"]) == 1
     (doc,) = json.loads(capsys.readouterr().out)
     steps = {s["step"]: s for s in doc["steps"]}
     assert sorted(steps) == [1, 2, 3]
     assert steps[2]["damaged"] == [0] and not steps[2]["complete"]
     assert steps[1]["complete"] and steps[3]["complete"]
     # inspect shows the damage as data
-    assert cli_main(["inspect", str(job), "--step", "2", "--json"]) == 0
+    assert cli_main(["inspect", str(job), "--step", "2", "--json"]) == 1
     (o,) = json.loads(capsys.readouterr().out)["objects"]
     assert "malformed index" in o["error"] or "not valid JSON" in o["error"]
-    assert cli_main(["inspect", str(job), "--step", "2"]) == 0
-    assert "DAMAGED" in capsys.readouterr().out
+    assert cli_main(["inspect", str(job), "--step", "2"]) == 1
+    assert "damaged:" in capsys.readouterr().out
     # verify names both objects and exits 1
     assert cli_main(["verify", str(job), "--json"]) == 1
     out = capsys.readouterr()

@@ -25,8 +25,10 @@ pytestmark = pytest.mark.slow
 
 def _status(capsys, paths: list[str]) -> dict:
     capsys.readouterr()
-    assert main(["status", *paths, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    code = main(["status", *paths, "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code in (0, 1)  # 1 when nothing can be recovered (or damage is found)
+    return doc
 
 
 def _held(base: Path, node: int, step: int) -> list[int]:

@@ -121,7 +121,7 @@ class Room:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.3f} GB" if n >= 10**7 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 10**9 else f"{n / 1e6:.1f} MB"
 
 
 def shortfall(room: Room) -> str | None:

@@ -13,6 +13,12 @@ Then it compares the final weights with the reference (they must be identical),
 prints a summary, and plots both loss curves to ``loss.png`` (without matplotlib:
 a one-line note, no plot).
 
+The memory tiers live in a fresh directory on ``/dev/shm``, deleted at the end (the
+summary says so). ``keep=True`` (``memckpt demo --keep``) keeps the job's tree, with
+the restarted run's steps in it (that run keeps its memory tier instead of handing it
+back once persisted), and the summary ends with the ``memckpt status`` command that
+shows it.
+
 ``device="cuda"`` trains each simulated node on a GPU of its own (NCCL; memckpt's
 collectives stay on gloo and its saves stage through pinned memory); ``"auto"`` does
 so when there are GPUs for both nodes, else trains on the CPU.
@@ -110,6 +116,16 @@ class DemoReport:
     final_loss: float | None = None
     first_loss: float | None = None
     notes: list[str] = field(default_factory=list)
+    memory_tree: str | None = None  # the job's memory tier: one base directory per node
+    kept: bool = False  # whether memory_tree is still there
+
+    @property
+    def status_command(self) -> str | None:
+        """The command that shows the kept memory tree (None when it was deleted)."""
+        if not self.kept or self.memory_tree is None:
+            return None
+        nodes = " ".join(str(Path(self.memory_tree) / f"node{i}") for i in range(NODES))
+        return f"memckpt status {nodes}"
 
     @property
     def steps_lost(self) -> int | None:
@@ -127,6 +143,7 @@ class DemoReport:
         d = {k: v for k, v in self.__dict__.items()}
         d["steps_lost"] = self.steps_lost
         d["ok"] = self.ok
+        d["status_command"] = self.status_command
         return d
 
 
@@ -196,10 +213,12 @@ def run_demo(
     memory_interval: int = 10,
     quiet: bool = True,
     device: str = "cpu",
+    keep: bool = False,
 ) -> DemoReport:
     """Run the three launches described in the module docstring; return the report.
 
-    ``device``: "cpu", "cuda" or "auto" (``choose_demo_placement``).
+    ``device``: "cpu", "cuda" or "auto" (``choose_demo_placement``). ``keep`` keeps the
+    job's memory tree (``report.memory_tree``), also when the demo fails.
     """
     from memckpt.recipes import build_config
     from memckpt.recipes.overrides import quote_value
@@ -228,10 +247,11 @@ def run_demo(
     mem_root = Path(tempfile.mkdtemp(prefix="memckpt-demo-", dir=shm_root))
     run_seconds: dict[str, float] = {}
 
-    def config(name: str) -> Any:
+    def config(name: str, *extra: str) -> Any:
         return build_config(
             "gpt_tiny",
             overrides=[
+                *extra,
                 f"train.steps={steps}",
                 "train.log_every=2",
                 "train.progress=false",
@@ -268,7 +288,8 @@ def run_demo(
             raise MemckptError("the interrupted run was not interrupted: the fault did not fire")
         # node 1 is gone: its memory with it
         shutil.rmtree(mem_root / "job" / "node1", ignore_errors=True)
-        cfg = config("job")
+        # a run that ends persisted hands its memory tier back; --keep keeps it to look at
+        cfg = config("job", *(["checkpoint.persistent.enabled=false"] if keep else []))
         second = launch("restart", cfg, out / "job" / "attempt2", [],
                         {RESTART_COUNT_ENV: "1"})  # fmt: skip
         if not second.ok:
@@ -301,16 +322,24 @@ def run_demo(
             device=placement.device,
             final_loss=r_job.get("final_loss"),
             first_loss=ref_losses[0] if ref_losses else None,
+            memory_tree=str(mem_root / "job"),
+            kept=keep,
         )
         report.plot = _plot(runs, kill, report.recovered_step, out / "loss.png")
         (out / "summary.json").write_text(json.dumps(report.as_dict(), indent=2, default=str))
         return report
     finally:
-        shutil.rmtree(mem_root, ignore_errors=True)
+        if keep:
+            log.info("demo: kept the memory tree %s", mem_root / "job")
+        else:
+            shutil.rmtree(mem_root, ignore_errors=True)
+            log.info("demo: deleted the memory tree %s (--keep keeps it)", mem_root)
 
 
 def print_report(report: DemoReport) -> None:
+    """The demo's summary; it ends with how to look at the memory tree."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(
@@ -341,7 +370,15 @@ def print_report(report: DemoReport) -> None:
         ("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in report.run_seconds.items())),
         ("loss plot", report.plot or "-"),
         ("files", report.out_dir),
+        ("memory tree", f"kept: {report.memory_tree}" if report.kept
+         else f"deleted ({report.memory_tree or '-'}); --keep keeps it"),
     ]  # fmt: skip
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(escape(k), escape(v))
     Console().print(t)
+    if report.status_command:
+        print(f"look at the memory tree: {report.status_command}")
+        print(f"delete it when done: rm -r {Path(report.memory_tree or '').parent}")
+    else:
+        print("to look at the memory tree after a run: memckpt demo --keep, then the "
+              "memckpt status command it prints")  # fmt: skip

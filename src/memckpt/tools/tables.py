@@ -1,12 +1,53 @@
-"""Terminal output shared by the ``memckpt`` subcommands: tables, sizes, JSON."""
+"""Terminal output shared by the ``memckpt`` subcommands: tables, sizes, JSON, exit codes.
+
+Every command ends with one of three exit codes: ``EXIT_OK`` (0), ``EXIT_DAMAGE`` (1:
+damage found; for ``status`` also: nothing can be recovered; for ``demo``: the demo
+failed) and ``EXIT_USAGE`` (2: a bad argument, path, job or step, or a command that
+could not run). Under ``--json`` an error is one JSON document on stdout,
+``{"error": "...", "kind": "...", "exit": N}``, with the same exit code.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["emit_json", "human_bytes", "print_table"]
+from memckpt.errors import MemckptError
+
+__all__ = [
+    "CHECKED_HEADERS",
+    "EXIT_DAMAGE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CommandError",
+    "emit_json",
+    "error_document",
+    "human_bytes",
+    "print_table",
+]
+
+CHECKED_HEADERS: Final = (
+    "checked: headers, indexes, non-tensor parts and manifests (fast); the tensor data "
+    "was not re-hashed: {how} does that"
+)
+"""What a command that reads no tensor data says it checked (``how``: what re-hashes it)."""
+
+EXIT_OK: Final = 0
+EXIT_DAMAGE: Final = 1
+EXIT_USAGE: Final = 2
+
+
+class CommandError(MemckptError):
+    """What the operator asked for cannot be done as asked (path, job, step, option).
+
+    The message says what is wrong and what to do; the command exits ``EXIT_USAGE``.
+    """
+
+
+def error_document(message: str, kind: str, code: int) -> dict[str, Any]:
+    """The JSON form of an error: ``{"error": message, "kind": kind, "exit": code}``."""
+    return {"error": message, "kind": kind, "exit": code}
 
 
 def human_bytes(n: float) -> str:
@@ -18,16 +59,22 @@ def human_bytes(n: float) -> str:
     return str(n)  # pragma: no cover
 
 
-def print_table(title: str, columns: Sequence[str], rows: list[Sequence[Any]]) -> None:
-    """Print a table to stdout (rich)."""
+def print_table(
+    title: str, columns: Sequence[str], rows: list[Sequence[Any]], whole: Sequence[str] = ()
+) -> None:
+    """Print a table to stdout (rich); cells are text, never rich markup (paths hold ``[``).
+
+    Nothing is cut short: a long cell folds; the columns in ``whole`` (paths) fold last.
+    """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=escape(title))
     for c in columns:
-        t.add_column(c)
+        t.add_column(escape(c), overflow="fold", no_wrap=c in whole)
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[escape(str(x)) for x in r])
     Console().print(t)
 
 

@@ -45,7 +45,9 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     _add_show_options(show)
     show.set_defaults(fn=handler, config_parser=show)
-    sub.add_parser("list", help="list the registered recipes").set_defaults(fn=handler)
+    lister = sub.add_parser("list", help="list the registered recipes")
+    lister.add_argument("--json", action="store_true", help="a JSON list of {name, doc}")
+    lister.set_defaults(fn=handler)
 
 
 def _add_show_options(parser: argparse.ArgumentParser) -> None:
@@ -58,14 +60,18 @@ def handler(args: argparse.Namespace) -> int:
     from memckpt.recipes import RECIPES, build_config, to_dict, to_yaml
 
     if args.config_command == "list":
+        docs = {n: ((RECIPES[n].__doc__ or "").strip().splitlines() or [""])[0] for n in RECIPES}
+        if args.json:
+            print(json.dumps([{"name": n, "doc": docs[n]} for n in sorted(docs)], indent=2))
+            return 0
         width = max(len(n) for n in RECIPES)
         for name in sorted(RECIPES):
-            doc = (RECIPES[name].__doc__ or "").strip().splitlines()
-            print(f"{name:<{width}}  {doc[0] if doc else ''}")
+            print(f"{name:<{width}}  {docs[name]}")
         return 0
 
     usage = args.config_parser.format_usage().removeprefix("usage: ").strip()
-    rest = argparse.ArgumentParser(prog=args.config_parser.prog, usage=usage, add_help=False)
+    # the same class as the command's parser: its errors reach the cli (text or JSON)
+    rest = type(args.config_parser)(prog=args.config_parser.prog, usage=usage, add_help=False)
     _add_show_options(rest)
     rest.add_argument("-h", "--help", action="store_true")
     rest.add_argument("overrides", nargs="*")

@@ -11,7 +11,9 @@ __all__ = ["handler", "register"]
 
 DESCRIPTION = (
     "Train gpt_tiny on 2 simulated nodes, kill node 1 and delete its memory, resume it "
-    "from its peer's memory, and check the final weights equal an uninterrupted run's."
+    "from its peer's memory, and check the final weights equal an uninterrupted run's. "
+    "The memory tiers live under /dev/shm and are deleted at the end unless --keep. "
+    "Exit code: 0 the demo recovered bit-identical, 1 it did not, 2 a usage error."
 )
 
 
@@ -43,6 +45,12 @@ def register(sub: Any) -> None:
         help="train on the CPU (gloo; the default), on a GPU per simulated node "
         "(cuda: NCCL, 2 GPUs), or auto: cuda when 2 GPUs are visible, else cpu",
     )
+    sp.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the job's memory tree (the restarted run's steps on both nodes) and print "
+        "its path and the memckpt status command that shows it",
+    )
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.set_defaults(fn=handler)
 
@@ -55,7 +63,8 @@ def handler(args: argparse.Namespace) -> int:
         logging.basicConfig(format="%(message)s")
     logging.getLogger("memckpt.tools.demo").setLevel(logging.INFO)
     report = run_demo(args.out, steps=args.steps, kill_step=args.kill_step,
-                      memory_interval=args.interval, device=args.device)  # fmt: skip
+                      memory_interval=args.interval, device=args.device,
+                      keep=args.keep)  # fmt: skip
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:
