@@ -197,3 +197,28 @@ def test_the_plan_passes_over_a_step_one_rank_saved_non_finite():
     assert plan_recovery([inv, inv], 2, on_non_finite="load").step == 6
     raised = plan_recovery([inv, inv], 2, on_non_finite="raise")
     assert raised.step is None and raised.non_finite == (6, "rank 1: 'w'")
+
+
+def test_ls_and_status_show_a_non_finite_step_and_the_room_check(tmp_path, capsys):
+    from memckpt.tools.cli import main as cli_main
+
+    _saved(tmp_path)
+    job = str(tmp_path / JOB)
+    capsys.readouterr()
+    assert cli_main(["ls", job, "--json"]) == 0
+    steps = {s["step"]: s for s in __import__("json").loads(capsys.readouterr().out)[0]["steps"]}
+    assert steps[2]["finite"] is True and steps[3]["finite"] is False
+    assert steps[3]["non_finite"] == {"0": {"count": 1, "tensors": ["w"]}}
+    assert cli_main(["ls", job]) == 0
+    out = capsys.readouterr().out
+    assert "NaN/Inf" in out and "step 3: saved holding NaN/Inf (rank 0: 'w')" in out
+    assert cli_main(["status", job, "--json"]) == 0
+    doc = __import__("json").loads(capsys.readouterr().out)
+    by_step = {s["step"]: s for s in doc["steps"]}
+    assert by_step[3]["finite"] is False and not by_step[3]["recoverable"]
+    assert "NaN/Inf" in by_step[3]["why_not"] and doc["recovery"]["step"] == 2
+    (room,) = doc["room"].values()
+    assert room["fits"] is True and room["next_save_bytes"] > 0
+    assert cli_main(["status", job]) == 0
+    out = capsys.readouterr().out
+    assert "no: rank 0: 'w'" in out and "a save like the newest step fits" in out

@@ -99,6 +99,11 @@ def _step_doc(s: StepSummary) -> dict[str, Any]:
     }
     if s.manifest_error:
         doc["manifest_error"] = s.manifest_error
+    if s.manifest is not None:
+        doc["finite"] = s.manifest.finite  # False: some rank saved NaN/Inf (recovery skips it)
+        if not s.manifest.finite:
+            doc["non_finite"] = {str(r): {"count": nf.count, "tensors": list(nf.names)}
+                                 for r, nf in sorted(s.manifest.non_finite.items())}  # fmt: skip
     return doc
 
 
@@ -120,15 +125,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
             (s.step, "yes" if s.committed else ("damaged" if s.manifest_error else "no"),
              "yes" if s.complete else "no", f"{len(s.present_ranks)}/{s.world_size or '?'}",
              ", ".join(map(str, s.missing_ranks)) or "-", _damaged_cell(s),
-             ", ".join(map(str, s.writing_ranks)) or "-", human_bytes(s.data_bytes))
+             ", ".join(map(str, s.writing_ranks)) or "-", human_bytes(s.data_bytes),
+             "-" if s.manifest is None else ("yes" if s.manifest.finite else "NaN/Inf"))
             for s in steps
         ]  # fmt: skip
         print_table(name if len(dirs) > 1 else str(dirs[0]),
                     ["step", "committed", "complete", "ranks ok", "missing", "damaged",
-                     "writing", "data"], rows)  # fmt: skip
+                     "writing", "data", "finite"], rows)  # fmt: skip
         for s in steps:
             for path, c in s.damage:
                 print(f"step {s.step}: {path}: {c}")
+            if s.manifest is not None and not s.manifest.finite:
+                print(f"step {s.step}: saved holding NaN/Inf ({s.manifest.non_finite_summary()});"
+                      " recovery passes over it unless on_non_finite='load'")  # fmt: skip
         if any(s.committed and s.missing_ranks for s in steps):
             print("missing ranks of a committed step may be on other nodes: list every node's "
                   "directory (memckpt ls NODE0 NODE1 ...) or run memckpt status")  # fmt: skip

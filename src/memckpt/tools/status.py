@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from memckpt import ids
-from memckpt.engine.recovery_plan import RecoveryPlan, plan_recovery
+from memckpt.engine.load_transaction import resolve_on_non_finite
+from memckpt.engine.recovery_plan import NON_FINITE_REASON, RecoveryPlan, plan_recovery
 from memckpt.errors import CorruptCheckpointError
 from memckpt.storage.inventory import ManifestInfo, StepHoldings
-from memckpt.storage.safe_fs import read_regular
+from memckpt.storage.pool import free_bytes
+from memckpt.storage.room import Room, cgroup_memory, shortfall
+from memckpt.storage.safe_fs import is_real_dir, read_regular, real_subdirs
 from memckpt.tools.catalog import (
     MISSING,
     Condition,
@@ -168,12 +171,17 @@ class JobStatus:
             "strategy": self.strategy,
             "checked": self.checked,
             "nodes": [n.as_dict() for n in self.nodes],
+            "room": {n.label: node_room(n.job_dir) for n in self.nodes if n.job_dir},
             "rank_node": {str(r): self.label(n) for r, n in sorted(self.rank_node.items())},
             "addresses": {str(r): a for r, a in sorted(self.addresses.items())},
             "steps": [
                 {
                     "step": v.step,
                     "committed": v.summary.committed,
+                    "finite": None if v.summary.manifest is None else v.summary.manifest.finite,
+                    "non_finite": None
+                    if v.summary.manifest is None
+                    else v.summary.manifest.non_finite_summary() or None,
                     "manifest_error": v.summary.manifest_error,
                     "recoverable": v.recoverable,
                     "why_not": v.why_not or None,
@@ -219,6 +227,48 @@ class JobStatus:
             },
             "exit": self.exit_code,
         }
+
+
+# -- room for the next save --------------------------------------------------------------------
+
+
+def node_room(job_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The engine's admission check for this node's next save (``memckpt.storage.room``).
+
+    The next save is taken to be as large as the newest step this tree holds (its own
+    objects and the replicas it keeps), less the free pool buffers it would reuse; the
+    memory cgroup is this process's (run ``memckpt status`` inside the job's container).
+    """
+    root = Path(job_dir)
+    steps = sorted((s, e.path) for e in real_subdirs(root)
+                   if (s := ids.parse_step_dir(e.name)) is not None)  # fmt: skip
+    newest = 0
+    if steps:
+        newest = sum(
+            f.stat(follow_symlinks=False).st_size
+            for f in os.scandir(steps[-1][1])
+            if ids.parse_object_name(f.name) is not None and f.is_file(follow_symlinks=False)
+        )
+    pool = root / ids.POOL_DIR
+    free = sum(
+        f.stat(follow_symlinks=False).st_size
+        for f in (os.scandir(pool) if is_real_dir(pool) else ())
+        if f.name.endswith(".buf") and f.is_file(follow_symlinks=False)
+    )
+    need = max(0, newest - free)
+    cg = cgroup_memory()
+    room = Room(need, free_bytes(root) if root.exists() else 0, str(root), cg)
+    why = shortfall(room) if newest else None
+    return {
+        "next_save_bytes": newest,
+        "reusable_bytes": free,
+        "need_bytes": need,
+        "tmpfs_free_bytes": room.tmpfs_free,
+        "cgroup": None if cg is None else {"limit": cg.limit, "usage": cg.usage,
+                                           "headroom": cg.headroom, "file": cg.where},
+        "fits": why is None,
+        "why_not": why,
+    }  # fmt: skip
 
 
 # -- reading the directories -------------------------------------------------------------------
@@ -437,7 +487,9 @@ def job_status(
     holder_node += [i for i, n in enumerate(nodes.views) if not n.ranks and n.state == HOLDS_JOB]
     invs = [inventories[i] if i is not None else {} for i in holder_node]
     ws = max(world_size, 1)
-    plan = plan_recovery(invs, ws, allow_fetch=True, on_world_size_mismatch="skip")
+    policy = resolve_on_non_finite(None)  # what a restart here would do (the environment's)
+    plan = plan_recovery(invs, ws, allow_fetch=True, on_world_size_mismatch="skip",
+                         on_non_finite=policy)  # fmt: skip
 
     by_step: dict[int, list[StepSummary]] = {}
     for sc in nodes.scans:
@@ -454,7 +506,10 @@ def job_status(
             _rank_view(nodes, merged, r, expected.get(r, set()), keeps_copies, bool(strategy))
             for r in range(merged.world_size or world_size)
         )
-        only = plan_recovery(invs, ws, allow_fetch=True, step=st, on_world_size_mismatch="skip")
+        only = plan_recovery(invs, ws, allow_fetch=True, step=st, on_world_size_mismatch="skip",
+                             on_non_finite="load" if policy == "load" else "raise")  # fmt: skip
+        if only.non_finite is not None:  # a restart passes over it (or refuses it)
+            only = RecoveryPlan(None, skipped={st: f"{NON_FINITE_REASON} ({only.non_finite[1]})"})
         steps.append(StepView(merged, ranks, only))
     addresses = {d["rank"]: d["address"] for d in nodes.docs}
     return JobStatus(job, nodes.views, world_size, strategy, rank_node, holder_node, steps,

@@ -65,8 +65,16 @@ def _ranks(pairs: list[tuple[int, int]]) -> str:
     )
 
 
+def _finite(manifest: Any) -> str:
+    """``yes``, ``no: <which tensors held NaN/Inf>``, or ``-`` without a manifest."""
+    if manifest is None:
+        return "-"
+    return "yes" if manifest.finite else f"no: {manifest.non_finite_summary()}"
+
+
 def render(st: Any) -> None:
     """Print a JobStatus for an operator."""
+    from memckpt.tools.status import node_room
     from memckpt.tools.tables import CHECKED_HEADERS, print_table
 
     repl = f"replication {st.strategy}" if st.strategy else "no replication recorded"
@@ -88,11 +96,11 @@ def render(st: Any) -> None:
     print_table("copies of each rank's object", ["step", "rank", "node", "good copies",
                 "on", "state"], rows)  # fmt: skip
     steps = [
-        (v.step, "yes" if v.summary.committed else "no",
+        (v.step, "yes" if v.summary.committed else "no", _finite(v.summary.manifest),
          "yes" if v.recoverable else "no", _how(st, v.plan) if v.recoverable else v.why_not)
         for v in reversed(st.steps)
     ]  # fmt: skip
-    print_table("steps", ["step", "committed", "recoverable", "how / why not"], steps)
+    print_table("steps", ["step", "committed", "finite", "recoverable", "how / why not"], steps)
     plan = st.plan
     if plan.step is None:
         print("recovery: nothing can be recovered from these nodes; restart from the "
@@ -110,6 +118,12 @@ def render(st: Any) -> None:
         print(f"at risk (one good copy left): {_ranks(st.at('at risk'))}")
     for s, path, c in st.damage:
         print(f"step {s}: {path}: {c}")
+    for n in st.nodes:
+        if n.job_dir:
+            room = node_room(n.job_dir)
+            if room["next_save_bytes"]:
+                verdict = "fits" if room["fits"] else f"would be skipped: it {room['why_not']}"
+                print(f"room on {n.label}: a save like the newest step {verdict}")
     if st.checked == "headers":
         print(CHECKED_HEADERS.format(how="--verify (or memckpt verify)"))
 
