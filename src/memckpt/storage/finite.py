@@ -6,30 +6,44 @@ computed in the background from the staged copy in the pool buffer (never from t
 live tensor, never in the blocking part), piece by piece in the same pass as the
 checksum, while the piece is still in cache.
 
-The screen is a sum: NaN and Inf survive any addition (``inf + -inf`` is NaN), so a
-finite sum proves a finite piece. A non-finite sum is either a non-finite value or an
-overflow of large finite ones, told apart by ``torch.isfinite`` on that piece only.
-Float8 types (no sum on CPU) are checked by their bit patterns; integer, bool and
-other non-floating types are always finite.
+float32/64 and complex pieces are screened with a sum: NaN and Inf survive any
+addition (``inf + -inf`` is NaN), so a finite sum proves a finite piece; a non-finite
+sum is either a non-finite value or an overflow of large finite ones, told apart by
+``isfinite`` on that piece only. float16, bfloat16 and the float8 types are checked
+exactly by their bit patterns (exponent all ones, or their one NaN pattern). Integer,
+bool and other non-floating types are always finite.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
 import torch
 
 __all__ = ["finite_check", "is_floating"]
 
-# float8 bit patterns of NaN/Inf (on the raw byte): (mask, value) pairs
-_FLOAT8_NONFINITE: Final[dict[str, tuple[int, int]]] = {
-    "float8_e4m3fn": (0x7F, 0x7F),  # S.1111.111 is NaN; no Inf
-    "float8_e5m2": (0x7C, 0x7C),  # exponent all ones: Inf or NaN
-    "float8_e4m3fnuz": (0xFF, 0x80),  # the one NaN: negative zero's pattern
-    "float8_e5m2fnuz": (0xFF, 0x80),
-    "float8_e8m0fnu": (0xFF, 0xFF),
+# the bits of NaN/Inf, per dtype: (unsigned view, mask, lowest non-finite masked value)
+# for "exponent all ones" formats, or (view, mask, value) for single patterns (exact=True)
+_BITS: Final[dict[str, tuple[str, int, int, bool]]] = {
+    "float16": ("<u2", 0x7FFF, 0x7C00, False),
+    "bfloat16": ("<u2", 0x7FFF, 0x7F80, False),
+    "float8_e5m2": ("u1", 0x7F, 0x7C, False),  # exponent all ones: Inf or NaN
+    "float8_e4m3fn": ("u1", 0x7F, 0x7F, True),  # S.1111.111 is NaN; no Inf
+    "float8_e4m3fnuz": ("u1", 0xFF, 0x80, True),  # the one NaN: negative zero's pattern
+    "float8_e5m2fnuz": ("u1", 0xFF, 0x80, True),
+    "float8_e8m0fnu": ("u1", 0xFF, 0xFF, True),
 }
+# formats numpy sums natively: a finite sum proves a finite piece
+_SUMMED: Final[dict[str, str]] = {
+    "float32": "<f4",
+    "float64": "<f8",
+    "complex64": "<f4",
+    "complex128": "<f8",
+}
+
+Check = Callable[[Any], bool]  # a buffer (memoryview, bytes, array) -> all finite?
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -38,37 +52,39 @@ def _name(dtype: torch.dtype) -> str:
 
 def is_floating(dtype: torch.dtype) -> bool:
     """Whether values of ``dtype`` can be NaN or Inf (floating, complex, float8)."""
-    return dtype.is_floating_point or dtype.is_complex or _name(dtype) in _FLOAT8_NONFINITE
+    return dtype.is_floating_point or dtype.is_complex
 
 
-def _sum_screen(dtype: torch.dtype) -> Callable[[torch.Tensor], bool]:
-    acc = torch.float32 if dtype == torch.float16 else None  # fp16 sums overflow at 65504
-
-    def check(raw: torch.Tensor) -> bool:
-        t = raw.view(dtype)
-        if t.is_complex():
-            t = torch.view_as_real(t)
-        s = t.sum(dtype=acc) if acc is not None else t.sum()
-        if bool(torch.isfinite(s)):
-            return True
-        return bool(torch.isfinite(t).all())  # an overflow of finite values, or not
+def _sum_screen(np_dtype: str) -> Check:
+    def check(piece: Any) -> bool:
+        a = np.frombuffer(piece, dtype=np_dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(a.sum()):
+                return True
+        return bool(np.isfinite(a).all())  # an overflow of finite values, or not
 
     return check
 
 
-def _bits_screen(mask: int, value: int) -> Callable[[torch.Tensor], bool]:
-    def check(raw: torch.Tensor) -> bool:
-        return not bool(((raw & mask) == value).any())
+def _bits_screen(np_dtype: str, mask: int, value: int, exact: bool) -> Check:
+    def check(piece: Any) -> bool:
+        a = np.frombuffer(piece, dtype=np_dtype) & mask
+        return not bool((a == value).any()) if exact else int(a.max(initial=0)) < value
 
     return check
 
 
-def finite_check(dtype: torch.dtype) -> Callable[[torch.Tensor], bool] | None:
-    """A function telling whether a piece (a uint8 tensor of whole elements) is all finite;
-    None for dtypes that cannot hold NaN or Inf."""
+def finite_check(dtype: torch.dtype) -> Check | None:
+    """A function telling whether a piece (the bytes of whole elements) is all finite;
+    None for dtypes that cannot hold NaN or Inf. Runs in numpy, which releases the GIL
+    and uses one core: the copy threads run several pieces side by side."""
     name = _name(dtype)
-    if name in _FLOAT8_NONFINITE:
-        return _bits_screen(*_FLOAT8_NONFINITE[name])
-    if dtype.is_floating_point or dtype.is_complex:
-        return _sum_screen(dtype)
+    if name in _SUMMED:
+        return _sum_screen(_SUMMED[name])
+    if name in _BITS:
+        return _bits_screen(*_BITS[name])
+    if dtype.is_floating_point or dtype.is_complex:  # a format added later: torch decides
+        return lambda piece: bool(
+            torch.isfinite(torch.frombuffer(bytearray(piece), dtype=dtype)).all()
+        )
     return None

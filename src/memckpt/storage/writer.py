@@ -410,7 +410,6 @@ def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
     """
     layout, chunk = staged.layout, staged.chunk_size
     mv = staged.buf.memoryview()
-    raw = torch.frombuffer(mv, dtype=torch.uint8)
     wanted = staged.check_finite or [True] * len(staged.dtypes)
     checks = [finite_check(dtype_from_name(dt)) if w else None
               for dt, w in zip(staged.dtypes, wanted)]  # fmt: skip
@@ -432,7 +431,7 @@ def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
             k = min(_SUB_BLOCK, start + n - o)
             if h is not None:
                 h.update(mv[o : o + k])
-            if check is not None and finite[i] and not check(raw[o : o + k]):
+            if check is not None and finite[i] and not check(mv[o : o + k]):
                 finite[i] = False
         return h.intdigest() if h is not None else 0
 
@@ -453,7 +452,7 @@ def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
         for i, (off, n) in enumerate(zip(layout.offsets, layout.nbytes)):
             check = checks[i]
             if check is not None:
-                finite[i] = all(check(raw[o : o + min(_SUB_BLOCK, off + n - o)])
+                finite[i] = all(check(mv[o : o + min(_SUB_BLOCK, off + n - o)])
                                 for o in range(off, off + n, _SUB_BLOCK))  # fmt: skip
     return sums, finite
 

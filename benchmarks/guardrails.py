@@ -1,0 +1,109 @@
+"""What the NaN/Inf check and the admission check cost a save, side by side in one run.
+
+    python benchmarks/guardrails.py [--size-mib 1024] [--tensors 16] [--repeats 7]
+
+One CheckpointManager on a tmpfs (default /dev/shm), keep_last=2, warm (two untimed
+saves first, so the pool holds its pre-faulted buffers). Saves alternate between the
+default (every floating tensor checked for NaN/Inf in the background, in the checksum
+pass) and ``check_finite=lambda name: False`` (hashing only). For each, the medians of:
+
+- blocking time: ``save()`` returning (the admission check runs here);
+- background time: ``total_s - blocking_s``, from ``save()`` returning to the commit
+  (checksums, the NaN/Inf check, index, header, vote, manifest, retention).
+
+Half the tensors are float32 and half bfloat16. Prints medians and the ratios the
+project targets: the check adds <= 5 % to the background time and nothing to the
+blocking time. A last row times a save whose state holds one NaN (found and recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import memckpt
+
+
+def make_state(size_mib: int, n: int) -> dict[str, torch.Tensor]:
+    per = (size_mib << 20) // n
+    out: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        dtype = torch.float32 if i % 2 == 0 else torch.bfloat16
+        out[f"t{i}"] = torch.randn(per // dtype.itemsize).to(dtype)
+    return out
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    state = make_state(a.size_mib, a.tensors)
+    work = Path(tempfile.mkdtemp(prefix="memckpt-bench-guard-", dir=a.dir))
+    rows: dict[str, dict[str, list[float]]] = {
+        k: {"blocking": [], "background": []} for k in ("checked", "unchecked", "one NaN")
+    }
+    try:
+        with memckpt.CheckpointManager(work, "bench", keep_last=2) as m:
+            step = 0
+            for _ in range(2):  # warm: the pool holds pre-faulted buffers afterwards
+                step += 1
+                m.save(step, state).wait()
+            for _ in range(a.repeats):
+                for kind in ("checked", "unchecked"):
+                    step += 1
+                    check = None if kind == "checked" else (lambda name: False)
+                    r = m.save(step, state, check_finite=check).wait()
+                    assert r.committed and r.step_finite
+                    rows[kind]["blocking"].append(r.blocking_s)
+                    rows[kind]["background"].append(r.total_s - r.blocking_s)
+            bad = dict(state)
+            bad["t0"] = state["t0"].clone()
+            bad["t0"][len(bad["t0"]) // 2] = float("nan")
+            for _ in range(max(1, a.repeats // 2)):
+                step += 1
+                r = m.save(step, bad).wait()
+                assert r.committed and not r.step_finite and r.non_finite == ("t0",)
+                rows["one NaN"]["blocking"].append(r.blocking_s)
+                rows["one NaN"]["background"].append(r.total_s - r.blocking_s)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in rows.items()}
+    return {
+        "size_mib": a.size_mib,
+        "tensors": a.tensors,
+        "repeats": a.repeats,
+        "threads": torch.get_num_threads(),
+        "medians_s": med,
+        "background_ratio": med["checked"]["background"] / med["unchecked"]["background"],
+        "blocking_ratio": med["checked"]["blocking"] / med["unchecked"]["blocking"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--tensors", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--dir", default="/dev/shm")
+    p.add_argument("--json", help="also write the figures to this file")
+    a = p.parse_args()
+    out = run(a)
+    med = out["medians_s"]
+    print(f"memckpt guardrails: {a.size_mib} MiB in {a.tensors} tensors (fp32/bf16), "
+          f"{a.repeats} repeats, medians")  # fmt: skip
+    print(f"{'save':<12}{'blocking s':>12}{'background s':>14}")
+    for kind, v in med.items():
+        print(f"{kind:<12}{v['blocking']:>12.4f}{v['background']:>14.4f}")
+    print(f"NaN/Inf check: background x{out['background_ratio']:.3f} (target <= 1.05), "
+          f"blocking x{out['blocking_ratio']:.3f} (target: no change)")  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
