@@ -117,6 +117,7 @@ def test_sigterm_to_the_simulator_kills_the_run_and_exits_130(pidfile: Path) -> 
     args = argparse.Namespace(
         cmd=f"sleep 60 & echo $! > {pidfile}; wait",
         timeout=60.0,
+        steps_per_run=None,
         restarts=1,
         grace=5.0,
         final_timeout=None,
@@ -153,14 +154,46 @@ def test_only_the_last_run_goes_without_a_deadline() -> None:
     assert report.ok and not report.steps_tracked and report.steps_lost is None
 
 
+# A job that writes IterManager's step events itself, one step per 10 ms, until it is
+# stopped; a run that finds the marker of an earlier run finishes at once.
+_STEPPING_JOB = """
+import json, os, sys, time
+events, marker = os.environ["MEMCKPT_EVENTS_FILE"], sys.argv[1]
+if os.path.exists(marker):
+    sys.exit(0)
+open(marker, "w").close()
+for i in range(1, 100000):
+    with open(events, "a") as f:
+        f.write(json.dumps({"event": "step", "time": time.time(), "iter": i, "step": i}) + "\\n")
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_steps_per_run_preempts_at_a_step_count_without_a_deadline(tmp_path: Path) -> None:
+    # Given a job that never stops by itself and a drill that preempts after 40 steps
+    job = tmp_path / "job.py"
+    job.write_text(_STEPPING_JOB)
+    config = SimulationConfig(
+        f"{PY} {job} {tmp_path / 'started'}", steps_per_run=40, restarts=1, grace_s=5.0
+    )
+    # When the drill runs
+    report = simulate(config, stdout=subprocess.DEVNULL)
+    # Then the first run got SIGTERM once it had 40 steps, with no deadline, and the
+    # restart finished
+    first, last = report.runs
+    assert first.end is End.EXITED_AFTER_SIGTERM and first.timeout_s is None
+    assert first.sigterm_after_steps is not None and first.sigterm_after_steps >= 40
+    assert first.last_step is not None and first.last_step >= 40
+    assert last.end is End.FINISHED and report.completed
+
+
 @pytest.mark.timeout(30)
 def test_failing_run_ends_the_drill_with_a_problem() -> None:
     report = simulate(SimulationConfig("exit 3", timeout_s=10.0, restarts=2))
     (run,) = report.runs
     assert (run.end, run.exit_code, report.planned_runs) == (End.FAILED, 3, 3)
-    assert not report.ok and report.problems == (
-        "run 0 failed with exit code 3 before its deadline",
-    )
+    assert not report.ok and report.problems == ("run 0 failed with exit code 3 before any signal",)
 
 
 def _start_training(base: Path, events: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -17,6 +17,7 @@ from memckpt.tools.simulate import (
     build_report,
     classify_end,
     shell_command,
+    steps_run,
     summarize_events,
 )
 
@@ -148,7 +149,7 @@ def test_last_run_that_does_not_finish_is_a_problem() -> None:
 def test_failed_run_is_a_problem() -> None:
     report = build_report("train", [outcome(0, 0.0, 1.0, 3)], [[]], planned_runs=3)
     assert report.runs[0].end is End.FAILED
-    assert report.problems == ("run 0 failed with exit code 3 before its deadline",)
+    assert report.problems == ("run 0 failed with exit code 3 before any signal",)
     assert json.loads(json.dumps(report.to_dict()))["planned_runs"] == 3
 
 
@@ -176,11 +177,47 @@ def test_how_a_run_ended(kwargs: dict[str, Any], exit_requested: bool, end: End)
         {"command": "x", "timeout_s": 1.0, "restarts": -1},
         {"command": "x", "timeout_s": 1.0, "restarts": 1.5},
         {"command": "x", "timeout_s": 1.0, "final_timeout_s": 0},
+        {"command": "x"},
+        {"command": "x", "steps_per_run": 0},
+        {"command": "x", "steps_per_run": 2.5},
+        {"command": "x", "steps_per_run": True},
     ],
 )
 def test_config_rejects_nonsense(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ScheduleConfigError):
         SimulationConfig(**kwargs)
+
+
+def test_a_step_count_alone_preempts_without_a_deadline() -> None:
+    config = SimulationConfig("train", steps_per_run=50)
+    assert (config.timeout_s, config.steps_per_run) == (None, 50)
+
+
+def test_steps_run_counts_iterations_else_steps_since_the_resume() -> None:
+    # Given a run resumed at step 100 whose IterManager counted its iterations
+    counted = [
+        ev("loaded", 1.0, step=100, rank=0),
+        ev("step", 2.0, iter=1, step=101),
+        ev("step", 2.5, iter=30, step=130),
+        ev("step", 2.6, iter=12, step=112),  # another rank, behind
+    ]
+    # and one whose job emits only its steps
+    bare = [ev("loaded", 1.0, step=100, rank=0), ev("step", 2.0, step=140)]
+    # Then both count the steps trained in the run, never the step numbers themselves
+    assert steps_run(counted) == 30
+    assert steps_run(bare) == 40
+    assert steps_run([ev("step", 1.0, step=7)]) == 7  # started from scratch
+    assert steps_run([ev("loaded", 1.0, step=100, rank=0)]) is None
+
+
+def test_the_steps_at_the_sigterm_are_in_the_report() -> None:
+    run0 = [ev("step", 1.0, iter=20, step=20), ev("saved", 2.0, step=21, rank=0)]
+    run1 = [ev("loaded", 7.0, step=21, rank=0), ev("step", 8.0, iter=1, step=22)]
+    first = preempted(0, 0.0, 5.0)
+    first = RunOutcome(**{**first.__dict__, "sigterm_after_steps": 20})
+    report = build_report("train", [first, outcome(1, 6.0, 9.0)], [run0, run1])
+    assert [r.sigterm_after_steps for r in report.runs] == [20, None]
+    assert report.to_dict()["runs"][0]["sigterm_after_steps"] == 20
 
 
 @pytest.mark.parametrize(

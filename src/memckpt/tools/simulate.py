@@ -9,14 +9,17 @@ Two layers, kept apart so the arithmetic is testable without processes:
   SIGTERM to the group at its deadline and SIGKILL after the grace period, and always
   leaves the group dead; ``simulate`` chains the runs and builds the report.
 
-Runs: ``restarts + 1`` in all. Every run but the last gets ``MEMCKPT_DEADLINE`` (its start
-+ ``timeout_s``) and SIGTERM at that time; the last run has no deadline and runs to
-completion (bounded only by ``final_timeout_s``), as the job would on a healthy
-allocation. A run that finishes before its deadline ends the drill early; a run that
-fails (non-zero exit before any signal) ends it with a problem.
+Runs: ``restarts + 1`` in all. Every run but the last is preempted: with ``timeout_s``
+it gets ``MEMCKPT_DEADLINE`` (its start + ``timeout_s``) and SIGTERM at that time; with
+``steps_per_run`` it gets SIGTERM once its events show that many steps trained in that
+run, whatever the machine's speed (with both, whichever comes first). The last run has
+no deadline and runs to completion (bounded only by ``final_timeout_s``), as the job
+would on a healthy allocation. A run that finishes before it is preempted ends the
+drill early; a run that fails (non-zero exit before any signal) ends it with a problem.
 
-Definitions used throughout (steps are the numbers passed to ``CheckpointManager.save``
-and ``IterManager.iter(step)``):
+One unit throughout, the training *step*: the numbers passed to
+``CheckpointManager.save`` and ``IterManager.iter(step)`` (or a ``memckpt.State``'s
+step), never a count of iterations. Definitions:
 
 * *resume point* of a run: the step the next run resumed from (its ``loaded`` event; 0
   when it loaded nothing); for the last run, the newest step saved so far;
@@ -25,7 +28,9 @@ and ``IterManager.iter(step)``):
 * *time lost*: seconds from the commit of the resume point to the end of the run
   (redone work plus shutdown); the whole run when the resume point was saved by an
   earlier run; 0 for a run that finished;
-* *restore*: seconds from the start of a run to its ``loaded`` event (start-up and load).
+* *restore*: seconds from the start of a run to its ``loaded`` event (start-up and load);
+* *steps run*: steps a run trained itself: its IterManager's iteration count (``iter`` in
+  its ``step`` events), else its newest step minus the step it resumed from.
 """
 
 from __future__ import annotations
@@ -62,12 +67,16 @@ __all__ = [
     "run_command",
     "shell_command",
     "simulate",
+    "steps_run",
     "summarize_events",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S: Final = 10.0
+DEFAULT_TIMEOUT_S: Final = 120.0
+"""Seconds to the deadline when a drill names neither a timeout nor steps per run."""
+_EVENTS_POLL_S: Final = 0.25  # how often a run's events are read for its progress
 # After SIGKILL a process group is gone within milliseconds; a member that stays longer is
 # a zombie nobody reaps, and waiting for it would never end.
 _AFTER_KILL_WAIT_S: Final = 2.0
@@ -126,6 +135,8 @@ class RunOutcome:
     deadline_unix: float | None = None
     sigterm_unix: float | None = None
     killed: bool = False
+    sigterm_after_steps: int | None = None
+    """Steps the run had trained when its SIGTERM was sent for ``steps_per_run``."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,28 @@ def summarize_events(events: Sequence[Mapping[str, Any]]) -> RunProgress:
     )
 
 
+def steps_run(events: Sequence[Mapping[str, Any]]) -> int | None:
+    """Steps a run trained itself, from its events; None before its first ``step`` event.
+
+    The iteration count of its IterManager (``iter``) when the events carry one, else its
+    newest step minus the step it resumed from (0 without a ``loaded`` event).
+    """
+    base: int | None = None
+    done: int | None = None
+    for ev in events:
+        kind = ev.get("event")
+        if kind == "loaded" and base is None:
+            base = _int(ev.get("step"))
+        elif kind == "step":
+            n = _int(ev.get("iter"))
+            if n is None:
+                step = _int(ev.get("step"))
+                n = None if step is None else step - (base or 0)
+            if n is not None:
+                done = n if done is None else max(done, n)
+    return done
+
+
 def classify_end(outcome: RunOutcome, exit_requested: bool) -> End:
     """How a run ended, from the signals it got, its exit code and its exit request."""
     if outcome.killed:
@@ -216,6 +249,7 @@ class RunReport:
     duration_s: float
     timeout_s: float | None
     sigterm_after_s: float | None
+    sigterm_after_steps: int | None
     resumed_step: int | None
     restore_s: float | None
     saves: int
@@ -316,9 +350,7 @@ def build_report(
         if prog.last_saved_step is not None:
             newest_saved = prog.last_saved_step
         if end is End.FAILED:
-            problems.append(
-                f"run {i} failed with exit code {outcome.exit_code} before its deadline"
-            )
+            problems.append(f"run {i} failed with exit code {outcome.exit_code} before any signal")
 
         reached = _reached(prog)
         resume_point: int | None
@@ -343,6 +375,7 @@ def build_report(
                 duration_s=round(outcome.ended_unix - outcome.started_unix, 3),
                 timeout_s=_rounded_delta(outcome.deadline_unix, outcome.started_unix),
                 sigterm_after_s=_rounded_delta(outcome.sigterm_unix, outcome.started_unix),
+                sigterm_after_steps=outcome.sigterm_after_steps,
                 resumed_step=prog.resumed_step,
                 restore_s=_rounded_delta(prog.resumed_unix, outcome.started_unix),
                 saves=len(prog.saved),
@@ -365,6 +398,18 @@ def build_report(
     )
 
 
+def _steps_line(prog: RunProgress) -> str:
+    """``resumed from step 26, newest committed step 54, reached step 54`` (training steps)."""
+
+    def show(step: int | None) -> str:
+        return "-" if step is None else str(step)
+
+    return (
+        f"resumed from step {show(prog.resumed_step)}, newest committed step "
+        f"{show(prog.last_saved_step)}, reached step {show(_reached(prog))}"
+    )
+
+
 def _reached(prog: RunProgress) -> int | None:
     """Newest step a run is known to have reached: progress, saves and its resume."""
     known = [s for s in (prog.last_step, prog.last_saved_step, prog.resumed_step) if s is not None]
@@ -382,32 +427,45 @@ def _rounded_delta(later: float | None, earlier: float) -> float | None:
 class SimulationConfig:
     """A drill: ``command`` (a shell string), preempted ``restarts`` times.
 
-    ``timeout_s``: seconds from the start of each run but the last to its SIGTERM;
-    ``grace_s``: seconds from SIGTERM to SIGKILL; ``final_timeout_s``: seconds from the
-    start of the last run to its SIGTERM, without ``MEMCKPT_DEADLINE`` (None: it runs
-    until it exits); ``announce_deadline``: set
-    ``MEMCKPT_DEADLINE`` so the job can save ahead of the SIGTERM (False: the job learns
-    of the preemption from the signal only).
+    How each run but the last is preempted (one at least; with both, the first that
+    comes): ``timeout_s``, seconds from its start to its SIGTERM; ``steps_per_run``,
+    SIGTERM once it has trained that many steps (see ``steps_run``; its events come at
+    most every 0.5 s, so it may be a few steps further by then). ``grace_s``: seconds
+    from SIGTERM to SIGKILL; ``final_timeout_s``: seconds from the start of the last run
+    to its SIGTERM, without ``MEMCKPT_DEADLINE`` (None: it runs until it exits);
+    ``announce_deadline``: set ``MEMCKPT_DEADLINE`` (from ``timeout_s``) so the job can
+    save ahead of the SIGTERM (False: the job learns of the preemption from the signal
+    only).
     """
 
     command: str
-    timeout_s: float
+    timeout_s: float | None = None
     restarts: int = 1
     grace_s: float = DEFAULT_GRACE_S
     final_timeout_s: float | None = None
     announce_deadline: bool = True
+    steps_per_run: int | None = None
     poll_s: float = field(default=0.05, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.command, str) or not self.command.strip():
             raise ScheduleConfigError("the training command is empty; pass --cmd '<command>'")
-        for name in ("timeout_s", "grace_s", "poll_s"):
+        for name in ("grace_s", "poll_s"):
             _check_seconds(name, getattr(self, name))
-        if self.final_timeout_s is not None:
-            _check_seconds("final_timeout_s", self.final_timeout_s)
+        for name in ("timeout_s", "final_timeout_s"):
+            if getattr(self, name) is not None:
+                _check_seconds(name, getattr(self, name))
         restarts = self.restarts
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
             raise ScheduleConfigError(f"restarts must be an int >= 0, got {self.restarts!r}")
+        n = self.steps_per_run
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ScheduleConfigError(f"steps_per_run must be an int >= 1, got {n!r}")
+        if self.timeout_s is None and n is None:
+            raise ScheduleConfigError(
+                "a drill needs a way to preempt its runs: a timeout (--timeout SECONDS), "
+                "steps per run (--steps-per-run N), or both"
+            )
 
 
 def _check_seconds(name: str, value: Any) -> None:
@@ -527,6 +585,8 @@ def run_command(
     announce_deadline: bool = True,
     stdout: IO[Any] | int | None = None,
     poll_s: float = 0.05,
+    steps_per_run: int | None = None,
+    events_path: str | os.PathLike[str] | None = None,
 ) -> RunOutcome:
     """Run ``command`` with ``/bin/sh -c`` in a new session; SIGTERM at the deadline.
 
@@ -534,11 +594,15 @@ def run_command(
 
     With ``timeout_s``, ``MEMCKPT_DEADLINE`` (when ``announce_deadline``) is the start
     plus ``timeout_s``, and at that time the whole process group gets SIGTERM, then
-    SIGKILL ``grace_s`` later if any member is left. Processes the command leaves behind
-    after a normal exit get the same treatment. The group is dead when this returns or
-    raises, KeyboardInterrupt included. ``stdout`` receives the command's stdout and
-    stderr (default: this process's).
+    SIGKILL ``grace_s`` later if any member is left. With ``steps_per_run`` (and the
+    ``events_path`` the command writes its events to), the SIGTERM comes once the run has
+    trained that many steps (``steps_run``), or at the deadline if that is first.
+    Processes the command leaves behind after a normal exit get the same treatment. The
+    group is dead when this returns or raises, KeyboardInterrupt included. ``stdout``
+    receives the command's stdout and stderr (default: this process's).
     """
+    if steps_per_run is not None and events_path is None:
+        raise ScheduleConfigError("steps_per_run needs the events_path the command writes to")
     run_env = dict(os.environ if env is None else env)
     run_env.pop(DEADLINE_ENV, None)
     started = time.time()
@@ -557,19 +621,31 @@ def run_command(
         stderr=subprocess.STDOUT if stdout is not None else None,
     )
     group = _ProcessGroup(proc)
+    when = [f"in {timeout_s:g}s"] if timeout_s is not None else []
+    if steps_per_run is not None:
+        when.insert(0, f"after {steps_per_run} steps")
     log.info(
         "run %d: started pid %d%s",
         index,
         proc.pid,
-        "" if timeout_s is None else f", SIGTERM in {timeout_s:g}s",
+        f", SIGTERM {' or '.join(when)}" if when else "",
     )
     sigterm_unix: float | None = None
+    sigterm_after_steps: int | None = None
     killed = False
+    next_look = time.monotonic()
     try:
-        # 1. until the leader exits or the deadline comes
+        # 1. until the leader exits, the deadline comes or the run has trained its steps
         while proc.poll() is None:
             if term_at is not None and time.monotonic() >= term_at:
                 break
+            if steps_per_run is not None and time.monotonic() >= next_look:
+                assert events_path is not None
+                next_look = time.monotonic() + _EVENTS_POLL_S
+                done = steps_run(read_events(events_path))
+                if done is not None and done >= steps_per_run:
+                    sigterm_after_steps = done
+                    break
             wait = poll_s if term_at is None else min(poll_s, term_at - time.monotonic())
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(wait, 0.0))
@@ -583,9 +659,12 @@ def run_command(
                 )
             if group.signal(signal.SIGTERM) and leader_alive:
                 sigterm_unix = time.time()
-                log.info(
-                    "run %d: deadline reached, SIGTERM sent to process group %d", index, group.pgid
+                why = (
+                    "deadline reached"
+                    if sigterm_after_steps is None
+                    else f"{sigterm_after_steps} steps trained in this run"
                 )
+                log.info("run %d: %s, SIGTERM sent to process group %d", index, why, group.pgid)
             # 3. SIGKILL after the grace if anything is left
             if not group.wait_gone(time.monotonic() + grace_s, poll_s):
                 killed = sigterm_unix is not None
@@ -599,7 +678,14 @@ def run_command(
             group.kill()
     ended = time.time()
     outcome = RunOutcome(
-        index, started, ended, proc.returncode, deadline_unix, sigterm_unix, killed
+        index,
+        started,
+        ended,
+        proc.returncode,
+        deadline_unix,
+        sigterm_unix,
+        killed,
+        sigterm_after_steps=sigterm_after_steps if sigterm_unix is not None else None,
     )
     log.info("run %d: exit code %s after %.1fs", index, proc.returncode, ended - started)
     return outcome
@@ -645,12 +731,15 @@ def simulate(
                     announce_deadline=config.announce_deadline and not last,
                     stdout=out,
                     poll_s=config.poll_s,
+                    steps_per_run=None if last else config.steps_per_run,
+                    events_path=events_path,
                 )
             events = read_events(events_path)
             outcomes.append(outcome)
             events_per_run.append(events)
-            end = classify_end(outcome, summarize_events(events).exit_requested)
-            log.info("run %d: %s", i, end_label(end, outcome.exit_code))
+            progress = summarize_events(events)
+            end = classify_end(outcome, progress.exit_requested)
+            log.info("run %d: %s; %s", i, end_label(end, outcome.exit_code), _steps_line(progress))
             if not last and end in (End.FINISHED, End.FAILED):
                 log.info("run %d %s: no restart", i, end.value)
                 break

@@ -20,18 +20,26 @@ __all__ = ["handle", "register"]
 
 log = logging.getLogger(__name__)
 
-# Fits 80 columns; the JSON report has more (restore_s, resume_point, ...).
+# Fits 80 columns; the JSON report has more (restore_s, resume_point, ...). Every number
+# but the times is a training step (the step given to save() and IterManager.iter()).
 _COLUMNS = ("run", "ended", "exit", "resumed", "saved", "reached", "lost", "lost s", "run s")
+_UNITS = (
+    "steps are training steps (resumed: loaded at start; saved: newest committed; "
+    "reached: newest trained; lost: trained twice)"
+)
 
 _DESCRIPTION = """\
-Run a training command as a preempted job would run: every run but the last gets
-MEMCKPT_DEADLINE (its start + --timeout) and SIGTERM to its process group at that time,
-SIGKILL --grace seconds later; then it is restarted. The last run has no deadline and
-runs until it exits (or --final-timeout). Each run writes memckpt events
-(MEMCKPT_EVENTS_FILE); the report gives, per run, the step it resumed from, its last
-saved step, the newest step it reached, steps and time lost, its exit code and how it
-ended. Exit status 0 when the last run finished and every restart resumed from the
-newest saved step, 1 otherwise.
+Run a training command as a preempted job would run, then restart it. Every run but
+the last is preempted: SIGTERM to its process group at its deadline (--timeout
+seconds after its start, announced to the job as MEMCKPT_DEADLINE) or once it has
+trained --steps-per-run steps (whichever comes first), SIGKILL --grace seconds later.
+The last run is not preempted and runs until it exits (or --final-timeout). Each run
+writes memckpt events (MEMCKPT_EVENTS_FILE); the report gives, per run, the step it
+resumed from, its newest committed step, the newest step it reached, the steps and
+seconds lost, its exit code and how it ended. Steps are training steps throughout (the
+numbers given to save() and IterManager.iter()), never iteration counts. Exit status 0
+when the last run finished and every restart resumed from the newest saved step, 1
+otherwise.
 """
 
 
@@ -47,8 +55,17 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=120.0,
-        help="seconds from a run's start to its deadline and SIGTERM (default 120)",
+        default=None,
+        help="seconds from a run's start to its deadline and SIGTERM (default 120, or none "
+        "with --steps-per-run)",
+    )
+    p.add_argument(
+        "--steps-per-run",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SIGTERM a run once it has trained N steps (its IterManager counted N "
+        "iterations): a preemption that does not depend on the machine's speed",
     )
     p.add_argument(
         "--restarts",
@@ -76,11 +93,15 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from memckpt.tools.simulate import SimulationConfig, simulate
+    from memckpt.tools.simulate import DEFAULT_TIMEOUT_S, SimulationConfig, simulate
 
+    timeout = args.timeout
+    if timeout is None and args.steps_per_run is None:
+        timeout = DEFAULT_TIMEOUT_S
     config = SimulationConfig(
         command=args.cmd,
-        timeout_s=args.timeout,
+        timeout_s=timeout,
+        steps_per_run=args.steps_per_run,
         restarts=args.restarts,
         grace_s=args.grace,
         final_timeout_s=args.final_timeout,
@@ -149,6 +170,7 @@ def _print_report(report: SimulationReport) -> None:
         for r in report.runs
     ]
     print_table(f"simulate-preemption: {report.command}", _COLUMNS, rows)
+    print(_UNITS)
     lost = report.steps_lost
     steps = "unknown (pass the step to IterManager.iter)" if lost is None else str(lost)
     print(
