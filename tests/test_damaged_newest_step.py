@@ -91,3 +91,17 @@ def test_megatron_damaged_newest_step_and_a_named_step_on_a_replaced_node(tmp_pa
     out = run_ranks(mw.load_named_step, 2, str(tmp_path), 20, "prepare", timeout=180,
                     env_per_rank=NODES)  # fmt: skip
     assert out == {0: "step-20", 1: "step-20"}
+
+
+@pytest.mark.timeout(240)
+def test_one_node_two_ranks_a_damaged_object_falls_back_in_one_call(tmp_path):
+    # Given 2 ranks on one node (one tree): no other node holds a copy of anything
+    one_node = {0: {"MEMCKPT_NODE_ID": "node0"}, 1: {"MEMCKPT_NODE_ID": "node0"}}
+    run_ranks(save_steps, 2, str(tmp_path), [20, 30], timeout=120, env_per_rank=one_node)
+    (obj,) = tmp_path.glob("node0/job/step-30/rank-0.mck")
+    flip_first_tensor_byte(obj)
+    # When both load the newest loadable step: rank 1 must not count rank 0 as another
+    # holder of the same (damaged) file, so the step is marked damaged and passed over
+    out = run_ranks(load_newest_loadable, 2, str(tmp_path), timeout=120, env_per_rank=one_node)
+    assert out == {r: {"cid": "step-20", "step": 20, "ok": True} for r in (0, 1)}
+    assert list(tmp_path.glob("node0/job/step-30/damaged.*"))

@@ -106,19 +106,35 @@ class ObjectLocator:
             return False
         return found is not None and found[1] == self.digests.get(rank)
 
+    def _node_of(self, rank: int) -> object:
+        """A key for ``rank``'s node: ranks of this node share this node's one tree."""
+        if self.network is None:  # no transfer service: every rank is on this node
+            return "here"
+        node_of = self.network.topology.node_of
+        return node_of[rank] if rank < len(node_of) else ("rank", rank)
+
     def holders(self, rank: int, first: int | None = None) -> list[int]:
-        """Ranks whose nodes hold ``rank``'s object, ``first`` first, this rank excluded."""
+        """One rank per other node that holds ``rank``'s object, ``first``'s node first.
+
+        Ranks on this node are left out (their copy is this node's, read locally), and
+        each other node counts once (its ranks report the same tree), so every candidate
+        is a distinct copy.
+        """
         want = self.digests.get(rank)
-        out = [
-            h
-            for h, inv in enumerate(self.inventories)
-            if h != self.store.rank
-            and (held := inv.get(self.step)) is not None
-            and held.objects.get(rank) == want
-        ]
-        if first is not None and first in out:
-            out.remove(first)
-            out.insert(0, first)
+        here = self._node_of(self.store.rank)
+        order = [first] if first is not None else []
+        order += [h for h in range(len(self.inventories)) if h != first]
+        out: list[int] = []
+        seen: set[object] = {here}
+        for h in order:
+            if h >= len(self.inventories):
+                continue
+            held = self.inventories[h].get(self.step)
+            node = self._node_of(h)
+            if held is None or held.objects.get(rank) != want or node in seen:
+                continue
+            seen.add(node)
+            out.append(h)
         return out
 
     def open(self, rank: int, holder: int | None = None) -> ObjectSource:
