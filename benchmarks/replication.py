@@ -16,6 +16,19 @@ Two simulated nodes (one gloo rank each, each with its own directory under
 
 Prints medians and the ratios the project targets: replication >= 0.6x raw;
 recovery <= 1.5x (raw fetch + local load).
+
+    python benchmarks/replication.py --cap [--size-mib 128] [--repeats 3]
+
+The bandwidth cap (``replication_bandwidth``) on the same two nodes:
+
+- replication time with the cap at 25 %, 50 % and 100 % of the measured raw
+  loopback rate (per direction; each node pushes one direction), and without a
+  cap: the achieved rate against the cap;
+- the step time of a gloo all-reduce loop (``--allreduce-mib`` per step plus
+  ``--compute-ms`` of "compute") while a save replicates, uncapped, capped at
+  25 %, and paused around each all-reduce (``mgr.replication_paused()``), against
+  the loop alone. On a machine with few cores most of the effect is CPU, not
+  network: read the figures as relative.
 """
 
 from __future__ import annotations
@@ -181,21 +194,169 @@ def rank_main(rank: int, world: int, port: int, base: str, args: argparse.Namesp
     dist.destroy_process_group()
 
 
+# -- the bandwidth cap (--cap) -----------------------------------------------------------------
+CAP_FRACTIONS = (1.0, 0.5, 0.25)
+LOOP_CAP = 0.25  # the cap of the all-reduce scenario, as a fraction of raw loopback
+
+
+def allreduce_loop(
+    m: memckpt.CheckpointManager | None, state: dict, step: int, buf: torch.Tensor,
+    compute_s: float, pause: bool,
+) -> tuple[list[float], float]:  # fmt: skip
+    """All-reduce steps while a save replicates (or a fixed count without ``m``).
+
+    Every step all-reduces ``buf``, whose last element carries "my save is done", so
+    all ranks stop at the same step. Returns (step times during replication, the
+    save's replication_s).
+    """
+    handle = m.save(step, state) if m is not None else None
+    times: list[float] = []
+    for i in range(10_000):
+        t0 = time.perf_counter()
+        time.sleep(compute_s)
+        buf[-1] = 1.0 if handle is None or handle.done() else 0.0
+        if pause and m is not None:
+            with m.replication_paused():
+                dist.all_reduce(buf)
+        else:
+            dist.all_reduce(buf)
+        all_done = buf[-1].item() >= dist.get_world_size()
+        times.append(time.perf_counter() - t0)
+        if (handle is None and i >= 40) or (handle is not None and all_done):
+            break
+    rep_s = handle.wait().replication_s if handle is not None else 0.0
+    return times, rep_s
+
+
+def cap_rank_main(rank: int, world: int, port: int, base: str, args: argparse.Namespace,
+                  q) -> None:  # fmt: skip
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    node = Path(base) / f"node{rank}"
+    state = make_state(rank, args.size_mib, args.tensors)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    res: dict[str, object] = {}
+
+    src = torch.cat([t.view(torch.uint8) for t in state.values()])
+    data = memoryview(src.numpy())
+    sink = RawSink(nbytes)
+    ports = [None] * world
+    dist.all_gather_object(ports, sink.port)
+    raw = [raw_round(sink, ports[1 - rank], data, send=True) for _ in range(args.repeats)]
+    sink.sock.close()
+    del sink, src, data
+    # every rank takes the same cap: rank 0's measure
+    raw_rate = [nbytes / statistics.median(raw)]
+    dist.broadcast_object_list(raw_rate, src=0)
+    res["raw_Bps"] = raw_rate[0]
+
+    def manager(job: str, fraction: float | None) -> memckpt.CheckpointManager:
+        cap = None if fraction is None else fraction * raw_rate[0]
+        return memckpt.CheckpointManager(
+            node, job, keep_last=1, timeout_s=120, prefault=False, replication="pairwise",
+            node_id=f"node{rank}", transfer_host="127.0.0.1", replication_bandwidth=cap,
+        )  # fmt: skip
+
+    # replication time and achieved rate at each cap
+    rates: dict[str, list[float]] = {}
+    for fraction in (None, *CAP_FRACTIONS):
+        key = "none" if fraction is None else f"{fraction:.0%}"
+        with manager(f"cap-{key.rstrip('%')}", fraction) as m:
+            for step in range(1, args.repeats + 3):
+                r = m.save(step, state).wait()
+                assert r.replicated, "replication failed"
+                if step > 2:  # the first two saves allocate the buffers
+                    rates.setdefault(key, []).append(r.replication_s)
+                dist.barrier()
+    res["rep_s"] = rates
+
+    # an all-reduce loop while a save replicates
+    buf = torch.zeros(args.allreduce_mib * (1 << 20) // 4)
+    compute_s = args.compute_ms / 1000
+    loops: dict[str, tuple[list[float], float]] = {}
+    loops["no replication"] = allreduce_loop(None, state, 0, buf, compute_s, False)
+    for key, fraction, pause in (("uncapped", None, False),
+                                 (f"cap {LOOP_CAP:.0%}", LOOP_CAP, False),
+                                 ("paused in all-reduce", None, True)):  # fmt: skip
+        with manager(f"loop-{len(loops)}", fraction) as m:
+            if pause:  # a process that pauses cuts uncapped parts into chunks from then on
+                m.pause_replication()
+                m.resume_replication()
+            for step in (1, 2):  # warm the buffers, as above
+                m.save(step, state).wait()
+                dist.barrier()
+            loops[key] = allreduce_loop(m, state, 3, buf, compute_s, pause)
+            dist.barrier()
+    res["loops"] = loops
+    q.put((rank, nbytes, res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report_cap(out: dict[int, dict], nbytes: int, args: argparse.Namespace) -> None:
+    med = statistics.median
+    raw = out[0]["raw_Bps"]
+    caps: dict[str, dict[str, float | None]] = {}
+    for key in out[0]["rep_s"]:
+        seconds = med(out[0]["rep_s"][key] + out[1]["rep_s"][key])
+        cap = None if key == "none" else float(key.rstrip("%")) / 100 * raw
+        achieved = nbytes / seconds
+        caps[key] = {"cap_Bps": cap, "replication_s": seconds, "achieved_Bps": achieved,
+                     "achieved_vs_cap": achieved / cap if cap else None}  # fmt: skip
+    loops: dict[str, dict[str, float]] = {}
+    for key in out[0]["loops"]:
+        steps = out[0]["loops"][key][0] + out[1]["loops"][key][0]
+        p90 = statistics.quantiles(steps, n=10)[-1] if len(steps) > 1 else steps[0]
+        loops[key] = {
+            "steps": len(steps) // 2,
+            "median_ms": med(steps) * 1e3,
+            "p90_ms": p90 * 1e3,
+            "replication_s": max(out[r]["loops"][key][1] for r in out),
+        }
+    doc = {"bytes_per_rank": nbytes, "raw_loopback_Bps_per_direction": raw, "caps": caps,
+           "allreduce": loops}  # fmt: skip
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"{nbytes / (1 << 20):.0f} MiB per rank, 2 simulated nodes, medians of {args.repeats}")
+    print(f"raw loopback, 2 conns, both ways: {raw / 1e9:.2f} GB/s per direction")
+    print(f"{'cap':>6} {'cap GB/s':>9} {'replication s':>14} {'achieved GB/s':>14} {'vs cap':>7}")
+    for key, d in caps.items():
+        cap = f"{d['cap_Bps'] / 1e9:.2f}" if d["cap_Bps"] else "-"
+        vs = f"{d['achieved_vs_cap']:.2f}" if d["achieved_vs_cap"] else "-"
+        print(f"{key:>6} {cap:>9} {d['replication_s']:>14.3f} "
+              f"{(d['achieved_Bps'] or 0) / 1e9:>14.2f} {vs:>7}")  # fmt: skip
+    print(f"all-reduce of {args.allreduce_mib} MiB + {args.compute_ms} ms compute per step, "
+          "while a save replicates:")  # fmt: skip
+    print(f"{'scenario':>22} {'steps':>6} {'median ms':>10} {'p90 ms':>8} {'replication s':>14}")
+    for key, d2 in loops.items():
+        print(f"{key:>22} {d2['steps']:>6.0f} {d2['median_ms']:>10.1f} {d2['p90_ms']:>8.1f} "
+              f"{d2['replication_s']:>14.3f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024, help="bytes per rank")
+    ap.add_argument("--size-mib", type=int, default=None,
+                    help="bytes per rank (default 1024; 128 with --cap)")  # fmt: skip
     ap.add_argument("--tensors", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cap", action="store_true", help="the bandwidth cap and pause (see above)")
+    ap.add_argument("--allreduce-mib", type=int, default=4, help="--cap: all-reduce size")
+    ap.add_argument("--compute-ms", type=float, default=5.0, help="--cap: compute per step")
     args = ap.parse_args()
+    if args.size_mib is None:
+        args.size_mib = 128 if args.cap else 1024
     base = tempfile.mkdtemp(prefix="memckpt-bench-rep-", dir=args.dir)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=rank_main, args=(r, 2, port, base, args, q)) for r in range(2)]
+    target = cap_rank_main if args.cap else rank_main
+    procs = [ctx.Process(target=target, args=(r, 2, port, base, args, q)) for r in range(2)]
     try:
         for p in procs:
             p.start()
@@ -210,6 +371,9 @@ def main() -> None:
             if p.is_alive():
                 p.kill()
         shutil.rmtree(base, ignore_errors=True)
+    if args.cap:
+        report_cap(out, nbytes, args)
+        return
 
     med = statistics.median
     gib = nbytes / (1 << 30)

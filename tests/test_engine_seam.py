@@ -129,9 +129,21 @@ def test_locator_lists_holders_by_digest_and_puts_the_planned_one_first():
         {5: StepHoldings({0: 99})},  # another save's object: not this step's data
         {5: StepHoldings({0: 11})},
     ]
-    loc = ObjectLocator(FakeStore(), None, invs, 5, {0: 11})  # type: ignore[arg-type]
+    class FakeNetwork:
+        def __init__(self, node_of: list[int]) -> None:
+            self.topology = type("Topology", (), {"node_of": node_of})()
+
+    one_per_node = FakeNetwork([0, 1, 2, 3])
+    loc = ObjectLocator(FakeStore(), one_per_node, invs, 5, {0: 11})  # type: ignore[arg-type]
     assert loc.holders(0) == [1, 3]
     assert loc.holders(0, first=3) == [3, 1]
+    # ranks 0 and 1 share a node (one tree: rank 1's copy is rank 0's own), 2 and 3 another
+    two_nodes = FakeNetwork([0, 0, 1, 1])
+    loc = ObjectLocator(FakeStore(), two_nodes, invs, 5, {0: 11})  # type: ignore[arg-type]
+    assert loc.holders(0) == [3]
+    # no transfer service: every rank is on this node, no other holder
+    loc = ObjectLocator(FakeStore(), None, invs, 5, {0: 11})  # type: ignore[arg-type]
+    assert loc.holders(0) == []
 
 
 # -- retention as a pure policy --------------------------------------------------------------

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from memckpt.collectives import Collectives
 from memckpt.engine.drain import (
+    DrainPolicy,
+    RemoteDrain,
     check_persist,
     drain_objects,
     persisted_object,
@@ -24,12 +28,14 @@ from memckpt.engine.runtime import NodeRuntime, RuntimeOptions
 from memckpt.engine.save_transaction import Vote
 from memckpt.engine.sources import ObjectSource
 from memckpt.engine.tiers import close_and_release, newest_step_persisted, resume_tiers
-from memckpt.errors import ConfigError, MemckptError, WorldSizeMismatchError
+from memckpt.errors import ConfigError, MemckptError, StorageIOError, WorldSizeMismatchError
 from memckpt.replication import ReplicationStrategy
 from memckpt.replication.replicator import Replicator
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 from memckpt.storage.reader import ObjectReader, load_object
+from memckpt.storage.remote import RemoteTier
 from memckpt.storage.retention import check_keep_last
+from memckpt.transport.bandwidth import parse_bandwidth
 
 __all__ = ["CheckpointManager", "LoadInfo"]
 
@@ -69,13 +75,24 @@ class CheckpointManager:
             generated on rank 0 and shared through the process group).
         connections: parallel connections per object transfer.
         transfer_timeout_s: limit for each socket operation of a transfer.
+        replication_bandwidth: cap on the bytes per second this node's replication and
+            re-replication send and fetch, shared by the node's ranks: a number, or a
+            string with a unit (``"100MB"``, ``"1GiB"``, ``"800 MB/s"``). Default: the
+            ``MEMCKPT_REPLICATION_BANDWIDTH`` variable, else no cap. Every rank passes the
+            same value. See also ``pause_replication``.
         size_hint: bytes of one rank's checkpoint, if known: a buffer this size is
             pre-faulted in the background at start so the first save is warm (default:
             the size of the newest object this rank finds on its node).
         persist_every, persist_dir: drain every K-th committed step in the background to
-            ``persist_dir`` (a disk or shared filesystem), as a memckpt tree that
+            ``persist_dir`` (a disk or shared filesystem path, or an fsspec URL such as
+            ``s3://bucket/prefix``: docs/durable.md), as a memckpt tree that
             ``CheckpointManager(persist_dir, job_id)`` loads; retention keeps a step
-            until its drain ends.
+            until its drain ends. With ``persist_dir`` alone, ``load()`` resumes from it when
+            it holds a newer step than memory.
+        persist_options: fsspec storage options for a ``persist_dir`` URL (``endpoint_url``,
+            ``key``, ``secret``, ...); default: the store's own environment (``AWS_*``).
+        persist_policy: retries, timeouts and circuit of drains to a URL
+            (``memckpt.engine.drain.DrainPolicy``).
         vote: how a step's completion is decided (default: an all-gather of every rank's
             ballot on a gloo group); see ``memckpt.engine.save_transaction``.
 
@@ -103,15 +120,20 @@ class CheckpointManager:
         secret: bytes | None = None,
         connections: int = 2,
         transfer_timeout_s: float = 30.0,
+        replication_bandwidth: int | float | str | None = None,
         size_hint: int | None = None,
         vote: Vote | None = None,
         persist_every: int | None = None,
         persist_dir: str | os.PathLike[str] | None = None,
+        persist_options: Mapping[str, Any] | None = None,
+        persist_policy: DrainPolicy | None = None,
     ) -> None:
         check_keep_last(keep_last)
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be in (0, {MAX_CHUNK_SIZE}], got {chunk_size}")
-        check_persist(persist_every, persist_dir)
+        persist_where = check_persist(persist_every, persist_dir)
+        if persist_options is not None and not isinstance(persist_where, str):
+            raise ConfigError("persist_options apply to a persist_dir URL (s3://..., gs://...)")
         spec = replication.spec if isinstance(replication, ReplicationStrategy) else replication
         options = RuntimeOptions(
             keep_last=keep_last,
@@ -123,6 +145,7 @@ class CheckpointManager:
             node_id=node_id,
             connections=connections,
             transfer_timeout_s=transfer_timeout_s,
+            replication_bandwidth=parse_bandwidth(replication_bandwidth),
             timeout_s=timeout_s,
             size_hint=size_hint,
         )
@@ -149,12 +172,26 @@ class CheckpointManager:
         self.last_load: LoadInfo | None = None
         self._closed = False
         self._drain_hook = None
-        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.persist_dir: Path | str | None = persist_where
+        self._remote: RemoteTier | None = None
+        if isinstance(persist_where, str):
+            self._remote = RemoteTier(persist_where, self.job_id, persist_options)
         if persist_every is not None:
-            self._drain_hook = self._drainer(persist_every, Path(persist_dir))  # type: ignore[arg-type]
+            self._drain_hook = self._drainer(persist_every, persist_policy)
             self.engine.after_commit.append(self._drain_hook)
 
-    def _drainer(self, every: int, dest: Path) -> Callable[[int], None]:
+    def _drainer(self, every: int, policy: DrainPolicy | None) -> Callable[[int], None]:
+        if self._remote is not None:
+            remote = RemoteDrain(self.engine, self._remote, policy)
+
+            def to_remote(step: int) -> None:
+                if step % every == 0:
+                    remote.schedule(step)
+
+            return to_remote
+        dest = self.persist_dir
+        assert isinstance(dest, Path)
+
         def hook(step: int) -> None:
             if step % every == 0:
                 schedule_drain(
@@ -205,6 +242,36 @@ class CheckpointManager:
         does not wait for copies other ranks push to this node; ``close()`` does.
         """
         self.engine.wait_idle()
+
+    def pause_replication(self) -> None:
+        """Hold this rank's replication traffic until ``resume_replication()``.
+
+        For a communication-heavy phase of the training step: pushes and
+        re-replication fetches stop between two chunks (a chunk in flight finishes) and
+        go on from there on resume; nothing is sent again. Pauses are counted (each
+        needs its resume) and shared by the job's managers in this process. Every rank
+        pauses its own traffic; the other ranks' pushes to this node are theirs to pause.
+
+        The commit vote of a save waits for its replication, so a pause delays the
+        commit of a step being replicated (not the ``save()`` call itself). A pause holds
+        at most ``MAX_PAUSE_S`` (60 s) at a stretch, then replication goes on with a
+        warning. So resume before anything that waits for a save in flight (``save``,
+        ``wait``, ``load``, ``latest``): inside the pause it would wait out that limit.
+        """
+        self.runtime.throttle.pause()
+
+    def resume_replication(self) -> None:
+        """Give back one ``pause_replication()``; the last one lets replication go on."""
+        self.runtime.throttle.resume()
+
+    @contextlib.contextmanager
+    def replication_paused(self) -> Iterator[None]:
+        """``with mgr.replication_paused(): ...``: pause around a block, resume after it."""
+        self.pause_replication()
+        try:
+            yield
+        finally:
+            self.resume_replication()
 
     def _plan(self, step: int | None, on_world_size_mismatch: str) -> RecoveryPlan:
         txn = LoadTransaction(self.runtime, step, on_world_size_mismatch=on_world_size_mismatch)
@@ -303,10 +370,22 @@ class CheckpointManager:
         newer_than: int | None,
         on_non_finite: str | None = None,
     ) -> Any:
-        """Memory and the drained tier by the engine's tier rule (memory on a tie)."""
+        """Memory and the drained tier by the engine's tier rule (memory on a tie).
+
+        A durable tier that cannot be listed (store unreachable) is passed over when memory
+        has a step; with nothing in memory that is an error, never a silent fresh start.
+        """
         assert self.persist_dir is not None
-        found = persisted_steps(self.persist_dir, self.job_id) if self.rank == 0 else None
-        steps = self.coll.all_gather_object(found, "persisted steps")[0] or []
+        found: list[int] | str | None = None
+        if self.rank == 0:
+            try:
+                found = self._persisted_steps()
+            except (OSError, MemckptError) as e:
+                found = f"{type(e).__name__}: {e}"
+                log.warning("rank 0: cannot list persisted steps in %s: %s", self.persist_dir,
+                            found)  # fmt: skip
+        listed = self.coll.all_gather_object(found, "persisted steps")[0]
+        steps = listed if isinstance(listed, list) else []
         pstep = max((s for s in steps if newer_than is None or s > newer_than), default=None)
         loaded: list[Any] = []
 
@@ -322,6 +401,11 @@ class CheckpointManager:
         if choice.tier == "memory":
             return loaded[0]
         if choice.tier == "none":
+            if isinstance(listed, str):
+                raise StorageIOError(
+                    f"no step in memory and the durable tier {self.persist_dir} cannot be "
+                    f"listed ({listed}); fix the store's endpoint or credentials and retry"
+                )
             return None
         assert pstep is not None
         return self._load_persisted(pstep, read)
@@ -332,17 +416,19 @@ class CheckpointManager:
         t0 = time.perf_counter()
         result, error, path = None, None, ""
         try:
-            p, saved = persisted_object(self.persist_dir, self.job_id, step, self.rank)
-            path = str(p)
-            if saved != self.world_size:
-                raise WorldSizeMismatchError(
-                    f"persisted step {step} of job {self.job_id!r} in {self.persist_dir} was "
-                    f"saved by {saved} ranks; this job runs {self.world_size}"
-                )
-            with ObjectReader(p) as reader:
-                result = read(reader, set())
+            with self._persisted_object(step) as (p, saved):
+                path = str(p) if self._remote is None else self._remote.where(step, self.rank)
+                if saved != self.world_size:
+                    raise WorldSizeMismatchError(
+                        f"persisted step {step} of job {self.job_id!r} in {self.persist_dir} "
+                        f"was saved by {saved} ranks; this job runs {self.world_size}"
+                    )
+                with ObjectReader(p) as reader:
+                    result = read(reader, set())
         except MemckptError as e:
             error = e
+        except OSError as e:  # the store: unreachable, refused, timed out
+            error = StorageIOError(f"persisted step {step} in {self.persist_dir}: {e}")
         votes = self.coll.all_gather_object(
             (error is None, f"{type(error).__name__}: {error}" if error else ""),
             f"persisted load vote for step {step}",
@@ -356,6 +442,31 @@ class CheckpointManager:
         self.last_load = LoadInfo(step, path, time.perf_counter() - t0, tier="persistent")
         log.info("rank %d: loaded persisted step %d from %s", self.rank, step, path)
         return result
+
+    def _persisted_steps(self) -> list[int]:
+        if self._remote is not None:
+            return self._remote.persisted_steps()
+        assert isinstance(self.persist_dir, Path)
+        return persisted_steps(self.persist_dir, self.job_id)
+
+    def _is_persisted(self, step: int) -> bool:
+        try:
+            return step in self._persisted_steps()
+        except (OSError, MemckptError) as e:
+            log.warning("rank %d: cannot list %s: %s", self.rank, self.persist_dir, e)
+            return False
+
+    @contextlib.contextmanager
+    def _persisted_object(self, step: int) -> Iterator[tuple[Path, int]]:
+        """(local path, saving world size) of this rank's verified persisted object; a URL's
+        is downloaded next to the memory tier and removed afterwards."""
+        if self._remote is None:
+            assert isinstance(self.persist_dir, Path)
+            yield persisted_object(self.persist_dir, self.job_id, step, self.rank)
+            return
+        with tempfile.TemporaryDirectory(prefix=f".memckpt-restore-{self.job_id}-",
+                                         dir=self.store.root.parent) as scratch:  # fmt: skip
+            yield self._remote.download_object(step, self.rank, Path(scratch))
 
     def close(self, *, release_memory: bool | None = None) -> None:
         """Wait for the save in flight, stop the background worker and the transfer server.
@@ -375,12 +486,10 @@ class CheckpointManager:
         self._closed = True
         if self._drain_hook is not None:
             self.engine.after_commit.remove(self._drain_hook)
-        persist = self.persist_dir
-        if release_memory is not False and persist is not None:
-            job = self.job_id
-            if newest_step_persisted(self.runtime, lambda s: s in persisted_steps(persist, job)):
-                close_and_release(self.runtime, self.runtime.release)
-                return
+        release = release_memory is not False and self.persist_dir is not None
+        if release and newest_step_persisted(self.runtime, self._is_persisted):
+            close_and_release(self.runtime, self.runtime.release)
+            return
         self.runtime.release()
 
     def __enter__(self) -> CheckpointManager:

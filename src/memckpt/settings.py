@@ -31,6 +31,7 @@ __all__ = [
     "ON_NON_FINITE_ENV",
     "PROFILE_DIR_ENV",
     "PROFILE_STEPS_ENV",
+    "REPLICATION_BANDWIDTH_ENV",
     "RESTART_COUNT_ENV",
     "RESULT_DIR_ENV",
     "SECRET_ENV",
@@ -94,6 +95,13 @@ TRANSFER_PORT_ENV: Final = _declare(
     "MEMCKPT_TRANSFER_PORT",
     "first port of the transfer servers on a node; local rank r listens on this + r",
     "a free port per rank",
+)
+REPLICATION_BANDWIDTH_ENV: Final = _declare(
+    "MEMCKPT_REPLICATION_BANDWIDTH",
+    "cap on the bytes per second that replication and re-replication send and fetch, per "
+    "node (the node's ranks share it): a number of bytes or a value with a unit, such as "
+    "`100MB`, `1GiB` or `800 MB/s`; the `replication_bandwidth=` argument takes precedence",
+    "no cap: replication runs at full speed",
 )
 BASE_DIR_ENV: Final = _declare(
     "MEMCKPT_BASE_DIR",

@@ -130,10 +130,21 @@ def test_each_save_decision_logs_one_info_line(make_manager, train, caplog):
     with caplog.at_level(logging.INFO, logger="memckpt.schedule"):
         train(im, 6, 1.0)
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    # without a State or a step from the loop, the unit is named: iterations
     assert infos == [
-        "save at step 3: interval: 3 steps since last save >= 3",
-        "save at step 6: interval: 3 steps since last save >= 3",
+        "save at iteration 3: interval: 3 steps since last save >= 3",
+        "save at iteration 6: interval: 3 steps since last save >= 3",
     ]
+
+
+def test_the_save_line_names_the_training_step_the_loop_gives(make_manager, caplog):
+    im = make_manager(save_interval=3)
+    with caplog.at_level(logging.INFO, logger="memckpt.schedule"):
+        for step in range(51, 57):  # a job resumed at step 50
+            im.iter(step=step)
+            im.should_save_ckpt()
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos and all(m.startswith("save at step 5") for m in infos), infos
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,18 @@ the file that makes the destination loadable last, once every rank's part is the
 objects and manifest as a memckpt tree on a disk or shared filesystem, loadable with
 ``CheckpointManager(persist_dir, job_id)``. The DCP adapter drains to a plain DCP
 directory with the same machinery.
+
+``RemoteDrain`` drains the same objects and manifest to an object store
+(``memckpt.storage.remote``) without ever stalling training:
+
+- bounded lag: at most one step uploads and one waits; a newer step replaces the waiting
+  one (the step being uploaded finishes, unless it is retrying: a retry gives way);
+- each upload is retried with capped exponential backoff and jitter (``backoff_delay``),
+  each attempt bounded by ``DrainPolicy.attempt_timeout_s``;
+- a ``Circuit`` stops trying a dead endpoint (or refused credentials) for
+  ``DrainPolicy.circuit_open_s``: drains in that time are skipped, saves go on;
+- a step is persisted once every rank's object is verified where it landed and the
+  coordinator's manifest is uploaded last; older half-uploaded steps are then removed.
 """
 
 from __future__ import annotations
@@ -18,10 +30,14 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import random
 import shutil
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from memckpt import ids
 from memckpt.engine.save_engine import SaveEngine
@@ -31,12 +47,17 @@ from memckpt.errors import (
     CorruptCheckpointError,
     MemckptError,
 )
-from memckpt.storage.manifest import write_manifest
+from memckpt.storage.manifest import ObjectDigest, write_manifest
+from memckpt.storage.remote import RemoteTier, is_permanent, resolve_location
 from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.store import CheckpointStore, load_step_manifest, object_digest, step_dirs
 
 __all__ = [
     "PART_WAIT_S",
+    "Circuit",
+    "DrainPolicy",
+    "RemoteDrain",
+    "backoff_delay",
     "check_persist",
     "drain_objects",
     "schedule_drain",
@@ -50,14 +71,31 @@ PART_WAIT_S = 600.0
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memckpt-drain")
 
 
-def check_persist(persist_every: object, persist_dir: object) -> None:
-    """``persist_every`` needs an integer >= 1 and a ``persist_dir`` (ConfigError otherwise)."""
+def check_persist(
+    persist_every: object, persist_dir: object, *, remote_ok: bool = True
+) -> Path | str | None:
+    """``persist_every`` needs an integer >= 1 and a ``persist_dir`` (ConfigError otherwise).
+
+    Returns ``persist_dir`` resolved (``memckpt.storage.remote.resolve_location``): a local
+    Path, or an object-store URL (refused with ``remote_ok=False``); None when not given.
+    """
+    where = None
+    if persist_dir is not None:
+        if not isinstance(persist_dir, (str, os.PathLike)):
+            raise ConfigError(f"persist_dir must be a path or a URL, got {persist_dir!r}")
+        where = resolve_location(persist_dir)
+        if isinstance(where, str) and not remote_ok:
+            raise ConfigError(
+                f"persist_dir {persist_dir!r}: this API drains to a local or shared "
+                "filesystem path only; object-store URLs are not supported here yet"
+            )
     if persist_every is None:
-        return
+        return where
     if not isinstance(persist_every, int) or isinstance(persist_every, bool) or persist_every < 1:
         raise ConfigError(f"persist_every must be an integer >= 1, got {persist_every!r}")
     if persist_dir is None:
         raise ConfigError("persist_every needs a persist_dir to drain to")
+    return where
 
 
 def schedule_drain(
@@ -156,3 +194,248 @@ def persisted_object(dest_base: Path, job_id: str, step: int, rank: int) -> tupl
     if found is None or found[1] != m.objects[rank].digest:
         raise CorruptCheckpointError(f"{path}: not the object the drained manifest names")
     return path, m.world_size
+
+
+# -- draining to an object store ------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class DrainPolicy:
+    """How hard a remote drain tries. Seconds throughout.
+
+    ``attempts`` per upload (the first try included); the n-th retry waits
+    ``backoff_delay(n)``; ``attempt_timeout_s`` bounds one attempt (one object or the
+    manifest); ``part_wait_s`` bounds the coordinator's wait for the other ranks' objects;
+    ``circuit_after`` failed drains in a row open the circuit for ``circuit_open_s``.
+    """
+
+    attempts: int = 4
+    backoff_s: float = 1.0
+    backoff_cap_s: float = 30.0
+    attempt_timeout_s: float = 900.0
+    part_wait_s: float = PART_WAIT_S
+    poll_s: float = 0.2
+    circuit_after: int = 3
+    circuit_open_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.circuit_after < 1:
+            raise ConfigError(f"DrainPolicy needs attempts and circuit_after >= 1: {self}")
+        if min(self.backoff_s, self.backoff_cap_s, self.circuit_open_s) < 0:
+            raise ConfigError(f"DrainPolicy needs non-negative delays: {self}")
+        if min(self.attempt_timeout_s, self.part_wait_s, self.poll_s) <= 0:
+            raise ConfigError(f"DrainPolicy needs positive timeouts: {self}")
+
+
+def backoff_delay(retry: int, policy: DrainPolicy, rand: float) -> float:
+    """Seconds before retry number ``retry`` (1, 2, ...): capped exponential, with jitter.
+
+    ``rand`` in [0, 1) picks a point in the upper half of the capped delay, so ranks that
+    failed together do not retry together.
+    """
+    capped = min(policy.backoff_cap_s, policy.backoff_s * 2 ** (retry - 1))
+    return capped * (0.5 + rand / 2)
+
+
+class Circuit:
+    """Closed, open or half-open over one destination's drains (clock injected).
+
+    ``after`` failed drains in a row, or one refusal that retrying cannot help, open it
+    for ``open_s``; then one probe drain is let through (half-open): its success closes
+    the circuit, its failure opens it again.
+    """
+
+    def __init__(
+        self, after: int, open_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.after, self.open_s, self.clock = after, open_s, clock
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def state(self) -> str:
+        """The circuit now: "closed", "open" or "half-open" (a probe may go)."""
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.open_s else "open"
+
+    def success(self) -> bool:
+        """Record a drain that succeeded; True when it closed an open circuit."""
+        was_open = self.opened_at is not None
+        self.failures, self.opened_at = 0, None
+        return was_open
+
+    def failure(self, permanent: bool = False) -> bool:
+        """Record a failed drain; True when this opened (or re-opened) the circuit."""
+        self.failures += 1
+        if permanent or self.failures >= self.after or self.opened_at is not None:
+            self.opened_at = self.clock()
+            return True
+        return False
+
+
+class _Superseded(Exception):
+    """A newer step is waiting: this one gives way."""
+
+
+def _call_with_timeout(fn: Callable[[], _T], timeout: float, what: str) -> _T:
+    """``fn()`` on its own thread, abandoned (left to finish in the background) after
+    ``timeout`` seconds with TimeoutError: a hung connection never holds the drain."""
+    out: list[_T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=run, name="memckpt-drain-attempt", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{what} did not finish within {timeout:.0f}s")
+    if err:
+        raise err[0]
+    return out[0]
+
+
+class RemoteDrain:
+    """Drains of one job's committed steps to a ``RemoteTier`` (see the module docstring).
+
+    ``schedule(step)`` is the engine's after-commit hook: it returns at once. The work runs
+    on the process's drain thread (``wait_for_drains`` waits for it). Every rank drains the
+    same steps and uploads its own object; rank 0 (the coordinator) waits for every
+    rank's object, then uploads the manifest, then removes older half-uploaded steps.
+    """
+
+    def __init__(
+        self, engine: SaveEngine, tier: RemoteTier, policy: DrainPolicy | None = None
+    ) -> None:
+        self.engine, self.tier = engine, tier
+        self.policy = policy or DrainPolicy()
+        self.circuit = Circuit(self.policy.circuit_after, self.policy.circuit_open_s)
+        self._lock = threading.Lock()
+        self._waiting: int | None = None
+        self._newer = threading.Event()  # a step is waiting: a retrying drain gives way
+        self._last_error = ""
+        self._rand = random.Random()
+
+    @property
+    def rank(self) -> int:
+        return self.engine.store.rank
+
+    def schedule(self, step: int) -> None:
+        """Queue ``step``; a step still waiting is superseded (and given back to retention)."""
+        self.engine.set_draining(step, True)
+        with self._lock:
+            old, self._waiting = self._waiting, step
+            self._newer.set()
+        if old is not None:
+            self.engine.set_draining(old, False)
+            log.info("rank %d: drain of step %d to %s superseded by step %d", self.rank, old,
+                     self.tier.where(), step)  # fmt: skip
+        _executor.submit(self._run_waiting)
+
+    def _run_waiting(self) -> None:
+        with self._lock:
+            step, self._waiting = self._waiting, None
+            self._newer.clear()
+        if step is None:
+            return  # taken by the run of a newer schedule
+        try:
+            self._run(step)
+        finally:
+            self.engine.set_draining(step, False)
+
+    def _run(self, step: int) -> None:
+        state = self.circuit.state()
+        if state == "open":
+            log.debug("rank %d: step %d not drained: the circuit to %s is open", self.rank,
+                      step, self.tier.where())  # fmt: skip
+            return
+        t0 = time.perf_counter()
+        try:
+            self._drain(step, attempts=1 if state == "half-open" else self.policy.attempts)
+        except _Superseded:
+            log.info("rank %d: drain of step %d gave way to a newer step", self.rank, step)
+            return
+        except Exception as e:
+            self._failed(step, e)
+            return
+        if self.circuit.success():
+            log.info("rank %d: %s reachable again", self.rank, self.tier.where())
+        self._last_error = ""
+        log.info("rank %d: drained step %d to %s in %.2fs", self.rank, step,
+                 self.tier.where(step), time.perf_counter() - t0)  # fmt: skip
+
+    def _failed(self, step: int, e: BaseException) -> None:
+        permanent = is_permanent(e)
+        opened = self.circuit.failure(permanent)
+        text = f"{type(e).__name__}: {str(e).rstrip('.')}"
+        hint = ""
+        if isinstance(e, PermissionError):
+            hint = (" The store refused the credentials: check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY / AWS_PROFILE (or persist_options), and the "
+                    "bucket's permissions.")  # fmt: skip
+        pause = (f" Drains to it pause for {self.policy.circuit_open_s:g}s; training "
+                 "goes on." if opened else " Training goes on.")  # fmt: skip
+        if text != self._last_error:
+            self._last_error = text
+            log.error("rank %d: step %d not persisted to %s: %s.%s%s", self.rank, step,
+                      self.tier.where(), text, hint, pause)  # fmt: skip
+        else:
+            log.debug("rank %d: step %d not persisted (same error): %s", self.rank, step, text)
+
+    def _drain(self, step: int, attempts: int) -> None:
+        store = self.engine.store
+        manifest = store.manifest(step)
+        if manifest is None:
+            raise CheckpointNotFoundError(f"step {step} has no manifest on this node")
+        src = store.object_path(step, store.rank)
+        self._retry(lambda: self.tier.upload_object(src, step, store.rank,
+                                                    manifest.objects[store.rank]),
+                    f"upload of {self.tier.where(step, store.rank)}", attempts)  # fmt: skip
+        if store.rank != 0:
+            return
+        self._wait_for_parts(step, manifest.objects)
+        self._retry(lambda: self.tier.upload_manifest(manifest),
+                    f"upload of the manifest of {self.tier.where(step)}", attempts)  # fmt: skip
+        try:
+            self.tier.clean_leftovers(below=step)
+        except Exception as e:  # a leftover stays until the next drain
+            log.warning("rank 0: could not remove half-uploaded steps from %s: %s",
+                        self.tier.where(), e)  # fmt: skip
+
+    def _retry(self, op: Callable[[], None], what: str, attempts: int) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                _call_with_timeout(op, self.policy.attempt_timeout_s, what)
+                return
+            except Exception as e:
+                if is_permanent(e) or attempt == attempts:
+                    raise
+                delay = backoff_delay(attempt, self.policy, self._rand.random())
+                log.warning("rank %d: %s failed (%s: %s); retry %d/%d in %.1fs", self.rank,
+                            what, type(e).__name__, e, attempt, attempts - 1,
+                            delay)  # fmt: skip
+                if self._newer.wait(delay):
+                    raise _Superseded from e
+
+    def _wait_for_parts(self, step: int, objects: Mapping[int, ObjectDigest]) -> None:
+        deadline = time.monotonic() + self.policy.part_wait_s
+        todo = dict(objects)
+        while todo:
+            for r in [r for r, want in todo.items() if self.tier.has_object(step, r, want)]:
+                del todo[r]
+            if not todo:
+                return
+            if time.monotonic() > deadline:
+                raise MemckptError(
+                    f"{self.tier.where(step)}: ranks {sorted(todo)} did not upload their "
+                    f"objects within {self.policy.part_wait_s:.0f}s; their drains failed "
+                    "or their nodes cannot reach the store"
+                )
+            if self._newer.wait(self.policy.poll_s):
+                raise _Superseded

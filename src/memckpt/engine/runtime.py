@@ -10,6 +10,12 @@ collective, no new group and no new server. ``release`` closes it with the last 
 A job opened twice with different settings (replication, keep_last, ...) is refused
 with an error naming only the options that differ, both values, and who opened the
 job (the API and the caller's file and line), rather than silently using either.
+
+The runtime also owns the process's ``TransferThrottle`` (``memckpt.transport.bandwidth``):
+the replication bandwidth cap (``replication_bandwidth``, else
+``MEMCKPT_REPLICATION_BANDWIDTH``), drawn from a token bucket in the job's node tree
+that every process of the node shares, and the pause switch behind
+``CheckpointManager.pause_replication``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ from memckpt.storage.inventory import Inventory
 from memckpt.storage.manifest import StepManifest
 from memckpt.storage.retention import check_keep_last
 from memckpt.storage.store import CheckpointStore
+from memckpt.transport.bandwidth import (
+    BUCKET_FILE,
+    TransferThrottle,
+    bandwidth_from_env,
+    parse_bandwidth,
+)
 
 __all__ = [
     "NodeRuntime",
@@ -72,6 +84,7 @@ class RuntimeOptions:
     node_id: str | None = None
     connections: int = 2
     transfer_timeout_s: float = 30.0
+    replication_bandwidth: int | None = None  # bytes/s per node; None: no cap
     timeout_s: float = 300.0
     size_hint: int | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
@@ -93,13 +106,25 @@ class RuntimeSettings:
     timeout_s: float | None = None
     transfer_timeout_s: float | None = None
     limit_bytes: int | None = None
+    replication_bandwidth: int | float | str | None = None
 
     def options(self) -> tuple[RuntimeOptions, set[str]]:
         """(the runtime options, the names given explicitly)."""
         given = {k: v for k, v in vars(self).items() if v is not None and k != "secret"}
         if "keep_last" in given:
             check_keep_last(given["keep_last"])
+        if "replication_bandwidth" in given:
+            given["replication_bandwidth"] = parse_bandwidth(given["replication_bandwidth"])
         return RuntimeOptions(**given), set(given)
+
+
+def _with_bandwidth_from_env(options: RuntimeOptions) -> RuntimeOptions:
+    """``options`` with the cap of ``MEMCKPT_REPLICATION_BANDWIDTH`` when they name none
+    (an argument wins over the variable); raises ConfigError for a malformed value."""
+    if options.replication_bandwidth is not None:
+        return options
+    rate = bandwidth_from_env()
+    return options if rate is None else dataclasses.replace(options, replication_bandwidth=rate)
 
 
 _API_MODULES = ("memckpt.manager", "memckpt.adapters.", "memckpt.engine.")
@@ -179,6 +204,7 @@ class NodeRuntime:
         options: RuntimeOptions,
         key: tuple[str, str],
         connect_args: dict[str, Any] | None = None,
+        throttle: TransferThrottle | None = None,
     ) -> None:
         self.store = store
         self.coll = coll
@@ -189,6 +215,8 @@ class NodeRuntime:
         self._key = key
         self._users = 0
         self._connect_args = connect_args or {}
+        # the cap and pause switch of this process's pushes and re-replication fetches
+        self.throttle = throttle if throttle is not None else TransferThrottle()
         self.opened_by = "unknown"  # the API and caller that opened it, for conflict errors
         self._explicit: set[str] = set()  # settings the opener named (hold)
         self._for_reading = False  # opened by reading calls only (hold)
@@ -214,7 +242,8 @@ class NodeRuntime:
             self.network = Replicator.setup(
                 self.store, self.coll, None, node_id=self.options.node_id,
                 connections=self.options.connections,
-                timeout_s=self.options.transfer_timeout_s, **self._connect_args,
+                timeout_s=self.options.transfer_timeout_s, throttle=self.throttle,
+                **self._connect_args,
             )  # fmt: skip
         return self.network
 
@@ -246,8 +275,11 @@ class NodeRuntime:
         secret: bytes | None = None,
         vote: Vote | None = None,
     ) -> NodeRuntime:
-        """The job's runtime in this process; opens it (collectively) the first time."""
-        options = options or RuntimeOptions()
+        """The job's runtime in this process; opens it (collectively) the first time.
+
+        ``options`` without a bandwidth cap take ``MEMCKPT_REPLICATION_BANDWIDTH``'s.
+        """
+        options = _with_bandwidth_from_env(options or RuntimeOptions())
         key = (os.path.realpath(base_dir), str(job_id))
         with cls._lock:
             rt = cls._open.get(key)
@@ -297,7 +329,9 @@ class NodeRuntime:
         store.remove_stale_markers()
         store.settle_interrupted_resaves()
         replicator = None
+        throttle = None
         try:
+            throttle = _throttle(store, options.replication_bandwidth)
             spec = strategy if strategy is not None else options.replication
             if spec is not None:
                 replicator = Replicator.setup(
@@ -310,6 +344,7 @@ class NodeRuntime:
                     secret=secret,
                     connections=options.connections,
                     timeout_s=options.transfer_timeout_s,
+                    throttle=throttle,
                 )
                 if replicator is not None:
                     replicator.write_peer_file(collectives.world_size)
@@ -326,10 +361,13 @@ class NodeRuntime:
         except BaseException:
             if replicator is not None:
                 replicator.close()
+            if throttle is not None:
+                throttle.close()
             store.close()
             raise
         connect_args = {"host": transfer_host, "port": transfer_port, "secret": secret}
-        rt = cls(store, collectives, commit_coll, replicator, engine, options, key, connect_args)
+        rt = cls(store, collectives, commit_coll, replicator, engine, options, key, connect_args,
+                 throttle)  # fmt: skip
         if options.prefault:
             rt._prefault_at_start(options.size_hint)
         return rt
@@ -467,11 +505,26 @@ class NodeRuntime:
             if self._users > 0:
                 return
             self._open.pop(self._key, None)
+        holds = self.throttle.resume_all()  # closing must not wait on a pause
+        if holds:
+            log.info("rank %d: closing job %s with replication paused (%d hold(s)); resumed it "
+                     "to finish the transfers in flight", self.rank, self.store.job_id,
+                     holds)  # fmt: skip
         self.engine.close()
         if self.network is not None:
             self.network.finish_transfers()
+        self.throttle.close()
+        if self.network is not None:
             self.network.close()
         self.store.close()
+
+
+def _throttle(store: CheckpointStore, rate: int | None) -> TransferThrottle:
+    """The process's throttle; with a cap, its bucket is the node's file that every
+    process of the node (every rank writing into this job tree) shares."""
+    if rate is None:
+        return TransferThrottle()
+    return TransferThrottle(rate, bucket_path=store.layout.peers_dir / BUCKET_FILE)
 
 
 atexit.register(NodeRuntime.release_held)

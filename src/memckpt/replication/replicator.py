@@ -12,15 +12,26 @@ at most ``push_bound_s`` (derived from the client's timeouts, retries and minimu
 throughput); a push still running then, or still running when the next step is
 replicated, makes that step count as unreplicated instead of holding the save. A
 holder that keeps failing is skipped for a while by the client's circuit breaker.
+
+Pushes and the background fetches of re-replication go through the node runtime's
+``TransferThrottle`` (``memckpt.transport.bandwidth``): the node's bandwidth cap,
+and ``pause()``/``resume()``. The bound ``replicate`` waits counts the cap (at this
+rank's share of it) and is extended by the time a pause held the transfers, so a
+capped or paused push is not reported unreplicated for being slow on purpose; a
+pause holds at most ``max_pause_s`` at a stretch, so the commit that waits for
+``replicate`` is delayed by the pause, never held for good.
+
 During recovery ``fetch`` brings back an object this node lost, and ``rereplicate``
 pushes this rank's object to holders that lost their copy, so a replaced node again
 holds what the strategy says.
 
 Closing, on every rank (``NodeRuntime.release``)::
 
+    throttle.resume_all()          # a pause left on must not hold the close
     engine.close()                 # the save worker: saves, a load's fetch and rereplicate
     replicator.finish_transfers()  # this rank's pushes still running, and the copies the
                                    # peers' rereplicate sends to this rank (each bounded)
+    throttle.close()               # a transfer waiting for its turn fails at once
     replicator.close()             # client and server: a transfer still running fails
 
 A receiving rank knows which copies to wait for from the inventories its
@@ -52,6 +63,7 @@ from memckpt.replication import (
 from memckpt.storage.inventory import Inventory
 from memckpt.storage.safe_fs import write_atomic
 from memckpt.storage.store import CheckpointStore
+from memckpt.transport.bandwidth import TransferThrottle
 from memckpt.transport.client import RemoteObjectReader, TransferClient
 from memckpt.transport.protocol import (
     MIN_THROUGHPUT,
@@ -243,8 +255,12 @@ class Replicator:
         timeout_s: float = 30.0,
         retries: int = 2,
         min_throughput: float = MIN_THROUGHPUT,
+        throttle: TransferThrottle | None = None,
     ) -> Replicator | None:
         """Start the server and meet the peers (collective). None when there is one node.
+
+        ``throttle``: the node runtime's cap and pause switch, obeyed by pushes and
+        fetches (not by a load's reads, ``open_remote``).
 
         The peers and their transfer servers serve reads whatever the strategy: where a
         copy lives is in the inventories, not in the strategy that pushed it. A strategy
@@ -301,11 +317,12 @@ class Replicator:
             raise
         client = TransferClient(store.job_id, secret, rank=rank, connections=connections,
                                 timeout_s=timeout_s, retries=retries,
-                                min_throughput=min_throughput)  # fmt: skip
+                                min_throughput=min_throughput, throttle=throttle)  # fmt: skip
         if plan is not None:
             assert strategy is not None
-            log.info("rank %d on node %s: replicating with %s to ranks %s", rank, node_id,
-                     strategy.spec, plan.holders_of(rank))  # fmt: skip
+            cap = f", at most {throttle.describe()}" if throttle and throttle.rate else ""
+            log.info("rank %d on node %s: replicating with %s to ranks %s%s", rank, node_id,
+                     strategy.spec, plan.holders_of(rank), cap)  # fmt: skip
         return cls(store, peers, topology, plan, server, client, strategy)
 
     # -- who ----------------------------------------------------------------------------
@@ -345,8 +362,22 @@ class Replicator:
 
     # -- moving data ----------------------------------------------------------------------
     def push_bound_s(self, nbytes: int) -> float:
-        """Longest ``replicate`` waits for a push of ``nbytes`` before reporting it unreplicated."""
-        return self.client.call_bound_s(nbytes) + 1.0
+        """Longest ``replicate`` waits for a push of ``nbytes`` before reporting it
+        unreplicated, not counting time paused.
+
+        Under a cap the push is counted at this rank's share of it: the node's cap over
+        the node's ranks, each pushing to all its holders at once.
+        """
+        throttle = self.client.throttle
+        share = None
+        if throttle is not None and throttle.rate is not None:
+            here = len(self.topology.ranks_on(self.topology.node(self.rank)))
+            share = throttle.rate / (here * max(1, len(self.holders())))
+        return self.client.call_bound_s(nbytes, share) + 1.0
+
+    def _held_s(self) -> float:
+        throttle = self.client.throttle
+        return throttle.held_s() if throttle is not None else 0.0
 
     def _push(
         self, step: int, targets: Sequence[int], owner: int | None = None
@@ -386,7 +417,7 @@ class Replicator:
                     continue
                 self._running[h] = (step, fut)
                 futs[h] = fut
-        done, _ = concurrent.futures.wait(futs.values(), timeout=bound)
+        done = self._wait_pushes(list(futs.values()), bound)
         for h, f in futs.items():
             where = f"rank {h} ({self.peers[h].address})"
             if f not in done:
@@ -404,6 +435,17 @@ class Replicator:
             log.warning("rank %d: step %d not fully replicated: %s", self.rank, step,
                         "; ".join(out.errors))  # fmt: skip
         return out
+
+    def _wait_pushes(
+        self, futs: list[concurrent.futures.Future[int]], bound: float
+    ) -> set[concurrent.futures.Future[int]]:
+        """Wait for ``futs`` up to ``bound`` seconds plus the time a pause held them."""
+        start, held0 = time.monotonic(), self._held_s()
+        while True:
+            left = start + bound + (self._held_s() - held0) - time.monotonic()
+            done, pending = concurrent.futures.wait(futs, timeout=max(0.0, min(left, 1.0)))
+            if not pending or left <= 0:
+                return done
 
     def replicate(self, step: int) -> ReplicationOutcome:
         """Push this rank's object of ``step`` to its holders; reports, never raises."""
@@ -478,7 +520,7 @@ class Replicator:
             incoming = sorted((step, r) for step, owners in self._incoming.items() for r in owners)
         bound = self.push_bound_s(self._largest_object())
         if running:
-            _, late = concurrent.futures.wait(running, timeout=bound)
+            late = set(running) - self._wait_pushes(running, bound)
             if late:
                 log.warning("rank %d: closing with %d push(es) still running after %.1fs",
                             self.rank, len(late), bound)  # fmt: skip

@@ -36,6 +36,7 @@ __all__ = [
     "COMPILE_WARMUP_ITERS",
     "DEFAULT_WARMUP_ITERS",
     "IterManager",
+    "PausesReplication",
     "SavesThroughState",
     "save_times",
 ]
@@ -53,6 +54,14 @@ class SavesThroughState(Protocol):
     last_save: Any
 
     def save(self, step: int | None = None, *, sync: bool = True) -> Any: ...
+
+
+class PausesReplication(Protocol):
+    """What ``IterManager(pause_replication=...)`` uses of a ``CheckpointManager``."""
+
+    def pause_replication(self) -> None: ...
+
+    def resume_replication(self) -> None: ...
 
 
 def _number(name: str, value: Any, *, minimum: float = 0.0) -> float:
@@ -128,6 +137,12 @@ class IterManager:
             the next ``iter()``: the save is waited for, the signal handlers are put back,
             and a signal that already arrived is raised again, so it ends the process as
             it would have without this manager, with the checkpoint committed.
+        pause_replication: a ``CheckpointManager`` whose replication is paused during
+            each step, for steps whose collectives need the whole network: ``iter()``
+            pauses it, ``should_save_ckpt()`` resumes it (so the decision and the save
+            run with replication going), and so do ``finalize()`` and ``close()``.
+            Replication then runs between steps and while a save waits for the
+            previous one; a step's commit waits for its replication, so it comes later.
     """
 
     def __init__(
@@ -153,6 +168,7 @@ class IterManager:
         environ: Mapping[str, str] | None = None,
         all_reduce_max: AllReduceMax | None = None,
         state: SavesThroughState | None = None,
+        pause_replication: PausesReplication | None = None,
     ) -> None:
         if isinstance(total_iters, bool) or not isinstance(total_iters, int):
             raise ScheduleConfigError(
@@ -216,6 +232,17 @@ class IterManager:
         self._state = state
         self._adopted: Any = None  # the state's latest save handle already recorded
         self._finalized = False
+        if pause_replication is not None and not all(
+            callable(getattr(pause_replication, name, None))
+            for name in ("pause_replication", "resume_replication")
+        ):
+            raise ScheduleConfigError(
+                "pause_replication must be the CheckpointManager whose replication to pause "
+                "during each step (anything with pause_replication() and "
+                f"resume_replication()), got {pause_replication!r}"
+            )
+        self._replication = pause_replication
+        self._replication_held = False
 
         self._watcher: SignalWatcher | None = None
         if signals:
@@ -255,12 +282,25 @@ class IterManager:
         if self._pending:
             self._collect_finished_saves()
         self._progress.tick(self._timer.ticks, self._step)
+        self._hold_replication()
+
+    def _hold_replication(self) -> None:
+        if self._replication is not None and not self._replication_held:
+            self._replication.pause_replication()
+            self._replication_held = True
+
+    def _release_replication(self) -> None:
+        if self._replication is not None and self._replication_held:
+            self._replication_held = False
+            self._replication.resume_replication()
 
     def should_save_ckpt(self) -> bool:
         """Whether every rank saves at this step; ``last_decision`` says why.
 
         Collective when a reduction is in use: all ranks call it once per iteration.
+        With ``pause_replication``, the step is over: replication resumes first.
         """
+        self._release_replication()
         step = self._timer.ticks
         view = LocalView(
             step=step,
@@ -292,12 +332,19 @@ class IterManager:
                     trigger=decision.trigger.value,
                     reason=decision.reason,
                 )
-            # with a state, name the step the checkpoint will carry, not the iteration count
-            label = self._state.step if self._state is not None else step
-            log.info("save at step %d: %s", label, decision.reason)
+            log.info("save at %s: %s", self._position(step), decision.reason)
         else:
-            log.debug("step %d: %s", step, decision.reason)
+            log.debug("%s: %s", self._position(step), decision.reason)
         return decision.save
+
+    def _position(self, iteration: int) -> str:
+        """Where training is, in the unit the checkpoint carries: the training step when a
+        State or the loop (``iter(step=...)``) gives it, else the iteration count, named."""
+        if self._state is not None:
+            return f"step {self._state.step}"
+        if self._step is not None:
+            return f"step {self._step}"
+        return f"iteration {iteration}"
 
     def record_save(self, result: Any) -> None:
         """Feed a save's timing: seconds, a SaveResult, or a SaveHandle still running.
@@ -390,6 +437,7 @@ class IterManager:
             step = self._state.step
         start = self._clock()
         self._finalized = True
+        self._release_replication()  # the saves waited for below may wait for replication
         try:
             if self._state is not None:
                 self._adopt_state_save()
@@ -416,7 +464,9 @@ class IterManager:
         return elapsed
 
     def close(self) -> None:
-        """Restore the signal handlers found at construction; safe to call twice."""
+        """Restore the signal handlers found at construction and resume replication if
+        this manager paused it; safe to call twice."""
+        self._release_replication()
         self._progress.flush()
         if self._watcher is not None:
             self._watcher.uninstall()

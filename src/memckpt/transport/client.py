@@ -9,6 +9,13 @@ bytes cannot hold a caller. A failed transfer is retried from scratch (new
 connections, a new transfer id) with exponential backoff; the final error names
 the peer, the object and every attempt's cause. A peer that keeps failing is
 skipped for a while (:class:`CircuitBreaker`).
+
+With a :class:`~memckpt.transport.bandwidth.TransferThrottle`, puts and gets move
+each part as a run of smaller requests (chunks) of one transfer, and every chunk
+first waits for its turn (the node's cap, a pause). The wait comes before the
+request, so deadlines count only the time bytes are on the wire: a part's
+requests share the part's budget, ``timeout_s + part / min_throughput``, spent
+only while a request runs. Loads' reads (``open_remote``) are never throttled.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from memckpt.storage.pool import Buffer
 from memckpt.storage.reader import TensorDamage, read_sections, verify_object_bytes
 from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.store import CheckpointStore
+from memckpt.transport.bandwidth import TransferThrottle
 from memckpt.transport.protocol import (
     MAX_CONTROL_PAYLOAD,
     MAX_DATA_LENGTH,
@@ -240,6 +248,28 @@ class CircuitBreaker:
             self._peers.pop(addr, None)
 
 
+class _Budget:
+    """Seconds the requests of one part may spend on the wire, all together.
+
+    Waiting for a throttle's turn happens between requests and is not spent, so a
+    part sent slowly on purpose (a cap, a pause) keeps the deadline of a fast one.
+    """
+
+    def __init__(self, seconds: float, how: str) -> None:
+        self.left = seconds
+        self.how = how
+
+    def deadline(self, base_s: float, nbytes: int, min_throughput: float,
+                 what: str) -> Deadline:  # fmt: skip
+        own = Deadline.for_transfer(base_s, nbytes, min_throughput, what)
+        if self.left >= own.seconds:
+            return own
+        return Deadline(self.left, what, f"what is left of its part's budget of {self.how}")
+
+    def spend(self, seconds: float) -> None:
+        self.left -= seconds
+
+
 def _counts_against_peer(e: BaseException) -> bool:
     """Whether a failed attempt says the peer is unreachable, stalled or speaks garbage
     (not: it answered ERROR, its data was corrupt, or this node lacks space)."""
@@ -265,8 +295,11 @@ class TransferClient:
         timeout_s: per socket operation, and the base of every deadline;
             connect_timeout_s for connecting.
         retries: attempts after the first, with backoff ``backoff_s * 3**i``.
-        min_throughput: bytes per second a transfer may not fall below.
+        min_throughput: bytes per second a transfer may not fall below (time waiting
+            for the throttle's turn does not count).
         breaker_failures, breaker_cooloff_s: the per-peer circuit breaker.
+        throttle: the node's cap and the pause switch that puts and gets obey, chunk
+            by chunk (``memckpt.transport.bandwidth``); None sends each part at once.
     """
 
     def __init__(
@@ -284,6 +317,7 @@ class TransferClient:
         min_throughput: float = MIN_THROUGHPUT,
         breaker_failures: int = 3,
         breaker_cooloff_s: float = 60.0,
+        throttle: TransferThrottle | None = None,
     ) -> None:
         self.job_id = job_id
         self.secret = validate_secret(secret)
@@ -300,6 +334,7 @@ class TransferClient:
             )
         self.min_throughput = min_throughput
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooloff_s)
+        self.throttle = throttle
         self._idle: dict[Address, list[_Connection]] = {}
         self._live: set[_Connection] = set()  # every open connection, idle or in use
         self._closed = False
@@ -309,16 +344,25 @@ class TransferClient:
         )
 
     def attempt_bound_s(self, nbytes: int) -> float:
-        """Longest one attempt moving ``nbytes`` in one part may take (seconds)."""
+        """Longest one attempt moving ``nbytes`` in one part may spend on the wire
+        (seconds); waits for the throttle's turn come on top."""
         return self.timeout_s + nbytes / self.min_throughput
 
-    def call_bound_s(self, nbytes: int) -> float:
-        """Longest a put or get of ``nbytes`` may take, every retry and backoff included."""
+    def call_bound_s(self, nbytes: int, share: float | None = None) -> float:
+        """Longest a put or get of ``nbytes`` may take, every retry and backoff included.
+
+        Under a capped throttle each attempt also waits for its bytes' turns, at
+        ``share`` bytes per second (default: the whole cap; less when other transfers
+        of the node draw from the bucket at the same time). Time paused is not
+        included: see ``TransferThrottle.held_s``.
+        """
         attempts = self.retries + 1
         backoff = sum(self.backoff_s * 3**i for i in range(self.retries))
+        rate = self.throttle.rate if self.throttle is not None else None
+        capped = nbytes / (share or rate) if rate else 0.0
         # a get asks for the size first (one request without data), then the parts
         return attempts * (self.connect_timeout_s + 2 * self.timeout_s
-                           + nbytes / self.min_throughput) + backoff  # fmt: skip
+                           + nbytes / self.min_throughput + capped) + backoff  # fmt: skip
 
     # -- connection pool -------------------------------------------------------------------
     def _checkout(self, addr: Address, deadline: Deadline) -> _Connection:
@@ -366,21 +410,29 @@ class TransferClient:
             self._discard(c)
 
     def _call(self, addr: Address, fn: Callable[[_Connection], T], nbytes: int = 0,
-              what: str = "request") -> T:  # fmt: skip
-        """Run one request on a pooled connection within its deadline; a broken connection
-        is closed, not reused."""
-        deadline = Deadline.for_transfer(self.timeout_s, nbytes, self.min_throughput, what)
-        conn = self._checkout(addr, deadline)
+              what: str = "request", budget: _Budget | None = None) -> T:  # fmt: skip
+        """Run one request on a pooled connection within its deadline (and within what
+        is left of its part's ``budget``); a broken connection is closed, not reused."""
+        if budget is None:
+            deadline = Deadline.for_transfer(self.timeout_s, nbytes, self.min_throughput, what)
+        else:
+            deadline = budget.deadline(self.timeout_s, nbytes, self.min_throughput, what)
+        t0 = time.monotonic()
         try:
-            result = fn(conn)
-        except _RemoteError:
+            conn = self._checkout(addr, deadline)
+            try:
+                result = fn(conn)
+            except _RemoteError:
+                self._checkin(conn)
+                raise
+            except BaseException:
+                self._discard(conn)
+                raise
             self._checkin(conn)
-            raise
-        except BaseException:
-            self._discard(conn)
-            raise
-        self._checkin(conn)
-        return result
+            return result
+        finally:
+            if budget is not None:
+                budget.spend(time.monotonic() - t0)
 
     def _retrying(self, what: str, addr: Address, fn: Callable[[], T]) -> T:
         causes: list[str] = []
@@ -414,6 +466,25 @@ class TransferClient:
         size = -(-total // n // _PART_ALIGN) * _PART_ALIGN
         return [(o, min(size, total - o)) for o in range(0, total, size)]
 
+    def _chunks(self, offset: int, nbytes: int) -> list[tuple[int, int]]:
+        """The requests one part goes as: itself, or the throttle's chunks."""
+        size = self.throttle.chunk_bytes if self.throttle is not None else None
+        if size is None or nbytes == 0:
+            return [(offset, nbytes)]
+        return [(o, min(size, offset + nbytes - o)) for o in range(offset, offset + nbytes, size)]
+
+    def _budget_how(self, nbytes: int) -> str:
+        return f"{self.timeout_s:g}s + {nbytes} bytes at {self.min_throughput / (1 << 20):g} MiB/s"
+
+    def _part_budget(self, nbytes: int) -> _Budget | None:
+        if self.throttle is None:
+            return None
+        return _Budget(self.attempt_bound_s(nbytes), self._budget_how(nbytes))
+
+    def _turn(self, nbytes: int, what: str) -> None:
+        if self.throttle is not None:
+            self.throttle.wait_turn(nbytes, what)
+
     # -- requests ----------------------------------------------------------------------------
     def ping(self, addr: Address) -> int:
         """Round trip to a peer; returns its rank."""
@@ -440,7 +511,9 @@ class TransferClient:
         """Replicate the object file at ``path`` to the peer; returns the bytes sent.
 
         Returns only once the peer has verified and published the replica; ends within
-        ``call_bound_s(size)`` whatever the peer does.
+        ``call_bound_s(size)`` plus the time paused, whatever the peer does. Under a
+        throttle the bytes go chunk by chunk, each at its turn; a pause stops between
+        two chunks and the transfer goes on from there.
         """
         what = f"sending {ref.relpath}"
         return self._retrying(what, addr, lambda: self._put_once(addr, ref, Path(path)))
@@ -452,29 +525,68 @@ class TransferClient:
         try:
             total = read_header(fd, str(path)).end
             tid = secrets.token_hex(16)
-            parts = self._parts(total)
 
             def send_part(offset: int, nbytes: int) -> bool:
-                def req(c: _Connection) -> bool:
-                    c.send(MessageType.PUT, {**ref.to_payload(), "offset": offset,
-                                             "nbytes": nbytes, "total": total,
-                                             "transfer": tid})  # fmt: skip
-                    c.send_data_header(nbytes)
-                    half = nbytes // 2 if offset == 0 else 0  # a fault point sits there
-                    c.send_file(fd, offset, half)
-                    fault_point("mid_replica_send", ref.step)
-                    c.send_file(fd, offset + half, nbytes - half)
-                    return bool(c.expect(MessageType.OK).payload.get("complete"))
+                return self._put_part(addr, ref, fd, total, tid, offset, nbytes)
 
-                what = f"PUT of {ref.relpath} bytes {offset}..{offset + nbytes}"
-                return self._call(addr, req, nbytes, what)
-
-            done = self._run_parts(send_part, parts)
+            done = self._run_parts(send_part, self._parts(total))
             if not any(done):
                 raise ProtocolError(f"peer {_fmt(addr)} never confirmed {ref.relpath} complete")
             return total
         finally:
             os.close(fd)
+
+    def _put_part(self, addr: Address, ref: ObjectRef, fd: int, total: int, tid: str,
+                  offset: int, nbytes: int) -> bool:  # fmt: skip
+        """Send one part as PUT requests of its chunks, on one connection; returns whether
+        the peer said the object is complete (it says so on the last chunk it receives).
+
+        The reply to a chunk is read after the next chunk is sent, so the link does not
+        idle while the peer drains its socket and answers. Each send and reply read has
+        a deadline within what is left of the part's budget; waits for the throttle's
+        turn come between them and are not spent.
+        """
+        budget = _Budget(self.attempt_bound_s(nbytes), self._budget_how(nbytes))
+        conn: _Connection | None = None
+        unanswered = False  # a chunk whose reply is still to be read
+        complete = False
+
+        def read_reply(c: _Connection) -> bool:
+            c.deadline = Deadline(budget.left, "PUT reply",
+                                  f"what is left of its part's budget of {budget.how}")  # fmt: skip
+            return bool(c.expect(MessageType.OK).payload.get("complete"))
+
+        try:
+            for o, n in self._chunks(offset, nbytes):
+                what = f"PUT of {ref.relpath} bytes {o}..{o + n}"
+                self._turn(n, what)
+                t0 = time.monotonic()
+                deadline = budget.deadline(self.timeout_s, n, self.min_throughput, what)
+                if conn is None:
+                    conn = self._checkout(addr, deadline)
+                conn.deadline = deadline
+                conn.send(MessageType.PUT, {**ref.to_payload(), "offset": o, "nbytes": n,
+                                            "total": total, "transfer": tid})  # fmt: skip
+                conn.send_data_header(n)
+                half = n // 2 if o == 0 else 0  # a fault point sits there
+                conn.send_file(fd, o, half)
+                fault_point("mid_replica_send", ref.step)
+                conn.send_file(fd, o + half, n - half)
+                if unanswered:
+                    complete = read_reply(conn)
+                unanswered = True
+                budget.spend(time.monotonic() - t0)
+            if conn is not None and unanswered:
+                t0 = time.monotonic()
+                complete = read_reply(conn)
+                budget.spend(time.monotonic() - t0)
+        except BaseException:
+            if conn is not None:  # a reply may be left unread: never reused
+                self._discard(conn)
+            raise
+        if conn is not None:
+            self._checkin(conn)
+        return complete
 
     def _run_parts(self, fn: Callable[[int, int], T], parts: list[tuple[int, int]]) -> list[T]:
         if len(parts) == 1:
@@ -488,7 +600,8 @@ class TransferClient:
 
         The bytes land in a buffer of the store's pool, are verified, then renamed to
         their final name: nothing partial or corrupt is ever visible. Ends within
-        ``call_bound_s(size)`` whatever the peer does.
+        ``call_bound_s(size)`` plus the time paused, whatever the peer does; obeys the
+        throttle chunk by chunk, as ``put`` does.
         """
         what = f"fetching {ref.relpath}"
         return self._retrying(what, addr, lambda: self._get_once(addr, ref, store))
@@ -504,7 +617,10 @@ class TransferClient:
 
             def get_part(offset: int, nbytes: int) -> None:
                 store.pool.reserve(buf, offset, offset + nbytes)
-                self._get_range(addr, ref, offset, nbytes, view[offset : offset + nbytes])
+                budget = self._part_budget(nbytes)
+                for o, n in self._chunks(offset, nbytes):
+                    self._turn(n, f"GET of {ref.relpath} bytes {o}..{o + n}")
+                    self._get_range(addr, ref, o, n, view[o : o + n], budget)
 
             self._run_parts(get_part, self._parts(total))
             where = f"{ref.relpath} fetched from {_fmt(addr)}"
@@ -518,7 +634,13 @@ class TransferClient:
         return path, total
 
     def _get_range(
-        self, addr: Address, ref: ObjectRef, offset: int, nbytes: int, into: memoryview | None
+        self,
+        addr: Address,
+        ref: ObjectRef,
+        offset: int,
+        nbytes: int,
+        into: memoryview | None,
+        budget: _Budget | None = None,
     ) -> tuple[int, bytes]:
         """GET bytes ``[offset, offset+nbytes)`` of an object; returns (object total, bytes).
 
@@ -540,7 +662,7 @@ class TransferClient:
             return total, bytes(raw)
 
         what = f"GET of {ref.relpath} bytes {offset}..{offset + nbytes}"
-        return self._call(addr, req, nbytes, what)
+        return self._call(addr, req, nbytes, what, budget)
 
     def open_remote(self, addr: Address, ref: ObjectRef) -> RemoteObjectReader:
         """Read an object on a peer without storing it here (see RemoteObjectReader)."""

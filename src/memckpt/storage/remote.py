@@ -1,0 +1,292 @@
+"""The durable tier through fsspec: a job's verified objects and manifests at a URL.
+
+A ``persist_dir`` is a local path or an fsspec URL (``s3://bucket/prefix``, ``gs://``,
+``az://``, ``file://``). ``resolve_location`` turns it into a local ``Path`` (plain paths and
+``file://``; those keep the local drain of ``memckpt.engine.drain``) or a checked URL, and
+refuses a scheme that fsspec does not know or whose package is not installed.
+
+A job's remote tree mirrors the local one: ``<url>/<job>/step-<N>/rank-<R>.mck`` and
+``<url>/<job>/step-<N>/manifest.json``. Object stores have no rename, so the manifest is the
+commit marker: it is uploaded last, once every rank's object is there and verified, and a
+step without one does not exist for ``persisted_steps`` (``clean_leftovers`` removes it).
+
+Verification reads back what landed, not the HTTP status: an object's size and header
+digest (the first ``HEADER_SIZE`` bytes) must be the manifest's, and the manifest read back
+must decode to the same checksum. A download is checked the same way before it is loaded
+(the loader then checks every chunk's checksum).
+
+Credentials and endpoints are fsspec's: for S3 the ``AWS_*`` variables, profiles and
+instance roles; ``AWS_ENDPOINT_URL`` or the ``endpoint_url`` storage option for
+S3-compatible stores. Storage options go to ``fsspec.filesystem`` unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from memckpt import ids
+from memckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from memckpt.storage.format import HEADER_SIZE, decode_header
+from memckpt.storage.manifest import (
+    ObjectDigest,
+    StepManifest,
+    decode_manifest,
+    encode_manifest,
+)
+from memckpt.storage.store import object_digest
+
+__all__ = [
+    "LOCAL_PROTOCOLS",
+    "RemoteTier",
+    "is_permanent",
+    "resolve_location",
+    "url_scheme",
+]
+
+log = logging.getLogger(__name__)
+
+LOCAL_PROTOCOLS: Final = ("file", "local")
+_SCHEME_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_INSTALL_HINT: Final = {
+    "s3": "pip install 'memckpt[s3]' (s3fs)",
+    "s3a": "pip install 'memckpt[s3]' (s3fs)",
+    "gs": "pip install gcsfs",
+    "gcs": "pip install gcsfs",
+    "az": "pip install adlfs",
+    "abfs": "pip install adlfs",
+    "abfss": "pip install adlfs",
+}
+
+
+def url_scheme(value: object) -> str | None:
+    """The URL scheme of ``value`` (``"s3"`` for ``s3://b/p``), or None for a plain path."""
+    if not isinstance(value, str):
+        return None
+    m = _SCHEME_RE.match(value)
+    return m.group(1).lower() if m else None
+
+
+def resolve_location(value: str | os.PathLike[str]) -> Path | str:
+    """A local ``Path`` for a path or ``file://`` URL; the URL itself for a remote store.
+
+    Raises ConfigError for a scheme fsspec does not know or whose package is missing.
+    """
+    scheme = url_scheme(value)
+    if scheme is None:
+        return Path(value)
+    import fsspec
+
+    try:
+        cls = fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise ConfigError(
+            f"persist_dir {value!r}: unknown URL scheme {scheme!r}; use a local path or an "
+            "fsspec URL such as s3://bucket/prefix, gs://..., az://... or file://..."
+        ) from None
+    except ImportError as e:
+        hint = _INSTALL_HINT.get(scheme, f"the fsspec implementation of {scheme!r}")
+        raise ConfigError(
+            f"persist_dir {value!r}: the {scheme!r} scheme needs a package that is not "
+            f"installed ({e}); install it: {hint}"
+        ) from None
+    protocols = cls.protocol if isinstance(cls.protocol, tuple) else (cls.protocol,)
+    if scheme in LOCAL_PROTOCOLS or "file" in protocols:
+        return Path(cls._strip_protocol(value))
+    return str(value).rstrip("/")
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether retrying cannot help: the store refuses these credentials or this bucket."""
+    return isinstance(exc, (PermissionError, ConfigError))
+
+
+class RemoteTier:
+    """One job's durable tier at a URL: upload, verify, list, download and delete steps.
+
+    Thread-safe for the drain thread and the caller's thread; every method does blocking
+    I/O on the store. Errors are the filesystem's (``OSError`` subclasses,
+    ``PermissionError`` for refused credentials) or memckpt's (a mismatch found on
+    read-back: CorruptCheckpointError).
+    """
+
+    def __init__(self, url: str, job_id: str, options: Mapping[str, Any] | None = None) -> None:
+        location = resolve_location(url)
+        if isinstance(location, Path):
+            raise ConfigError(f"{url!r} is a local path; RemoteTier is for object-store URLs")
+        self.url = location
+        self.job_id = ids.validate_job_id(job_id)
+        self.scheme = url_scheme(location) or ""
+        self.options = dict(options or {})
+        self._fs: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def fs(self) -> Any:
+        with self._lock:
+            if self._fs is None:
+                import fsspec
+
+                self._fs = fsspec.filesystem(self.scheme, **self.options)
+            return self._fs
+
+    # -- names -------------------------------------------------------------------------
+
+    def _root(self) -> str:
+        return f"{self.fs._strip_protocol(self.url).rstrip('/')}/{self.job_id}"
+
+    def step_path(self, step: int) -> str:
+        return f"{self._root()}/{ids.step_dir_name(step)}"
+
+    def object_path(self, step: int, rank: int) -> str:
+        return f"{self.step_path(step)}/{ids.object_name(rank)}"
+
+    def manifest_path(self, step: int) -> str:
+        return f"{self.step_path(step)}/{ids.MANIFEST_NAME}"
+
+    def where(self, step: int | None = None, rank: int | None = None) -> str:
+        """The URL of the job, a step or an object, for messages."""
+        out = f"{self.url}/{self.job_id}"
+        if step is not None:
+            out += f"/{ids.step_dir_name(step)}"
+        if rank is not None:
+            out += f"/{ids.object_name(rank)}"
+        return out
+
+    # -- upload ------------------------------------------------------------------------
+
+    def upload_object(self, src: Path, step: int, rank: int, expected: ObjectDigest) -> None:
+        """Upload ``src`` as ``rank``'s object of ``step`` and verify what landed.
+
+        Large files go up in parts (the filesystem's own multipart upload, s3fs above
+        its chunk size).
+        """
+        self.fs.put_file(str(src), self.object_path(step, rank))
+        self.verify_object(step, rank, expected)
+
+    def verify_object(self, step: int, rank: int, expected: ObjectDigest) -> None:
+        """Read back the stored object's size and header; CorruptCheckpointError on mismatch."""
+        path, where = self.object_path(step, rank), self.where(step, rank)
+        self.fs.invalidate_cache(path)
+        size = int(self.fs.info(path)["size"])
+        raw = self.fs.cat_file(path, start=0, end=min(HEADER_SIZE, size))
+        digest = decode_header(raw, where, size).digest
+        if size != expected.size or digest != expected.digest:
+            raise CorruptCheckpointError(
+                f"{where}: the stored object ({size} bytes, digest {digest:#x}) is not the "
+                f"one uploaded ({expected.size} bytes, digest {expected.digest:#x})"
+            )
+
+    def has_object(self, step: int, rank: int, expected: ObjectDigest) -> bool:
+        """Whether ``rank``'s object of ``step`` is stored with the expected size."""
+        path = self.object_path(step, rank)
+        self.fs.invalidate_cache(path)
+        try:
+            return int(self.fs.info(path)["size"]) == expected.size
+        except FileNotFoundError:
+            return False
+
+    def upload_manifest(self, manifest: StepManifest) -> None:
+        """Upload the commit marker of ``manifest.step`` and verify it; call it last."""
+        path = self.manifest_path(manifest.step)
+        self.fs.pipe_file(path, encode_manifest(manifest))
+        self.fs.invalidate_cache(path)
+        back = decode_manifest(self.fs.cat_file(path), self.where(manifest.step))
+        if back.checksum != manifest.checksum:
+            raise CorruptCheckpointError(
+                f"{self.where(manifest.step)}: the stored manifest is not the one uploaded"
+            )
+
+    # -- listing -----------------------------------------------------------------------
+
+    def step_dirs(self) -> list[int]:
+        """Steps with anything stored, committed or not, oldest first."""
+        root = self._root()
+        self.fs.invalidate_cache(root)
+        try:
+            names = self.fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return []
+        steps = (ids.parse_step_dir(str(n).rstrip("/").rsplit("/", 1)[-1]) for n in names)
+        return sorted(s for s in steps if s is not None)
+
+    def manifest(self, step: int) -> StepManifest | None:
+        """The committed manifest of ``step``; None when there is none (not committed).
+
+        CorruptCheckpointError when it does not decode or names another job or step.
+        """
+        path = self.manifest_path(step)
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        m = decode_manifest(raw, self.where(step))
+        if m.step != step or m.job_id != self.job_id:
+            raise CorruptCheckpointError(
+                f"{self.where(step)}: the manifest describes job {m.job_id!r} step {m.step}"
+            )
+        return m
+
+    def persisted_steps(self) -> list[int]:
+        """Steps whose manifest is stored and readable, sorted; the rest are invisible."""
+        out = []
+        for step in self.step_dirs():
+            try:
+                m = self.manifest(step)
+            except CorruptCheckpointError as err:
+                log.warning("ignoring persisted step %d: %s", step, err)
+                continue
+            if m is not None:
+                out.append(step)
+        return out
+
+    # -- download and delete -----------------------------------------------------------
+
+    def download_object(self, step: int, rank: int, dest_dir: Path) -> tuple[Path, int]:
+        """(local path, saving world size) of ``rank``'s object of ``step``, downloaded into
+        ``dest_dir`` and checked against the manifest (CheckpointNotFoundError,
+        CorruptCheckpointError)."""
+        m = self.manifest(step)
+        if m is None:
+            raise CheckpointNotFoundError(f"{self.where(step)}: no persisted manifest")
+        dest = dest_dir / ids.object_name(rank)
+        if rank not in m.objects:
+            return dest, m.world_size  # another world size: the caller says so
+        self.fs.get_file(self.object_path(step, rank), str(dest))
+        found = object_digest(dest)
+        want = m.objects[rank]
+        if found is None or found != (want.size, want.digest):
+            raise CorruptCheckpointError(
+                f"{self.where(step, rank)}: the downloaded object is not the one the "
+                "persisted manifest names"
+            )
+        return dest, m.world_size
+
+    def delete_step(self, step: int) -> None:
+        """Remove everything stored for ``step`` (absent is fine)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.step_path(step), recursive=True)
+        self.fs.invalidate_cache(self._root())
+
+    def clean_leftovers(self, below: int) -> list[int]:
+        """Delete the uncommitted steps older than ``below`` (half-uploaded); returns them."""
+        removed = []
+        for step in self.step_dirs():
+            if step >= below:
+                break
+            try:
+                if self.manifest(step) is not None:
+                    continue
+            except CorruptCheckpointError as err:
+                log.warning("removing persisted step %d: %s", step, err)
+            self.delete_step(step)
+            removed.append(step)
+        if removed:
+            log.info("removed half-uploaded steps %s from %s", removed, self.where())
+        return removed
