@@ -192,3 +192,111 @@ def fsdp_load(rank: int, world_size: int, base: str, reference: str) -> bool:
             if isinstance(v, torch.Tensor):
                 assert torch.equal(got["optim"]["state"][pid][k], v), (pid, k)
     return True
+
+
+# -- async_save staging (issue 23) ----------------------------------------------------------
+
+
+def _pool_files(base: str, job: str) -> list[str]:
+    return sorted(p.name for p in (Path(base) / job / ".pool").iterdir())
+
+
+def _staged_inodes(base: str, job: str, rank: int, mode: str) -> set[int]:
+    """Inodes of the buffers this process staged the job's saves into."""
+    from memckpt.engine.runtime import NodeRuntime
+    from memckpt.engine.staging import StagingArea
+
+    if mode == "thread":
+        rt = NodeRuntime.find(base, job)
+        assert rt is not None
+        try:
+            pool = rt.store.pool
+            bufs = [*pool._free, *pool._in_use.values()]
+        finally:
+            rt.release()
+    else:
+        (area,) = [a for a in StagingArea.all() if a.root == Path(base) / job]
+        pool = area.pool
+        bufs = [*pool._free, *pool._in_use.values(), *pool._handed.values()]
+    return {os.fstat(b.fd).st_ino for b in bufs}
+
+
+def staged_async_saves(rank: int, world_size: int, base: str, mode: str, saves: int) -> dict:
+    """``saves`` async saves with one executor; every tensor changes right after each
+    async_save returns. Returns what the tests check: values loaded back, and how the
+    staged buffers travelled."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    from memckpt.adapters.dcp import close
+
+    kind = AsyncCheckpointerType(mode)
+    job = f"job-{mode}"
+    out: dict[str, Any] = {"loaded": [], "futures": [], "pool_sizes": [], "in_place": []}
+    for step in range(1, saves + 1):
+        state = rank_state(rank, step)
+        fut = dcp.async_save(state, checkpoint_id=checkpoint_id(base, job, step),
+                             storage_writer=MemoryStorageWriter(keep_last=1),
+                             async_checkpointer_type=kind)  # fmt: skip
+        out["futures"].append(type(fut).__name__)
+        for v in (state[f"w{rank}"], state["shared"]):  # the caller mutates at once
+            v.fill_(-7.0)
+        state["meta"]["step"] = -7
+        fut.result(timeout=120)
+        # the object committed is the file this process staged into (no second copy)
+        obj = Path(checkpoint_id(base, job, step)) / f"rank-{rank}.mck"
+        out["in_place"].append(os.stat(obj).st_ino in _staged_inodes(base, job, rank, mode))
+        dest = rank_state(rank, 0)
+        dcp.load(dest, checkpoint_id=checkpoint_id(base, job, step),
+                 storage_reader=MemoryStorageReader())  # fmt: skip
+        want = rank_state(rank, step)
+        out["loaded"].append(
+            torch.equal(dest[f"w{rank}"], want[f"w{rank}"])
+            and torch.equal(dest["shared"], want["shared"])
+            and dest["meta"] == want["meta"]
+        )
+        out["pool_sizes"].append(len(_pool_files(base, job)))
+    if mode == "process":
+        from torch.distributed.checkpoint import _async_process_executor as ape
+
+        proc, ape._CHECKPOINT_PROCESS = ape._CHECKPOINT_PROCESS, None
+        if proc is not None:
+            proc.__del__()  # stop DCP's daemon (it closes its runtime) before we look
+    dist.barrier()
+    close()
+    out["left_staged"] = [n for n in _pool_files(base, job) if n.endswith(".staged")]
+    return out
+
+
+def fsdp_async_save(rank: int, world_size: int, base: str, mode: str) -> bool:
+    """FSDP2 (DTensor) state through async_save's staging, then training goes on at once."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    model, opt = _fsdp_model(world_size)
+    _train_step(model, opt, 0)
+    msd, osd = get_state_dict(model, opt)
+    want = {k: v.to_local().clone() for k, v in msd.items()}
+    # DCP's background save runs collectives while training runs FSDP's: a group of its own
+    pg = dist.new_group(backend="gloo")
+    fut = dcp.async_save({"model": msd, "optim": osd},
+                         checkpoint_id=checkpoint_id(base, f"fsdp-{mode}", 1),
+                         storage_writer=MemoryStorageWriter(), process_group=pg,
+                         async_checkpointer_type=AsyncCheckpointerType(mode))  # fmt: skip
+    _train_step(model, opt, 1)  # changes every parameter
+    fut.result(timeout=120)
+    msd, osd = get_state_dict(model, opt)
+    assert not torch.equal(next(iter(msd.values())).to_local(), next(iter(want.values())))
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=checkpoint_id(base, f"fsdp-{mode}", 1),
+             storage_reader=MemoryStorageReader())  # fmt: skip
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    got, _ = get_state_dict(model, opt)
+    for k, v in want.items():
+        assert torch.equal(got[k].to_local(), v), k
+    if mode == "process":
+        from torch.distributed.checkpoint import _async_process_executor as ape
+
+        proc, ape._CHECKPOINT_PROCESS = ape._CHECKPOINT_PROCESS, None
+        if proc is not None:
+            proc.__del__()
+    return True

@@ -129,6 +129,7 @@ def test_locator_lists_holders_by_digest_and_puts_the_planned_one_first():
         {5: StepHoldings({0: 99})},  # another save's object: not this step's data
         {5: StepHoldings({0: 11})},
     ]
+
     class FakeNetwork:
         def __init__(self, node_of: list[int]) -> None:
             self.topology = type("Topology", (), {"node_of": node_of})()

@@ -221,6 +221,7 @@ def test_clique_jump_that_does_not_fit_the_world_fails_at_construction():
         CliqueReplicationStrategy(object())  # type: ignore[arg-type]  # NVRx took a group
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_and_cpu_tensors_come_back_on_their_devices(shm_dir):
     state = {"gpu": torch.arange(8.0, device="cuda"), "cpu": torch.ones(3)}

@@ -244,6 +244,7 @@ def test_state_that_grows_gets_a_bigger_buffer(mgr):
         assert mgr.load()["t"].numel() == n
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_come_back_on_their_device(mgr):  # pragma: no cover - needs CUDA
     sd = {"g": torch.randn(1000, device="cuda"), "c": torch.randn(3)}

@@ -21,6 +21,7 @@ from memckpt.recipes.train import train
 from memckpt.storage.reader import ObjectReader
 
 pytestmark = [
+    pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.timeout(180),
 ]

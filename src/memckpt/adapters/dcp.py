@@ -25,6 +25,22 @@ Call sequence of a save (DCP drives it; see ``torch.distributed.checkpoint.Stora
                  K-th step is then drained in the background (``persist_every``)
     coordinator  finish: nothing left to do
 
+``dcp.async_save`` uses the writer as its stager (DCP's ``AsyncStager`` protocol), so the
+only blocking part is memckpt's own staging copy, straight into the rank's pre-faulted
+tmpfs buffer; nothing is copied a second time:
+
+    all ranks    stage(state_dict) (training thread): copy every tensor into a pool buffer
+                 (CUDA: device-to-host on a side stream into the registered mapping) and
+                 return the same structure over views of it. THREAD executor: the job's
+                 runtime stages (``SaveEngine.stage``); PROCESS: a staging pool of this
+                 process (``memckpt.engine.staging.StagingArea``), whose views pickle as
+                 handles to the buffer file, not as bytes
+    all ranks    synchronize_staging (if ``synchronize_after_stage``): the copies are done
+    background   DCP's save of the staged views; write_data indexes the staged bytes
+                 under DCP's item keys (``SaveEngine.commit(staged, flat=...)``, or
+                 ``SaveEngine.adopt`` of the borrowed buffer in DCP's daemon) and the save
+                 goes on as above, from the checksums on
+
 A load is the engine's load transaction, driven by DCP: ``read_metadata`` plans
 (inventories exchanged, collective; steps a load found damaged are passed over), brings
 the step's manifest to a node that lost it and meets the peers; DCP's planners decide
@@ -35,12 +51,14 @@ needed), verifying every chunk, then restores lost copies in the background.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,20 +85,31 @@ from torch.distributed.checkpoint.planner import (
     SavePlanner,
     WriteItemType,
 )
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
 from memckpt import ids
 from memckpt.engine.drain import check_persist, schedule_drain, wait_for_parts
+from memckpt.engine.handle import SaveHandle
 from memckpt.engine.load_transaction import LoadTransaction
 from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
+from memckpt.engine.save_engine import StagedSave
 from memckpt.engine.sources import ObjectLocator, ObjectSource, find_object_offline
+from memckpt.engine.staging import (
+    StagedView,
+    StagingArea,
+    drop_imported,
+    find_staged,
+    side_stream,
+)
 from memckpt.engine.tiers import close_and_release, newest_step_persisted
 from memckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
     DataDamagedError,
+    InsufficientSpaceError,
     InvalidNameError,
     MemckptError,
     TransferError,
@@ -90,7 +119,7 @@ from memckpt.storage.format import TensorEntry
 from memckpt.storage.manifest import StepManifest
 from memckpt.storage.reader import ObjectReader
 from memckpt.storage.safe_fs import real_subdirs, remove_entry
-from memckpt.storage.statedict import flatten_state_dict, restore_state_dict
+from memckpt.storage.statedict import FlatStateDict, flatten_state_dict, restore_state_dict
 from memckpt.storage.store import load_step_manifest
 from memckpt.storage.tensorbytes import is_plain_cpu, tensor_memoryview
 
@@ -166,6 +195,8 @@ def close(
     drain has ended and the job's newest step is persisted (``persist_every``), each
     node's memory tier of the job is deleted, in one log line; otherwise it is kept.
     """
+    StagingArea.close_all(None if base_dir is None or job_id is None
+                          else ids.JobLayout(base_dir, job_id).root)  # fmt: skip
     if not release_memory:
         NodeRuntime.release_held(base_dir, job_id)
         return
@@ -194,8 +225,11 @@ def _index(key: str) -> MetadataIndex:
 # -- writer ----------------------------------------------------------------------------------
 
 
-class MemoryStorageWriter(StorageWriter):
+class MemoryStorageWriter(StorageWriter, AsyncStager):
     """A DCP storage writer that saves into memckpt's memory tier (see the module docstring).
+
+    It is also the stager ``dcp.async_save`` uses with it: ``async_save`` blocks only for
+    one copy into the memory tier, then returns a plain Future.
 
     Args:
         checkpoint_id: ``<base>/<job>/step-<N>`` (usually passed to ``dcp.save`` instead).
@@ -204,7 +238,13 @@ class MemoryStorageWriter(StorageWriter):
             time it opens in this process, and must agree afterwards when given.
         persist_every: drain every K-th committed step to ``persist_dir`` as a plain DCP
             directory ``persist_dir/step-<N>``, in the background.
-        persist_dir: where drained steps go (needed with ``persist_every``).
+        persist_dir: where drained steps go (needed with ``persist_every``): a path or a
+            ``file://`` URL; an object-store URL is a ConfigError (not supported here yet).
+        synchronize_after_stage: ``async_save`` returns once CUDA tensors are copied to
+            the host (default). With False it returns as soon as the copies are queued
+            (on a side stream, after the work already queued), and the caller calls
+            ``synchronize_staging()`` before changing those tensors (before the
+            optimizer step, say). CPU tensors are always copied before it returns.
     """
 
     def __init__(
@@ -220,13 +260,17 @@ class MemoryStorageWriter(StorageWriter):
         limit_bytes: int | None = None,
         persist_every: int | None = None,
         persist_dir: str | os.PathLike[str] | None = None,
+        synchronize_after_stage: bool = True,
     ) -> None:
         super().__init__()
-        check_persist(persist_every, persist_dir)
+        persist_where = check_persist(persist_every, persist_dir, remote_ok=False)
+        self._synchronize_after_execute = synchronize_after_stage
+        self._staged: StagedSave | None = None  # staged by the job's runtime (THREAD)
+        self._copy_events: list[Any] = []  # ends of the device-to-host copies of the last stage
         self._settings = RuntimeSettings(replication, node_id, secret, keep_last, timeout_s,
                                          transfer_timeout_s, limit_bytes)  # fmt: skip
         self.persist_every = persist_every
-        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.persist_dir = persist_where if isinstance(persist_where, Path) else None
         self.checkpoint_id: str | None = None
         self._where: tuple[Path, str, int] | None = None
         self._runtime: NodeRuntime | None = None
@@ -239,7 +283,60 @@ class MemoryStorageWriter(StorageWriter):
         # the async process executor pickles the writer; the runtime stays in this process
         state = dict(self.__dict__)
         state["_runtime"] = None
+        state["_staged"] = None
+        state["_copy_events"] = []
         return state
+
+    # -- AsyncStager: the blocking half of dcp.async_save ----------------------------------
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Copy ``state_dict``'s tensors into this rank's memory tier; return it over views.
+
+        Called by ``dcp.async_save`` on every rank (the first call of a job in a process
+        is collective with the THREAD executor: it opens the job's runtime). The result
+        has the same structure; its tensors (DTensors' local tensors) are CPU views of
+        the staged bytes, which the save then commits without copying them again.
+        Without a checkpoint id (neither ``async_save``'s nor this writer's), or for
+        values memckpt does not stage (ShardedTensor), it copies into new CPU memory as
+        DCP's default stager does, and the save copies once more.
+        """
+        self._staged, self._copy_events = None, []
+        cid, executor = _async_save_call()
+        cid = cid if cid is not None else self.checkpoint_id
+        tree = _StagedTree.collect(state_dict) if cid is not None else None
+        if tree is None or cid is None:
+            why = "no checkpoint id" if cid is None else "values memckpt does not stage"
+            log.debug("staging %s with plain copies: %s", cid, why)
+            return _plain_copy(state_dict)
+        base, job, step = parse_checkpoint_id(cid)
+        flat = FlatStateDict(tree.names, tree.tensors, b"")
+        stream = _side_stream_for(tree.tensors)
+        if executor == "thread":  # this process commits: stage through the job's runtime
+            rt = NodeRuntime.hold(base, job, self._settings)
+            staged = rt.engine.stage(step, flat=flat, cuda_stream=stream)
+            self._staged = staged
+            if staged.handle is not None:  # skipped or failed: write_data reports it
+                return state_dict
+            self._copy_events = staged.cuda_events()
+            return tree.rebuild(staged.views())
+        # another process commits (PROCESS executor), or we cannot tell: stage into this
+        # process's staging pool, whose views travel to the committer as handles
+        area = StagingArea.open(ids.JobLayout(base, job), _global_rank(),
+                                self._settings.limit_bytes)  # fmt: skip
+        try:
+            staged_obj, views = area.stage(flat, cuda_stream=stream)
+        except InsufficientSpaceError as e:  # the committer's save decides (and skips)
+            log.debug("rank %d: no room to stage step %d (%s); plain copies", area.rank, step, e)
+            return _plain_copy(state_dict)
+        self._copy_events = list(staged_obj.cuda_events)
+        return tree.rebuild(views)
+
+    def synchronize_staging(self) -> None:
+        """Wait until the device-to-host copies of the last ``stage`` are done (no-op on CPU)."""
+        for ev in self._copy_events:  # pragma: no cover - needs CUDA
+            ev.synchronize()
+
+    def close(self) -> None:
+        """Nothing to release here: ``memckpt.adapters.dcp.close`` closes runtimes and pools."""
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is None:
@@ -277,13 +374,18 @@ class MemoryStorageWriter(StorageWriter):
         rt, (_, _, step) = self._runtime, self._where  # type: ignore[misc]
         assert rt is not None
         items: dict[str, Any] = {}
+        views: dict[tuple[Any, ...], torch.Tensor] = {}
         for item in plan.items:
             data = planner.resolve_data(item)
             key = item_key(item.index)
             if item.type == WriteItemType.BYTE_IO:
                 items[key] = bytes(data.getbuffer())
             else:
-                items[key] = data.detach()
+                t = data.detach()
+                # two items over the same bytes (a tensor under two names) are one tensor
+                items[key] = views.setdefault(
+                    (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()), t
+                )
         flat = flatten_state_dict(items)
         # a tensor two items share is stored once: record which stored name holds each key
         stored = {id(t): n for n, t in zip(flat.names, flat.tensors)}
@@ -300,21 +402,40 @@ class MemoryStorageWriter(StorageWriter):
                     "planner nor the global plan gave one); the step would not load"
                 )
             blobs[METADATA_BLOB] = pickle.dumps(metadata)
-        result = rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=True).wait()
+        result = self._commit(rt, step, flat, blobs).wait()
         result.raise_if_skipped()  # DCP has no "skipped": its save fails with the reason
         results = [
             WriteResult(index=item.index, size_in_bytes=_item_bytes(items[item_key(item.index)]),
                         storage_data=(rt.rank, item_key(item.index)))
             for item in plan.items
         ]  # fmt: skip
-        log.debug("rank %d: dcp step %d in memory (%.3fs blocking)", rt.rank, step,
-                  result.blocking_s)  # fmt: skip
+        log.debug("rank %d: dcp step %d in memory (staged in %.3fs, committed %.3fs after)",
+                  rt.rank, step, result.stage_s, result.total_s)  # fmt: skip
         if self.persist_every and step % self.persist_every == 0:
             assert self.persist_dir is not None
             _schedule_drain(rt, step, self.persist_dir, self._is_coordinator)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _commit(
+        self, rt: NodeRuntime, step: int, flat: FlatStateDict, blobs: dict[str, bytes]
+    ) -> SaveHandle:
+        """One save transaction of ``flat``: of bytes ``stage`` put in the memory tier when
+        they are there (no copy), else a save that copies them (``dcp.save``)."""
+        staged, self._staged = self._staged, None
+        if staged is None or staged.step != step:  # staged by another writer (async_stager=)
+            staged = rt.engine.pending(step)
+        try:
+            if staged is not None:  # staged by this runtime
+                return rt.engine.commit(staged, flat=flat, blobs=blobs, blocking=True)
+            borrowed = find_staged(flat.tensors)  # staged by another pool (or process)
+            if borrowed is not None:
+                adopted = rt.engine.adopt(step, borrowed, flat)
+                return rt.engine.commit(adopted, blobs=blobs, blocking=True)
+            return rt.engine.save(step, None, flat=flat, blobs=blobs, blocking=True)
+        finally:
+            drop_imported()  # buffers of saves that failed before their commit go back
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Nothing left to do: write_data's transaction committed the step and its manifest
@@ -334,6 +455,131 @@ class MemoryStorageWriter(StorageWriter):
 
 def _item_bytes(v: Any) -> int:
     return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else len(v)
+
+
+# -- staging helpers -------------------------------------------------------------------------
+
+
+def _async_save_call() -> tuple[str | None, str | None]:
+    """(checkpoint id, executor: "thread" or "process") of the ``dcp.async_save`` call
+    that is staging, each None when unknown.
+
+    DCP's ``AsyncStager.stage`` receives only the state dict; which job and step it is for
+    (and whether this process commits it) are arguments of ``async_save``, in its frame.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if frame.f_code.co_name == "async_save" and module.startswith("torch.distributed."):
+            cid = frame.f_locals.get("checkpoint_id")
+            kind = frame.f_locals.get("async_checkpointer_type")
+            return (None if cid is None else str(cid)), getattr(kind, "value", None)
+        frame = frame.f_back
+    return None, None
+
+
+def _global_rank() -> int:
+    dist = torch.distributed
+    return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _side_stream_for(tensors: Sequence[torch.Tensor]) -> Any:
+    devices = {t.device for t in tensors if t.is_cuda}
+    if len(devices) != 1:  # none, or several GPUs: the current streams, as saves use
+        return None
+    return side_stream(devices.pop())  # pragma: no cover - needs CUDA
+
+
+def _plain_copy(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy in new CPU memory, as DCP's default stager makes (the fallback)."""
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+    staged = _create_cpu_state_dict(state_dict)
+    return _copy_state_dict(state_dict, staged, type_check=False)
+
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None))
+
+
+class _StagedTree:
+    """The tensors of a DCP state dict, and how to rebuild it over staged views of them.
+
+    Dicts, lists and tuples are rebuilt; a tensor under two keys is staged once and
+    stays one tensor; a DTensor is staged as its local tensor and rebuilt around the
+    view with its spec; other values are deep-copied (immutable ones kept).
+    """
+
+    def __init__(self, state_dict: Any) -> None:
+        self.root = state_dict
+        self.names: list[str] = []
+        self.tensors: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}  # id(tensor or DTensor) -> position
+
+    @classmethod
+    def collect(cls, state_dict: Any) -> _StagedTree | None:
+        """None when the state dict holds a value memckpt does not stage."""
+        tree = cls(state_dict)
+        return tree if tree._walk(state_dict, "") else None
+
+    def _walk(self, obj: Any, path: str) -> bool:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(obj, torch.Tensor):
+            if id(obj) in self._index:
+                return True
+            if type(obj) is DTensor:
+                local, shape = obj._local_tensor, obj.shape
+            elif type(obj) in (torch.Tensor, torch.nn.Parameter) or isinstance(obj, StagedView):
+                local, shape = obj, obj.shape
+            else:  # ShardedTensor, other subclasses: DCP's own stager handles them
+                return False
+            if (local.layout != torch.strided or local.is_quantized or local.is_nested
+                    or local.device.type not in ("cpu", "cuda")):  # fmt: skip
+                return False
+            self._index[id(obj)] = len(self.tensors)
+            # the name only sizes the index: as long as the DCP item key it becomes
+            self.names.append(json.dumps([path, list(shape)]))
+            self.tensors.append(local.detach())
+            return True
+        if isinstance(obj, dict):
+            return all(self._walk(v, f"{path}.{k}") for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return all(self._walk(v, f"{path}.{i}") for i, v in enumerate(obj))
+        return True
+
+    def rebuild(self, views: Sequence[torch.Tensor]) -> Any:
+        """The state dict again, each tensor replaced by ``views[its position]``."""
+        return self._rebuild(self.root, views)
+
+    def _rebuild(self, obj: Any, views: Sequence[torch.Tensor]) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(obj, torch.Tensor):
+            view = views[self._index[id(obj)]]
+            if type(obj) is DTensor:
+                # built around an empty tensor, then given the view: a DTensor built on a
+                # view at an offset would pickle (PROCESS executor) as that view's storage
+                dt = DTensor(torch.empty(0, dtype=view.dtype), obj._spec, requires_grad=False)
+                dt._local_tensor = view
+                return dt
+            return view
+        if isinstance(obj, dict):
+            out = {k: self._rebuild(v, views) for k, v in obj.items()}
+            try:
+                return out if type(obj) is dict else type(obj)(out)
+            except TypeError:  # a dict subclass that cannot be built from a dict
+                return out
+        if isinstance(obj, list):
+            return [self._rebuild(v, views) for v in obj]
+        if isinstance(obj, tuple):
+            items = [self._rebuild(v, views) for v in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        if isinstance(obj, _IMMUTABLE):
+            return obj
+        try:  # a training loop may change it after async_save returns
+            return copy.deepcopy(obj)
+        except Exception:
+            return obj
 
 
 # -- latest and the reader -------------------------------------------------------------------

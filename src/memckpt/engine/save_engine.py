@@ -2,10 +2,18 @@
 
 Call sequence of one save, on every rank::
 
-    caller thread : flatten -> plan layout -> SaveTransaction.begin -> stage
+    caller thread : flatten -> plan layout -> SaveTransaction.begin -> stage   (stage)
+                    -> submit the rest                                        (commit)
     background    : finalize -> local commit -> replicate (if configured)
                     -> vote (injectable; default: gloo all-gather of ballots)
                     -> manifest -> retention -> pre-fault a spare buffer
+
+``save`` is ``commit(stage(...))``. A framework that stages first and decides later what
+to store (DCP: ``async_save`` stages, its planner runs afterwards) calls the halves
+itself: ``stage`` returns a :class:`StagedSave` (the staged handle) whose ``views()``
+are tensors over the staged bytes, and ``commit(staged, flat=...)`` indexes those bytes
+under the framework's names without copying them again. Bytes staged by another pool
+(another process, ``memckpt.engine.staging``) enter through ``adopt``.
 
 One worker thread runs the background halves in save order, so every rank casts
 its votes in the same order. At most one save is in flight: a new save first
@@ -20,7 +28,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from memckpt.collectives import Collectives
 from memckpt.engine.handle import SaveHandle, SaveResult
@@ -31,6 +42,7 @@ from memckpt.engine.save_transaction import (
     Vote,
     collective_vote,
 )
+from memckpt.engine.staging import staged_views
 from memckpt.errors import InsufficientSpaceError, MemckptError, as_storage_error
 from memckpt.ids import validate_step
 from memckpt.replication.replicator import Replicator
@@ -42,9 +54,9 @@ from memckpt.storage.retention import check_keep_last, plan_retention
 from memckpt.storage.room import Room, cgroup_memory, shortfall
 from memckpt.storage.statedict import FlatStateDict, flatten_state_dict
 from memckpt.storage.store import CheckpointStore
-from memckpt.storage.writer import ObjectLayout, meta_estimate, plan_layout
+from memckpt.storage.writer import ObjectLayout, StagedObject, meta_estimate, plan_layout
 
-__all__ = ["SaveEngine", "space_needed"]
+__all__ = ["SaveEngine", "StagedSave", "space_needed"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,38 @@ def space_needed(state_bytes: int, keep_last: int, replicas_held: int = 0) -> in
     replicated. Replicas of other ranks share the rank's tmpfs and pool.
     """
     return (keep_last + 2) * (1 + replicas_held) * state_bytes
+
+
+@dataclass(eq=False)
+class StagedSave:
+    """A save staged and not yet committed: pass it to :meth:`SaveEngine.commit`.
+
+    ``handle`` is already set when the save was decided at staging (skipped for lack of
+    room, or failed): committing it returns that handle.
+    """
+
+    step: int
+    t0: float
+    blocking_s: float = 0.0
+    txn: SaveTransaction | None = None
+    handle: SaveHandle | None = None
+
+    @property
+    def staged(self) -> StagedObject | None:
+        return self.txn.staged if self.txn is not None else None
+
+    def views(self) -> list[torch.Tensor]:
+        """CPU tensors over the staged bytes, one per staged tensor (empty if none staged).
+
+        They stay valid until the save is committed and retired; do not write into them.
+        """
+        staged = self.staged
+        return staged_views(staged) if staged is not None else []
+
+    def cuda_events(self) -> list[Any]:
+        """Events that mark the end of the device-to-host copies (none for CPU tensors)."""
+        staged = self.staged
+        return list(staged.cuda_events) if staged is not None else []
 
 
 class SaveEngine:
@@ -104,6 +148,7 @@ class SaveEngine:
         self._checked_space = False
         self.after_commit: list[Callable[[int], None]] = []
         self._closed = False
+        self._pending: StagedSave | None = None  # staged, not yet committed
 
     def _warn_if_short(self, nbytes: int) -> None:
         """Before the first save: warn when the tmpfs cannot hold what the job will keep."""
@@ -164,11 +209,31 @@ class SaveEngine:
 
         ``check_finite(name)`` picks the tensors checked for NaN/Inf (default: all).
         """
+        staged = self.stage(step, state_dict, flat=flat, check_finite=check_finite,
+                            hash_inline=blocking)  # fmt: skip
+        return self.commit(staged, blobs=blobs, blocking=blocking)
+
+    def stage(
+        self,
+        step: int,
+        state_dict: Any = None,
+        *,
+        flat: FlatStateDict | None = None,
+        check_finite: Callable[[str], bool] | None = None,
+        hash_inline: bool = False,
+        cuda_stream: Any = None,
+    ) -> StagedSave:
+        """The blocking half of a save: copy the tensors into a pool buffer (see the module).
+
+        Waits for the save in flight first. A save staged earlier and never committed is
+        abandoned (its later commit raises). ``hash_inline`` checksums CPU tensors while
+        copying (for a caller that waits for the whole save anyway); CUDA tensors are
+        copied asynchronously, on ``cuda_stream`` if given. Raises what makes the state
+        unsavable (after voting no, so peers learn of it); a save without room, or that
+        failed writing, is decided here and its outcome is on ``StagedSave.handle``.
+        """
         t0 = time.perf_counter()
-        if self._closed:
-            raise MemckptError("save() after close()")
-        step = validate_step(step)
-        self.wait_idle()
+        step = self._start(step)
         try:
             if flat is None:
                 flat = flatten_state_dict(state_dict)
@@ -180,41 +245,154 @@ class SaveEngine:
         if not self._checked_space:  # the first save tells what the job will need in all
             self._checked_space = True
             self._warn_if_short(layout.data_end)
-        size = layout.data_end + meta_estimate(flat, self.chunk_size)
-        reason = self._no_room(size)
+        inline = hash_inline and not any(t.is_cuda for t in flat.tensors)
+
+        def fill(txn: SaveTransaction) -> None:
+            txn.stage(flat, layout, hash_inline=inline, chunk_size=self.chunk_size,
+                      check_finite=check_finite, cuda_stream=cuda_stream)  # fmt: skip
+
+        return self._begin(step, t0, layout.data_end + meta_estimate(flat, self.chunk_size), fill)
+
+    def adopt(
+        self,
+        step: int,
+        staged: StagedObject,
+        flat: FlatStateDict,
+        *,
+        check_finite: Callable[[str], bool] | None = None,
+    ) -> StagedSave:
+        """Begin a save of bytes another pool staged (``memckpt.engine.staging``), as ``flat``.
+
+        ``staged`` is a borrowed buffer this save now owns: it is committed as this
+        rank's object, indexed under ``flat``'s names when every tensor of ``flat`` is a
+        view of it; otherwise ``flat`` is copied into a buffer of this rank's pool and the
+        borrowed one is given back. Then :meth:`commit`, as for :meth:`stage`.
+        """
+        t0 = time.perf_counter()
+        try:
+            step = self._start(step)
+        except BaseException:
+            self.store.pool.give_back(staged.buf)
+            raise
+
+        def fill(txn: SaveTransaction) -> None:
+            txn.adopt_staged(staged)
+            if not txn.relabel(flat, check_finite=check_finite):
+                log.debug("rank %d: step %d: not all tensors are staged views; copying",
+                          self.store.rank, step)  # fmt: skip
+                txn.stage(flat, plan_layout(flat, None), hash_inline=False,
+                          chunk_size=self.chunk_size, check_finite=check_finite)  # fmt: skip
+
+        out = self._begin(step, t0, staged.buf.capacity, fill, own=False)
+        if out.txn is None:  # skipped or failed before the transaction took the buffer
+            self.store.pool.give_back(staged.buf)
+        return out
+
+    def pending(self, step: int) -> StagedSave | None:
+        """The save of ``step`` staged and not committed yet, if there is one."""
+        with self._lock:
+            staged = self._pending
+        return staged if staged is not None and staged.step == step else None
+
+    def _start(self, step: int) -> int:
+        if self._closed:
+            raise MemckptError("save() after close()")
+        step = validate_step(step)
+        self.wait_idle()
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None and pending.txn is not None:
+            log.warning("rank %d: step %d was staged but never committed; abandoning it",
+                        self.store.rank, pending.step)  # fmt: skip
+            pending.txn.rollback()
+        return step
+
+    def _begin(
+        self, step: int, t0: float, size: int, fill: Callable[[SaveTransaction], None],
+        own: bool = True,
+    ) -> StagedSave:  # fmt: skip
+        """Admission, then a transaction filled by ``fill`` (the staging copy, or an adoption)."""
+        reason = self._no_room(size, own)
         if reason is not None and self._retire_pinned(step):  # its buffers are free now
-            reason = self._no_room(size)
+            reason = self._no_room(size, own)
         if reason is not None:
             log.warning("rank %d: skipping the save of step %d (training goes on): it %s",
                         self.store.rank, step, reason)  # fmt: skip
-            return SaveHandle(step, self._submit_skip(step, reason, None, t0))
+            handle = SaveHandle(step, self._submit_skip(step, reason, None, t0))
+            return StagedSave(step, t0, handle=handle)
         txn: SaveTransaction | None = None
         try:
             txn = SaveTransaction(self.store, step, held=self._held())
-            has_cuda = any(t.is_cuda for t in flat.tensors)
             try:
-                txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
-                          chunk_size=self.chunk_size, check_finite=check_finite)  # fmt: skip
+                fill(txn)
             except InsufficientSpaceError:
                 if not self._retire_pinned(step):
                     raise
-                txn.stage(flat, layout, hash_inline=blocking and not has_cuda,
-                          chunk_size=self.chunk_size, check_finite=check_finite)  # fmt: skip
+                fill(txn)
         except InsufficientSpaceError as e:  # the space went while staging: skip, as above
             log.warning("rank %d: skipping the save of step %d (training goes on): %s",
                         self.store.rank, step, e)  # fmt: skip
-            return SaveHandle(step, self._submit_skip(step, str(e), txn, t0))
+            handle = SaveHandle(step, self._submit_skip(step, str(e), txn, t0))
+            return StagedSave(step, t0, txn=txn, handle=handle)
         except OSError as e:
             err = as_storage_error(e, f"rank {self.store.rank}: save of step {step}")
             log.error("rank %d: save of step %d failed: %s", self.store.rank, step, err)
-            return SaveHandle(step, self._submit_failure(step, err, txn))
+            handle = SaveHandle(step, self._submit_failure(step, err, txn))
+            return StagedSave(step, t0, txn=txn, handle=handle)
         except BaseException as e:
             self._submit_failure(step, e, txn)
             raise
-        blocking_s = time.perf_counter() - t0
-        fut = self._executor.submit(self._finish, txn, t0, blocking_s, blocking, blobs)
+        staged = StagedSave(step, t0, time.perf_counter() - t0, txn)
+        with self._lock:
+            self._pending = staged
+        return staged
+
+    def commit(
+        self,
+        staged: StagedSave,
+        *,
+        blobs: Mapping[str, bytes] | None = None,
+        blocking: bool = False,
+        flat: FlatStateDict | None = None,
+        check_finite: Callable[[str], bool] | None = None,
+    ) -> SaveHandle:
+        """The rest of a staged save, in the background; ``blocking`` waits for it.
+
+        ``flat`` names what to store when it is not what was staged: its tensors should
+        be views of the staged bytes (``staged.views()`` or views of those), which are
+        then indexed in place; any that is not is copied, with the rest, into a new buffer.
+        """
+        if staged.handle is not None:  # decided while staging (skipped or failed)
+            return staged.handle
+        with self._lock:
+            mine = self._pending is staged
+            if mine:
+                self._pending = None
+        txn = staged.txn
+        if not mine or txn is None or txn.buf is None:
+            raise MemckptError(
+                f"rank {self.store.rank}: step {staged.step} was staged but a later save was "
+                "staged before it was committed, so it was abandoned; wait for each save "
+                "before staging the next"
+            )
+        if flat is not None and not txn.relabel(flat, check_finite=check_finite):
+            log.debug("rank %d: step %d: not all tensors are staged views; copying",
+                      self.store.rank, staged.step)  # fmt: skip
+            try:
+                txn.stage(flat, plan_layout(flat, None), hash_inline=False,
+                          chunk_size=self.chunk_size, check_finite=check_finite)  # fmt: skip
+            except OSError as e:  # InsufficientSpaceError included: the step fails
+                err = as_storage_error(e, f"rank {self.store.rank}: save of step {staged.step}")
+                staged.handle = SaveHandle(staged.step,
+                                           self._submit_failure(staged.step, err, txn))  # fmt: skip
+                return staged.handle
+            except BaseException as e:
+                self._submit_failure(staged.step, e, txn)
+                raise
+        fut = self._executor.submit(self._finish, txn, staged.t0, staged.blocking_s, blocking,
+                                    blobs)  # fmt: skip
         self._last = fut
-        handle = SaveHandle(step, fut)
+        handle = staged.handle = SaveHandle(staged.step, fut)
         if blocking:
             handle.wait()
         return handle
@@ -225,16 +403,17 @@ class SaveEngine:
         if last is not None:
             concurrent.futures.wait([last])
 
-    def _no_room(self, size: int) -> str | None:
+    def _no_room(self, size: int, own: bool = True) -> str | None:
         """Why a save of an object of ``size`` bytes would not fit now (None: it fits).
 
-        Counts what it newly allocates: its own buffer and the replicas this rank will
-        receive, less the free pool buffers it reuses; checks tmpfs free space, the memory
-        cgroup's headroom and ``limit_bytes`` (``memckpt.storage.room``).
+        Counts what it newly allocates: its own buffer (unless ``own`` is False: it was
+        staged already) and the replicas this rank will receive, less the free pool
+        buffers it reuses; checks tmpfs free space, the memory cgroup's headroom and
+        ``limit_bytes`` (``memckpt.storage.room``).
         """
         pool = self.store.pool
         reusable = pool.free_capacity()
-        need = max(0, (1 + len(self._held())) * size - reusable)
+        need = max(0, (int(own) + len(self._held())) * size - reusable)
         if need == 0:
             return None
         limit_left = None
@@ -356,7 +535,8 @@ class SaveEngine:
             total_s,
         )
         events.emit("saved", step=step, rank=rank, blocking_s=result.blocking_s)
-        if self.prefault and not self._closed and txn.staged is not None:
+        if self.prefault and not self._closed and txn.staged is not None \
+                and not txn.staged.buf.borrowed:  # fmt: skip
             # after the result, so neither the handle nor the caller waits for it
             self._executor.submit(store.pool.prefault, txn.staged.buf.capacity)
         return result

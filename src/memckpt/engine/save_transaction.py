@@ -4,6 +4,9 @@ Call sequence, on every rank that saves the step::
 
     txn = SaveTransaction(store, step)       # begin: writing marker; nothing committed touched
     txn.stage(flat, layout, hash_inline=..)  # caller thread: the only blocking part
+      (or txn.adopt_staged(staged): bytes staged earlier, maybe by another process)
+      (then, optionally, txn.relabel(flat) or txn.restage(flat, layout): index the staged
+       bytes under the names a framework chose, or copy them when they are not all there)
     ---- background ----
     txn.finalize(world_size)                 # checksums, index, header -> ObjectDigest
     txn.commit_local()                       # atomic rename into step-<N>/
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from memckpt.collectives import Collectives
+from memckpt.engine.staging import stage_into
 from memckpt.errors import CommitError
 from memckpt.replication.replicator import ReplicationOutcome, Replicator
 from memckpt.storage.faults import fault_point
@@ -43,13 +47,7 @@ from memckpt.storage.manifest import (
 from memckpt.storage.pool import Buffer
 from memckpt.storage.statedict import FlatStateDict
 from memckpt.storage.store import CheckpointStore
-from memckpt.storage.writer import (
-    ObjectLayout,
-    StagedObject,
-    finalize,
-    meta_estimate,
-    stage,
-)
+from memckpt.storage.writer import ObjectLayout, StagedObject, finalize, relabel
 
 __all__ = [
     "Ballot",
@@ -126,20 +124,46 @@ class SaveTransaction:
         hash_inline: bool,
         chunk_size: int,
         check_finite: Callable[[str], bool] | None = None,
+        cuda_stream: Any = None,
     ) -> StagedObject:
-        """Copy the tensors into a pool buffer; the caller may change them afterwards."""
-        # cold_ok: with no pre-faulted buffer, write straight into a new file (as torch.save
-        # does) instead of allocating and faulting it first
-        self.buf = self.store.pool.acquire(
-            layout.data_end + meta_estimate(flat, chunk_size), cold_ok=True
-        )
-        self.staged = stage(
-            flat, layout, self.buf, hash_inline=hash_inline, chunk_size=chunk_size, step=self.step
-        )
-        if check_finite is not None:
-            self.staged.check_finite = [bool(check_finite(n)) for n in flat.names]
+        """Copy the tensors into a pool buffer; the caller may change them afterwards.
+
+        A buffer staged before (``adopt_staged``) goes back to its pool once the copy is
+        done (the copy may read from it).
+        """
+        old = self.buf
+        staged = stage_into(self.store.pool, flat, layout, hash_inline=hash_inline,
+                            chunk_size=chunk_size, step=self.step,
+                            cuda_stream=cuda_stream)  # fmt: skip
+        self.buf, self.staged = staged.buf, staged
+        if old is not None:
+            self.store.pool.give_back(old)
+        self._set_check_finite(flat, check_finite)
         fault_point("after_stage", self.step)
-        return self.staged
+        return staged
+
+    def adopt_staged(self, staged: StagedObject) -> None:
+        """Take bytes staged earlier (``memckpt.engine.staging``) as this save's buffer."""
+        self.buf, self.staged = staged.buf, staged
+
+    def relabel(
+        self, flat: FlatStateDict, *, check_finite: Callable[[str], bool] | None = None
+    ) -> bool:
+        """Index the staged bytes under ``flat``'s names and skeleton (no copy): True when
+        every tensor of ``flat`` is a view of them, else False and nothing changes."""
+        assert self.staged is not None, "stage() or adopt_staged() first"
+        out = relabel(self.staged, flat)
+        if out is None:
+            return False
+        self.staged = out
+        self._set_check_finite(flat, check_finite)
+        return True
+
+    def _set_check_finite(
+        self, flat: FlatStateDict, check_finite: Callable[[str], bool] | None
+    ) -> None:
+        if check_finite is not None and self.staged is not None:
+            self.staged.check_finite = [bool(check_finite(n)) for n in flat.names]
 
     # -- background ----------------------------------------------------------------------
     def finalize(self, world_size: int, *, durable: bool = False) -> ObjectDigest:

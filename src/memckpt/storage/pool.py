@@ -18,11 +18,20 @@ file, faulting the mapping in and copying again. ``pwrite`` on a full tmpfs fail
 with ENOSPC, never SIGBUS. The buffer is mapped after it is written and its page
 tables are filled in the background (:meth:`BufferPool.prefault`), so it joins
 the pool like any other.
+
+A buffer may be staged in one process and committed in another (DCP's async_save with
+its process executor): the owner *hands it over* (:meth:`BufferPool.hand_over`: renamed
+``<name>.staged``, so no pool adopts it), the committer *borrows* it by path and inode
+(:func:`open_borrowed`), commits it and, when retention retires it, closes its mapping
+and renames it back to a ``.buf`` name in ``.pool/``. The owner then takes it back,
+still mapped and pre-faulted (:meth:`BufferPool._reclaim_returned`). A committer never
+reuses or deletes a borrowed buffer.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -36,10 +45,17 @@ from pathlib import Path
 
 import torch
 
-from memckpt.errors import InsufficientSpaceError, UnsafePathError
+from memckpt.errors import InsufficientSpaceError, MemckptError, UnsafePathError
 from memckpt.storage.safe_fs import remove_entry
 
-__all__ = ["Buffer", "BufferPool", "free_bytes"]
+__all__ = [
+    "STAGED_SUFFIX",
+    "Buffer",
+    "BufferPool",
+    "free_bytes",
+    "open_borrowed",
+    "return_borrowed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +63,8 @@ _GROW_QUANTUM = 2 << 20
 _ZERO_BLOCK = bytes(16 << 20)
 # Linux 5.14+; Python exposes the constant only from 3.13 on
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+STAGED_SUFFIX = ".staged"
+"""Appended to a pool buffer's name while another process is to commit it."""
 
 
 def free_bytes(path: Path) -> int:
@@ -87,6 +105,7 @@ class Buffer:
     sparse: bool = False  # created by acquire_sparse: reserve() a range before writing it
     fresh: bool = False
     needs_populate: bool = False  # mapped after a cold write; page tables not filled yet
+    borrowed: bool = False  # staged by another pool (open_borrowed): never reused or deleted
     # populate() and close() run on different threads; never unmap under a populate
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -216,6 +235,56 @@ def _map(buf: Buffer, populate: bool = True) -> None:
     buf.tensor = torch.frombuffer(buf.mapping, dtype=torch.uint8)
 
 
+def open_borrowed(path: Path, inode: int) -> Buffer:
+    """Map a buffer another pool staged and handed over (see the module docstring).
+
+    The file must still be the one handed over (``inode``): a regular file, opened
+    without following links. The owner keeps its lock; this mapping is closed when the
+    committer's pool releases or gives the buffer back.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UnsafePathError(
+            f"{path}: the staged buffer is gone (its owner closed the job, or the process "
+            "that staged it died)"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != inode:
+            raise UnsafePathError(f"{path}: not the buffer that was staged; refusing to commit it")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        buf = Buffer(path=path, fd=fd, capacity=st.st_size, borrowed=True)
+        if buf.capacity:
+            _map(buf)
+    except BaseException:
+        os.close(fd)
+        raise
+    return buf
+
+
+def return_borrowed(buf: Buffer) -> None:
+    """Close a borrowed buffer that was not committed, then give its file back to its owner
+    under its ``.buf`` name. Closed first: once the owner sees the name, it writes into it."""
+    path = buf.path
+    buf.close()
+    back = path.name.removesuffix(STAGED_SUFFIX)
+    if back != path.name:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, path.with_name(back))
+
+
+def _where_now(buf: Buffer) -> Path | None:
+    """Where the buffer's file is now (renames by other processes included); None if deleted."""
+    if buf.fd < 0:
+        return None
+    try:
+        target = os.readlink(f"/proc/self/fd/{buf.fd}")
+    except OSError:  # no /proc: assume it did not move
+        return buf.path
+    return None if target.endswith(" (deleted)") else Path(target)
+
+
 class BufferPool:
     """Free buffers of one rank, kept in ``<job>/.pool`` and mapped.
 
@@ -239,7 +308,9 @@ class BufferPool:
         self._prefaulting.set()  # set = no pre-fault running
         self._closed = False
         self._lent: dict[int, int] = {}  # id(buffer) -> bytes, for buffers handed out
+        self._handed: dict[int, Buffer] = {}  # inode -> buffer another process is to commit
         self._delete_free = True
+        self._remove_stale_staged()
         for p in sorted(self.dir.glob(f"rank-{rank}.*.buf")):
             try:
                 self._free.append(self._open(p))
@@ -250,6 +321,23 @@ class BufferPool:
             except (InsufficientSpaceError, UnsafePathError) as e:
                 log.warning("rank %d: dropping pool file %s: %s", rank, p, e)
                 p.unlink(missing_ok=True)
+
+    def _remove_stale_staged(self) -> None:
+        """Delete buffers handed over by a process that is gone (no lock held on them)."""
+        for p in self.dir.glob(f"rank-{self.rank}.*.buf{STAGED_SUFFIX}"):
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                _lock_buffer(fd, p)
+            except _BufferBusy:
+                continue  # its owner is alive
+            finally:
+                os.close(fd)
+            log.debug("rank %d: removing %s, handed over by a process that is gone",
+                      self.rank, p)  # fmt: skip
+            p.unlink(missing_ok=True)
 
     # -- bookkeeping -----------------------------------------------------------------
     def _next_path(self) -> Path:
@@ -293,7 +381,8 @@ class BufferPool:
     def _owned_locked(self) -> int:
         return (
             sum(b.capacity for b in self._free)
-            + sum(b.capacity for b in self._in_use.values())
+            + sum(b.capacity for b in self._in_use.values() if not b.borrowed)
+            + sum(b.capacity for b in self._handed.values())
             + sum(self._lent.values())
         )
 
@@ -316,11 +405,59 @@ class BufferPool:
     def _take_fitting(self, nbytes: int) -> Buffer | None:
         """The smallest free buffer of at least ``nbytes``, removed from the free list (locked)."""
         fitting = [b for b in self._free if b.capacity >= nbytes]
+        if not fitting and self._reclaim_returned():
+            fitting = [b for b in self._free if b.capacity >= nbytes]
         if not fitting:
             return None
         buf = min(fitting, key=lambda b: b.capacity)
         self._free.remove(buf)
         return buf
+
+    def _reclaim_returned(self) -> bool:
+        """Take back buffers of this pool that another process retired (locked).
+
+        A buffer handed over, or committed here and retired by another process's
+        retention, is free again once its file is back in ``.pool/`` under a ``.buf``
+        name: the committer renames it there only after closing its own mapping. A
+        handed-over one deleted meanwhile is closed and forgotten. Returns whether any
+        came back.
+        """
+        back = False
+        for table in (self._handed, self._in_use):
+            for ino, b in list(table.items()):
+                if b.borrowed:
+                    continue
+                now = _where_now(b)
+                if now is None:
+                    if table is self._handed:
+                        del table[ino]
+                        b.close()
+                elif now.parent == self.dir and now.name.endswith(".buf") and now != b.path:
+                    del table[ino]
+                    b.path = now
+                    self._free.append(b)
+                    back = True
+        return back
+
+    def hand_over(self, buf: Buffer) -> None:
+        """Let another process commit ``buf`` (see the module docstring); idempotent.
+
+        The file is renamed ``<name>.staged`` so no pool adopts it, and stays mapped and
+        locked here until it comes back.
+        """
+        with self._lock:
+            if self._handed.get(os.fstat(buf.fd).st_ino) is buf:
+                return
+            if id(buf) not in self._lent or buf.path.parent != self.dir:
+                raise MemckptError(
+                    f"{buf.path}: not a staged buffer of this pool (given back already: its "
+                    "save was abandoned); wait for each save before staging the next"
+                )
+            staged = buf.path.with_name(buf.path.name + STAGED_SUFFIX)
+            os.rename(buf.path, staged)
+            buf.path = staged
+            self._lent.pop(id(buf), None)
+            self._handed[os.fstat(buf.fd).st_ino] = buf
 
     def _plan_new(self, target: int, cold_ok: bool) -> Buffer | None:
         """No free buffer fits: the free buffer to grow to ``target``, or None for a new file.
@@ -485,6 +622,9 @@ class BufferPool:
         renamed out of the pool (published) is never deleted.
         """
         self._unlend(buf)
+        if buf.borrowed:  # the owner's memory: it takes it back
+            return_borrowed(buf)
+            return
         path = buf.path
         if path.parent != self.dir:
             log.error("refusing to delete %s: it is no longer a pool buffer", path)
@@ -498,6 +638,9 @@ class BufferPool:
         A fresh buffer is deleted instead: a failed cold write leaves it part written,
         with holes that a later write through a mapping could hit.
         """
+        if buf.borrowed:
+            return_borrowed(buf)
+            return
         with self._lock:
             self._lent.pop(id(buf), None)
             keep = not buf.fresh and not self._closed
@@ -525,6 +668,15 @@ class BufferPool:
             return
         ino = st.st_ino
         new_path = self._next_path()
+        with self._lock:
+            lent = self._in_use.get(ino)
+            if lent is not None and lent.borrowed:
+                del self._in_use[ino]
+        if lent is not None and lent.borrowed:  # closed before its owner can see it back
+            lent.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, new_path)
+            return
         os.rename(path, new_path)
         with self._lock:
             buf = self._in_use.pop(ino, None)
@@ -532,8 +684,10 @@ class BufferPool:
             try:
                 buf = self._open(new_path)
             except _BufferBusy:
-                # another live process still maps it: its pages go when that process lets go
-                new_path.unlink(missing_ok=True)
+                # another live process's pool owns it (it staged it, or committed it and
+                # our retention retired it): that pool takes it back (_reclaim_returned)
+                return
+            except FileNotFoundError:  # its owner took it back already
                 return
             except (InsufficientSpaceError, UnsafePathError) as e:
                 log.warning("rank %d: deleting retired %s instead of reusing it: %s",
@@ -559,6 +713,7 @@ class BufferPool:
     def _claim_prefault(self, nbytes: int) -> bool:
         """Announce a pre-fault of ``nbytes`` unless a buffer that fits exists or is coming."""
         with self._lock:
+            self._reclaim_returned()
             if any(b.capacity >= nbytes for b in self._free):
                 return False
             if any(size >= nbytes for size in self._prefaults):
@@ -589,7 +744,8 @@ class BufferPool:
     def _populate_written(self) -> None:
         """Fill the page tables of buffers written cold, free or in use, so reusing them is warm."""
         with self._lock:
-            todo = [b for b in (*self._free, *self._in_use.values()) if b.needs_populate]
+            todo = [b for b in (*self._free, *self._in_use.values(), *self._handed.values())
+                    if b.needs_populate]  # fmt: skip
         for b in todo:
             b.populate()
 
@@ -644,8 +800,13 @@ class BufferPool:
         with self._lock:
             self._closed = True
             self._delete_free = delete_free
+            self._reclaim_returned()
             free, self._free = self._free, []
             in_use, self._in_use = self._in_use, {}
+            handed, self._handed = self._handed, {}
+        # a buffer still handed over stays: its committer may be renaming it right now,
+        # and a later pool removes it once no process holds it (_remove_stale_staged)
+        in_use |= handed
         for b in free:
             if delete_free:
                 b.path.unlink(missing_ok=True)

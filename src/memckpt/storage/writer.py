@@ -44,7 +44,7 @@ from memckpt.storage.pool import Buffer
 from memckpt.storage.statedict import FlatStateDict
 from memckpt.storage.tensorbytes import is_plain_cpu, typed_view
 
-__all__ = ["ObjectLayout", "StagedObject", "finalize", "plan_layout", "stage"]
+__all__ = ["ObjectLayout", "StagedObject", "finalize", "plan_layout", "relabel", "stage"]
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,7 @@ def stage(
     hash_inline: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     step: int = -1,
+    cuda_stream: Any = None,
 ) -> StagedObject:
     """Copy every tensor into ``buf`` (the blocking part of a save).
 
@@ -202,6 +203,9 @@ def stage(
     each piece is hashed while it is still in cache. A ``fresh`` buffer (see
     ``BufferPool.acquire(cold_ok=True)``) is written with ``pwrite`` from the tensors
     and mapped afterwards; with CUDA tensors it is allocated and mapped first.
+    CUDA tensors are copied asynchronously into the (registered) mapping, on
+    ``cuda_stream`` if given (after the work already queued on the current stream),
+    else on the current stream; ``StagedObject.cuda_events`` mark their end.
     Raises InsufficientSpaceError when the filesystem fills up meanwhile.
     """
     t0 = time.perf_counter()
@@ -211,7 +215,7 @@ def stage(
         sums = _write_cold(flat, layout, buf, hash_inline, chunk_size, step)
         events: list[Any] = []
     else:
-        sums, events = _copy_warm(flat, layout, buf, hash_inline, chunk_size, step)
+        sums, events = _copy_warm(flat, layout, buf, hash_inline, chunk_size, step, cuda_stream)
     return StagedObject(
         buf=buf,
         layout=layout,
@@ -236,6 +240,7 @@ def _copy_warm(
     hash_inline: bool,
     chunk_size: int,
     step: int,
+    cuda_stream: Any = None,
 ) -> tuple[list[list[int]] | None, list[Any]]:
     """Copy into the mapping of a buffer whose pages are already there."""
     # A reused buffer may still carry the header of the object it was; clear the magic
@@ -244,6 +249,8 @@ def _copy_warm(
     has_cuda = any(t.is_cuda for t in flat.tensors)
     if has_cuda:  # pragma: no cover - needs CUDA
         _register_pinned(buf)
+        if cuda_stream is not None:  # copy what the training stream has computed so far
+            cuda_stream.wait_stream(torch.cuda.current_stream(cuda_stream.device))
     mv = buf.memoryview()
     sums: list[list[int]] | None = [[] for _ in flat.tensors] if hash_inline else None
     pieces: list[_Piece] = []
@@ -255,9 +262,15 @@ def _copy_warm(
         src = t.detach()
         dst = typed_view(buf.tensor, off, n, src.dtype, tuple(src.shape))
         if src.is_cuda:  # pragma: no cover - needs CUDA
-            dst.copy_(src, non_blocking=True)
+            if cuda_stream is not None:
+                with torch.cuda.stream(cuda_stream):
+                    dst.copy_(src, non_blocking=True)
+                # the caching allocator must not reuse src's memory before the copy ran
+                src.record_stream(cuda_stream)
+            else:
+                dst.copy_(src, non_blocking=True)
             if sums is not None:
-                torch.cuda.current_stream(src.device).synchronize()
+                (cuda_stream or torch.cuda.current_stream(src.device)).synchronize()
                 sums[i] = chunk_checksums(mv[off : off + n], chunk_size)
             continue
         if is_plain_cpu(src) and n > 0:
@@ -277,11 +290,61 @@ def _copy_warm(
         for p, d in zip(pieces, digests):
             sums[p.tensor].append(d)
     if has_cuda:  # pragma: no cover - needs CUDA
-        for dev in {t.device for t in flat.tensors if t.is_cuda}:
+        if cuda_stream is not None:
             ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(dev))
+            ev.record(cuda_stream)
             events.append(ev)
+        else:
+            for dev in {t.device for t in flat.tensors if t.is_cuda}:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(dev))
+                events.append(ev)
     return sums, events
+
+
+def relabel(
+    staged: StagedObject, flat: FlatStateDict, *, chunk_size: int | None = None
+) -> StagedObject | None:
+    """``staged``'s buffer described as holding ``flat``, whose tensors are views of it.
+
+    No byte moves: each tensor of ``flat`` must be a plain (contiguous, CPU) view of the
+    buffer's data section, as what a DCP planner resolves from staged views is; the
+    object is then indexed under ``flat``'s names, skeleton and offsets. Bytes that no
+    tensor of ``flat`` names stay in the file unindexed. None when a tensor is not such
+    a view (the caller copies instead).
+    """
+    buf = staged.buf
+    if buf.mapping is None:
+        return None
+    base = buf.tensor.data_ptr()
+    lo, hi = base + HEADER_SIZE, base + staged.layout.data_end
+    offsets, nbytes = [], []
+    for t in flat.tensors:
+        n = t.numel() * t.element_size()
+        if n == 0:
+            offsets.append(HEADER_SIZE)
+            nbytes.append(0)
+            continue
+        p = t.data_ptr()
+        if not is_plain_cpu(t) or not (lo <= p and p + n <= hi):
+            return None
+        offsets.append(p - base)
+        nbytes.append(n)
+    layout = ObjectLayout(flat.signature(), tuple(offsets), tuple(nbytes), staged.layout.data_end)
+    return StagedObject(
+        buf=buf,
+        layout=layout,
+        flat_names=list(flat.names),
+        dtypes=[dtype_name(t.dtype) for t in flat.tensors],
+        shapes=[tuple(t.shape) for t in flat.tensors],
+        devices=[str(t.device) for t in flat.tensors],
+        requires_grad=[bool(t.requires_grad) for t in flat.tensors],
+        is_parameter=[isinstance(t, nn.Parameter) for t in flat.tensors],
+        skeleton=flat.skeleton,
+        chunk_size=chunk_size or staged.chunk_size,
+        cuda_events=list(staged.cuda_events),
+        stage_s=staged.stage_s,
+    )
 
 
 def _write_cold(
