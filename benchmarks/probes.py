@@ -1148,22 +1148,7 @@ def _evil_bytes(marker: Path) -> bytes:
 
 def _within(seconds: float, fn: Callable[[], Any]) -> Any:
     """fn() on a daemon thread; AssertionError when it blocks longer than ``seconds``."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        raise AssertionError(f"blocked for more than {seconds:.0f}s")
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
+    return from_tests("test_trust_boundary")._within(seconds, fn)
 
 
 def _tree_manager(base: Path, keep_last: int = 3) -> memckpt.CheckpointManager:

@@ -216,16 +216,10 @@ def stage(
         events: list[Any] = []
     else:
         sums, events = _copy_warm(flat, layout, buf, hash_inline, chunk_size, step, cuda_stream)
-    return StagedObject(
-        buf=buf,
-        layout=layout,
-        flat_names=list(flat.names),
-        dtypes=[dtype_name(t.dtype) for t in flat.tensors],
-        shapes=[tuple(t.shape) for t in flat.tensors],
-        devices=[str(t.device) for t in flat.tensors],
-        requires_grad=[bool(t.requires_grad) for t in flat.tensors],
-        is_parameter=[isinstance(t, nn.Parameter) for t in flat.tensors],
-        skeleton=flat.skeleton,
+    return _staged_object(
+        buf,
+        layout,
+        flat,
         chunk_size=chunk_size,
         checksums=sums,
         cuda_events=events,
@@ -331,6 +325,20 @@ def relabel(
         offsets.append(p - base)
         nbytes.append(n)
     layout = ObjectLayout(flat.signature(), tuple(offsets), tuple(nbytes), staged.layout.data_end)
+    return _staged_object(
+        buf,
+        layout,
+        flat,
+        chunk_size=chunk_size or staged.chunk_size,
+        cuda_events=list(staged.cuda_events),
+        stage_s=staged.stage_s,
+    )
+
+
+def _staged_object(
+    buf: Buffer, layout: ObjectLayout, flat: FlatStateDict, **rest: Any
+) -> StagedObject:
+    """A StagedObject of ``flat`` in ``buf``: the per-tensor facts its index records."""
     return StagedObject(
         buf=buf,
         layout=layout,
@@ -341,9 +349,7 @@ def relabel(
         requires_grad=[bool(t.requires_grad) for t in flat.tensors],
         is_parameter=[isinstance(t, nn.Parameter) for t in flat.tensors],
         skeleton=flat.skeleton,
-        chunk_size=chunk_size or staged.chunk_size,
-        cuda_events=list(staged.cuda_events),
-        stage_s=staged.stage_s,
+        **rest,
     )
 
 
