@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -55,6 +57,36 @@ def _vote_fails_after_peer_pushed(rank: int, world_size: int, base: str) -> list
 def test_replica_pushed_before_a_failed_vote_is_removed_from_the_peer(shm_dir):
     out = run_ranks(_vote_fails_after_peer_pushed, 2, str(shm_dir), timeout=90)
     assert out == {0: [], 1: []}
+
+
+def test_a_pre_fault_in_progress_counts_as_room_for_the_next_save(shm_dir, monkeypatch):
+    # Given a pre-fault of the spare buffer that is still allocating when the next save
+    # is admitted (CI hit this by chance: the spare counted as used, not as reusable)
+    from memckpt.storage.pool import BufferPool
+
+    allocating = threading.Event()
+
+    def slow_prefault(self: BufferPool, nbytes: int, claimed: bool) -> None:
+        try:
+            if claimed:
+                buf = self.acquire(nbytes, _wait_prefault=False)
+                allocating.set()
+                time.sleep(0.5)
+                self.give_back(buf)
+        finally:
+            if claimed:
+                self._end_prefault(nbytes)
+
+    monkeypatch.setattr(BufferPool, "_run_prefault", slow_prefault)
+    with memckpt.CheckpointManager(shm_dir, "job", keep_last=1, limit_bytes=14 << 20) as m:
+        state = {"t": torch.ones(1 << 20)}
+        m.save(1, state).wait()
+        m.engine._replicated = 1
+        # When step 2 is saved while the spare buffer is being made
+        assert allocating.wait(10)
+        result = m.save(2, state).wait()
+        # Then it is admitted (it reuses the spare), not skipped for want of room
+        assert not result.skipped and m.latest() == 2
 
 
 def test_space_formula_counts_the_pinned_step_and_replicas():

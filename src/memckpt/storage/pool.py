@@ -369,9 +369,14 @@ class BufferPool:
         return buf
 
     def free_capacity(self) -> int:
-        """Bytes of the free buffers: what the next saves reuse without allocating."""
+        """Bytes of the free buffers: what the next saves reuse without allocating.
+
+        A pre-fault in progress counts: its buffer is on the way, and ``acquire``
+        waits for it rather than allocating another.
+        """
         with self._lock:
-            return sum(b.capacity for b in self._free)
+            coming = sum(_round_up(n) for n in self._prefaults)
+            return sum(b.capacity for b in self._free) + coming
 
     def owned_bytes(self) -> int:
         """Bytes of every buffer this pool holds: free, committed, and handed out."""
