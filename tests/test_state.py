@@ -407,3 +407,26 @@ def test_nanogpt_example_preempted_on_two_ranks_ends_with_the_weights_of_an_unin
     assert want.keys() == got.keys()
     for k, v in want.items():
         assert torch.equal(got[k], v), k
+
+
+def test_state_pauses_and_resumes_its_jobs_replication(shm_dir: Path) -> None:
+    # Given a State (the velastic API) and IterManager(pause_replication=state)
+    model, opt, sched = make()
+    with new_state(shm_dir, model, opt, sched) as state:
+        throttle = state._manager.runtime.throttle
+        # When a block is paused (nested with an explicit pause)
+        state.pause_replication()
+        with state.replication_paused():
+            assert throttle._holds == 2
+        assert throttle._holds == 1
+        state.resume_replication()
+        state.resume_replication()  # one too many: nothing to give back
+        assert throttle._holds == 0
+        iters = IterManager(total_iters=2, pause_replication=state, save_interval=1)
+        iters.iter()
+        assert throttle._holds == 1  # paused during the step
+        assert iters.should_save_ckpt()
+        assert throttle._holds == 0  # resumed for the decision and the save
+        state.pause_replication()
+    # Then close gives back a pause left held
+    assert throttle._holds == 0

@@ -22,11 +22,12 @@ Call sequence (every rank, same order): construct, ``maybe_resume_from_ckpt()`` 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Final, Literal
 
@@ -187,6 +188,7 @@ class State:
         self._timeout_s = timeout_s
         self._pending_dcp: Future[Any] | None = None
         self._closed = False
+        self._pauses: list[Any] = []  # the throttle each pause_replication() paused
         self._manager: Any = None
         if framework == "fsdp":
             from memckpt.adapters import dcp as dcp_adapter
@@ -493,11 +495,50 @@ class State:
 
     # ---- end
 
+    # ---- replication
+
+    def _throttle(self) -> Any:
+        if self.framework != "fsdp":
+            return self._manager.runtime.throttle
+        from memckpt.engine.runtime import NodeRuntime
+
+        with NodeRuntime._lock:
+            rt = NodeRuntime._held.get((os.path.realpath(self.base_dir), self.job_id))
+        return None if rt is None else rt.throttle
+
+    def pause_replication(self) -> None:
+        """Hold this rank's replication traffic until ``resume_replication()``
+        (``CheckpointManager.pause_replication``); also what ``IterManager(pause_replication=
+        state)`` calls. Before the first save has opened the job's runtime (``"fsdp"``)
+        there is no traffic, and the pause is a no-op that its resume matches."""
+        throttle = self._throttle()
+        if throttle is not None:
+            throttle.pause()
+        self._pauses.append(throttle)
+
+    def resume_replication(self) -> None:
+        """Give back one ``pause_replication()``; the last one lets replication go on."""
+        if self._pauses:
+            throttle = self._pauses.pop()
+            if throttle is not None:
+                throttle.resume()
+
+    @contextlib.contextmanager
+    def replication_paused(self) -> Iterator[None]:
+        """``with state.replication_paused(): ...``: pause around a block, resume after it."""
+        self.pause_replication()
+        try:
+            yield
+        finally:
+            self.resume_replication()
+
     def close(self) -> None:
         """Wait for the save in flight, then release the node runtime; safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        while self._pauses:
+            self.resume_replication()
         if self.framework == "fsdp":
             try:
                 self._wait_dcp()
