@@ -6,6 +6,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,3 +22,11 @@ def shm_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real S3-compatible server (moto) on 127.0.0.1 with one empty bucket: ``s3_server.S3``."""
+    import s3_server
+
+    yield from s3_server.serve(monkeypatch)

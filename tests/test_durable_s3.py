@@ -10,9 +10,6 @@ import importlib.util
 import logging
 import shutil
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,57 +22,9 @@ from memckpt.engine.drain import Circuit, DrainPolicy, backoff_delay
 from memckpt.storage.remote import RemoteTier
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-# fail fast against a dead endpoint: the drain's own policy does the retrying
-FAST_CLIENT = {
-    "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
-}
-FAST_POLICY = DrainPolicy(attempts=2, backoff_s=0.05, backoff_cap_s=0.1, attempt_timeout_s=10,
-                          part_wait_s=5, circuit_after=1, circuit_open_s=0.3)  # fmt: skip
-
-
-@dataclass
-class S3:
-    server: Any
-    port: int
-    endpoint: str
-    bucket: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/ckpt"
-
-    def options(self, **kw: Any) -> dict[str, Any]:
-        return {"endpoint_url": self.endpoint, "skip_instance_cache": True, **FAST_CLIENT, **kw}
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def restart(self) -> None:
-        self.server = moto_server.ThreadedMotoServer("127.0.0.1", self.port, verbose=False)
-        self.server.start()
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
-    """A moto S3 server on a free port of 127.0.0.1 with one empty bucket."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    server = moto_server.ThreadedMotoServer("127.0.0.1", 0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    env = S3(server, port, f"http://127.0.0.1:{port}", f"b-{uuid.uuid4().hex[:12]}")
-    import s3fs
-
-    s3fs.S3FileSystem(endpoint_url=env.endpoint, skip_instance_cache=True).mkdir(env.bucket)
-    try:
-        yield env
-    finally:
-        env.stop()
+from s3_server import FAST_POLICY, S3
 
 
 def _state(step: int) -> dict[str, Any]:
