@@ -177,5 +177,6 @@ def fit(
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "failed": tier.failed_steps,
         "fetched": tier.last_load.fetched if tier.last_load else None,
+        "load_tier": tier.last_load.tier if tier.last_load else None,
         "io": type(trainer.strategy.checkpoint_io).__name__,
     }

@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("storage", ("storage",)),
     ("transport", ("transport",)),
     ("replication", ("replication",)),
+    ("metrics", ("metrics",)),
     ("engine", ("engine",)),
     ("apis", ("__init__", "manager", "adapters")),
     ("schedule", ("schedule",)),

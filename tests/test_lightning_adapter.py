@@ -183,6 +183,34 @@ def test_a_failed_memory_save_is_recorded_and_training_goes_on(shm_dir, caplog):
     assert "memory checkpoint of step 2 failed" in caplog.text
 
 
+def test_memory_checkpoints_drained_to_s3_resume_a_fit_whose_memory_was_lost(shm_dir, s3):
+    from memckpt.engine import drain
+
+    durable = {"persist_every": 3, "persist_dir": s3.url, "persist_options": s3.options()}
+    # Given a fit that stopped at step 8; its memory steps 3 and 6 drained to S3
+    fit(0, 1, str(shm_dir / "a"), max_steps=8, every=3, options=durable)
+    drain.wait_for_drains(timeout=30)
+    # When the node's memory is lost and the fit is run again with the same arguments
+    shutil.rmtree(shm_dir / "a" / "node0", ignore_errors=True)
+    resumed = fit(0, 1, str(shm_dir / "a"), max_steps=12, every=3, options=durable)
+    # Then it resumed from step 6 of the durable tier, bit-exact with an uninterrupted run
+    assert (resumed["source"], resumed["step"], resumed["load_tier"]) == ("memory", 6,
+                                                                          "persistent")  # fmt: skip
+    assert_same_weights(resumed, fit(0, 1, str(shm_dir / "b"), max_steps=12, every=3))
+
+
+def test_an_unknown_persist_scheme_is_refused_when_wrapping(shm_dir):
+    import lightning.pytorch as pl
+
+    from memckpt.errors import ConfigError
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match="'nosuch'"):
+        wrap_trainer(trainer, shm_dir / "job", every_n_steps=2, persist_every=2,
+                     persist_dir="nosuch://bucket/x")  # fmt: skip
+    assert not list(Path.cwd().glob("nosuch:*")) and not (shm_dir / "job").exists()
+
+
 def test_disabled_callback_leaves_the_trainer_as_it_is(shm_dir):
     fit(0, 1, str(shm_dir), max_steps=4, every=2)  # memory checkpoints exist
     out = fit(0, 1, str(shm_dir), max_steps=6, every=2, enabled=False)

@@ -315,3 +315,33 @@ def test_same_script_against_nvrx_and_memckpt(shm_dir):
         else:  # the checksum catches it on rank 3; no rank returns the damaged iteration
             assert all(out.get("error") == "CheckpointNotFoundError" for out in poisoned.values())
             assert "damaged" in poisoned[3]["message"], poisoned[3]
+
+
+def test_a_persist_dir_url_drains_to_s3_and_a_node_with_memory_lost_loads_it(shm_dir, s3):
+    from memckpt.engine import drain
+
+    durable = {"persist_dir": s3.url, "persist_options": s3.options()}
+    # Given iterations 2 and 3 saved, 2 drained to S3 (persist_every=2)
+    with LocalCheckpointManager(shm_dir, "run-1", persist_every=2, **durable) as mgr:
+        for it in (2, 3):
+            mgr.save(BasicTensorAwareStateDict(rank_state(0, it)), it)
+        drain.wait_for_drains(timeout=30)
+    # When the node's memory is lost and the job restarts with the same arguments
+    shutil.rmtree(shm_dir / "run-1")
+    with LocalCheckpointManager(shm_dir, "run-1", **durable) as mgr:
+        # Then the persisted iteration is found and loads, verified
+        assert mgr.find_latest() == 2
+        loaded, ckpt_part_id = mgr.load()
+        assert mgr.manager.last_load.tier == "persistent"
+    assert ckpt_part_id == (2, 0, "run-1")
+    assert torch.equal(loaded.state_dict["model"]["w"], rank_state(0, 2)["model"]["w"])
+
+
+def test_an_unknown_persist_scheme_is_a_config_error_at_construction(shm_dir):
+    from memckpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'nosuch'"):
+        LocalCheckpointManager(shm_dir, "run-1", persist_every=1, persist_dir="nosuch://b/x")
+    with pytest.raises(ConfigError, match="persist_options apply to a persist_dir URL"):
+        LocalCheckpointManager(shm_dir, persist_dir=shm_dir / "d", persist_options={"a": 1})
+    assert not list(shm_dir.glob("*:*")) and not (shm_dir / "run-1").exists()

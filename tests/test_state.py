@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,39 @@ def test_no_checkpoint_returns_none_and_keeps_the_step(shm_dir: Path) -> None:
     with new_state(shm_dir, model, opt, step=7) as s:
         assert s.maybe_resume_from_ckpt() is None
         assert s.step == 7 and s.resumed_step is None and s.wait() is None
+
+
+def test_a_persist_dir_url_resumes_from_s3_with_memory_lost(shm_dir: Path, s3: Any) -> None:
+    from memckpt.engine import drain
+
+    durable = {"persist_dir": s3.url, "persist_options": s3.options()}
+    # Given a state saved at steps 2 and 4, drained to S3
+    model, opt, sched = make()
+    with new_state(shm_dir, model, opt, sched, persist_every=2, **durable) as s:
+        for step in (2, 4):
+            train(model, opt, sched, 1)
+            s.save(step, sync=True)
+        drain.wait_for_drains(timeout=30)
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+    # When the node's memory is lost and a fresh process resumes with the same arguments
+    shutil.rmtree(shm_dir / "job", ignore_errors=True)
+    model2, opt2, sched2 = make(seed=1)
+    with new_state(shm_dir, model2, opt2, sched2, **durable) as s2:
+        assert s2.maybe_resume_from_ckpt() == {}
+        # Then step 4 came from S3, whole
+        assert s2.step == 4 and s2._manager.last_load.tier == "persistent"
+        for k, v in want.items():
+            assert torch.equal(model2.state_dict()[k], v), k
+        assert sched2.last_epoch == 2
+
+
+def test_an_unknown_persist_scheme_is_a_config_error_at_construction(shm_dir: Path) -> None:
+    model, opt, _ = make()
+    with pytest.raises(memckpt.ConfigError, match="'nosuch'"):
+        new_state(shm_dir, model, opt, persist_every=1, persist_dir="nosuch://bucket/x")
+    with pytest.raises(memckpt.ConfigError, match="persist_options apply"):
+        new_state(shm_dir, model, opt, persist_dir=shm_dir / "d", persist_options={"a": 1})
+    assert not (shm_dir / "job").exists()
 
 
 def test_without_get_extra_fn_a_resume_returns_an_empty_dict(shm_dir: Path) -> None:

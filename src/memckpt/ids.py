@@ -33,6 +33,7 @@ __all__ = [
     "MANIFEST_NAME",
     "OBJECT_SUFFIX",
     "PEERS_DIR",
+    "PERSISTED_RECORD_NAME",
     "POOL_DIR",
     "PREV_SUFFIX",
     "SIGNALS_DIR",
@@ -54,6 +55,7 @@ POOL_DIR: Final = ".pool"
 PEERS_DIR: Final = ".peers"
 SIGNALS_DIR: Final = ".signals"
 MANIFEST_NAME: Final = "manifest.json"
+PERSISTED_RECORD_NAME: Final = "persisted.json"  # memckpt.storage.durability
 PREV_SUFFIX: Final = ".prev"
 DAMAGED_SUFFIX: Final = ".damaged"
 OBJECT_SUFFIX: Final = ".mck"
@@ -186,6 +188,9 @@ class JobLayout:
 
     def manifest_path(self, step: int) -> Path:
         return self.step_dir(step) / MANIFEST_NAME
+
+    def persisted_record_path(self, step: int) -> Path:
+        return self.step_dir(step) / PERSISTED_RECORD_NAME
 
     def damage_mark_path(self, step: int, manifest_checksum: int) -> Path:
         return self.step_dir(step) / damage_mark_name(manifest_checksum)

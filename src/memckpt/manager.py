@@ -6,43 +6,69 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from memckpt import ids
 from memckpt.collectives import Collectives
 from memckpt.engine.drain import (
     DrainPolicy,
     RemoteDrain,
     check_persist,
     drain_objects,
+    drained_committed,
     persisted_object,
     persisted_steps,
     schedule_drain,
 )
 from memckpt.engine.handle import SaveHandle
-from memckpt.engine.load_transaction import LoadInfo, LoadTransaction
+from memckpt.engine.load_transaction import (
+    LoadInfo,
+    LoadTransaction,
+    PersistedCopy,
+    load_persisted,
+)
 from memckpt.engine.recovery_plan import RecoveryPlan
 from memckpt.engine.runtime import NodeRuntime, RuntimeOptions
 from memckpt.engine.save_transaction import Vote
 from memckpt.engine.sources import ObjectSource
 from memckpt.engine.tiers import close_and_release, newest_step_persisted, resume_tiers
-from memckpt.errors import ConfigError, MemckptError, StorageIOError, WorldSizeMismatchError
+from memckpt.errors import CheckpointNotFoundError, ConfigError, MemckptError, StorageIOError
 from memckpt.replication import ReplicationStrategy
 from memckpt.replication.replicator import Replicator
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
-from memckpt.storage.reader import ObjectReader, load_object
+from memckpt.storage.reader import load_object
 from memckpt.storage.remote import RemoteTier
 from memckpt.storage.retention import check_keep_last
+from memckpt.storage.store import load_step_manifest
 from memckpt.transport.bandwidth import parse_bandwidth
 
-__all__ = ["CheckpointManager", "LoadInfo"]
+__all__ = ["CheckpointManager", "LoadInfo", "check_persist_arguments"]
 
 log = logging.getLogger(__name__)
 
 _Read = Callable[[ObjectSource, set[str]], Any]
 """Reads one object into the caller's state dict, noting the tensors it wrote into."""
+
+
+def check_persist_arguments(
+    persist_every: object = None, persist_dir: object = None, persist_options: object = None
+) -> Path | str | None:
+    """Check ``CheckpointManager``'s durable-tier arguments; returns ``persist_dir`` resolved.
+
+    For every API that passes them on (State, NVRx, Lightning, NeMo), at its construction:
+    ``persist_every`` needs a ``persist_dir``; a URL scheme fsspec does not know, or whose
+    package is not installed, is a ConfigError (never a local ``./s3:/...`` directory);
+    ``persist_options`` (fsspec storage options) apply to a URL only.
+    """
+    where = check_persist(persist_every, persist_dir)
+    if persist_options is not None:
+        if not isinstance(where, str):
+            raise ConfigError("persist_options apply to a persist_dir URL (s3://..., gs://...)")
+        if not isinstance(persist_options, Mapping):
+            raise ConfigError(f"persist_options must be a dict, got {persist_options!r}")
+    return where
 
 
 class CheckpointManager:
@@ -95,6 +121,10 @@ class CheckpointManager:
             (``memckpt.engine.drain.DrainPolicy``).
         vote: how a step's completion is decided (default: an all-gather of every rank's
             ballot on a gloo group); see ``memckpt.engine.save_transaction``.
+        metrics_port: serve Prometheus metrics on this port (``PORT`` or ``"HOST:PORT"``),
+            one exporter per node: the node's first rank serves every local rank's samples
+            (docs/operations.md, Metrics; ``pip install 'memckpt[metrics]'``). Default:
+            ``MEMCKPT_METRICS_PORT``, else none. Every rank of a node passes the same value.
 
     Managers (and other savers) of the same job in one process share one node runtime
     (``memckpt.engine.runtime``): one store, buffer pool, transfer server and process group.
@@ -127,13 +157,12 @@ class CheckpointManager:
         persist_dir: str | os.PathLike[str] | None = None,
         persist_options: Mapping[str, Any] | None = None,
         persist_policy: DrainPolicy | None = None,
+        metrics_port: int | str | None = None,
     ) -> None:
         check_keep_last(keep_last)
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be in (0, {MAX_CHUNK_SIZE}], got {chunk_size}")
-        persist_where = check_persist(persist_every, persist_dir)
-        if persist_options is not None and not isinstance(persist_where, str):
-            raise ConfigError("persist_options apply to a persist_dir URL (s3://..., gs://...)")
+        persist_where = check_persist_arguments(persist_every, persist_dir, persist_options)
         spec = replication.spec if isinstance(replication, ReplicationStrategy) else replication
         options = RuntimeOptions(
             keep_last=keep_last,
@@ -146,6 +175,7 @@ class CheckpointManager:
             connections=connections,
             transfer_timeout_s=transfer_timeout_s,
             replication_bandwidth=parse_bandwidth(replication_bandwidth),
+            metrics_port=metrics_port,
             timeout_s=timeout_s,
             size_hint=size_hint,
         )
@@ -179,6 +209,8 @@ class CheckpointManager:
         if persist_every is not None:
             self._drain_hook = self._drainer(persist_every, persist_policy)
             self.engine.after_commit.append(self._drain_hook)
+            if rt.metrics is not None:
+                rt.metrics.expect("persisted")
 
     def _drainer(self, every: int, policy: DrainPolicy | None) -> Callable[[int], None]:
         if self._remote is not None:
@@ -198,7 +230,8 @@ class CheckpointManager:
                     self.engine,
                     step,
                     lambda: drain_objects(self.store, step, dest, self.rank == 0),
-                    str(dest),
+                    str(ids.JobLayout(dest, self.job_id).step_dir(step)),
+                    committed=lambda: drained_committed(dest, self.job_id, step),
                 )
 
         return hook
@@ -375,16 +408,7 @@ class CheckpointManager:
         A durable tier that cannot be listed (store unreachable) is passed over when memory
         has a step; with nothing in memory that is an error, never a silent fresh start.
         """
-        assert self.persist_dir is not None
-        found: list[int] | str | None = None
-        if self.rank == 0:
-            try:
-                found = self._persisted_steps()
-            except (OSError, MemckptError) as e:
-                found = f"{type(e).__name__}: {e}"
-                log.warning("rank 0: cannot list persisted steps in %s: %s", self.persist_dir,
-                            found)  # fmt: skip
-        listed = self.coll.all_gather_object(found, "persisted steps")[0]
+        listed = self._list_persisted()
         steps = listed if isinstance(listed, list) else []
         pstep = max((s for s in steps if newer_than is None or s > newer_than), default=None)
         loaded: list[Any] = []
@@ -410,37 +434,35 @@ class CheckpointManager:
         assert pstep is not None
         return self._load_persisted(pstep, read)
 
-    def _load_persisted(self, step: int, read: _Read) -> Any:
-        """Every rank reads its own drained object of ``step`` (collective vote)."""
+    def _list_persisted(self) -> list[int] | str:
+        """Rank 0's listing of the durable tier for every rank (collective): the persisted
+        steps, or why they cannot be listed (logged once, on rank 0)."""
         assert self.persist_dir is not None
-        t0 = time.perf_counter()
-        result, error, path = None, None, ""
-        try:
-            with self._persisted_object(step) as (p, saved):
-                path = str(p) if self._remote is None else self._remote.where(step, self.rank)
-                if saved != self.world_size:
-                    raise WorldSizeMismatchError(
-                        f"persisted step {step} of job {self.job_id!r} in {self.persist_dir} "
-                        f"was saved by {saved} ranks; this job runs {self.world_size}"
-                    )
-                with ObjectReader(p) as reader:
-                    result = read(reader, set())
-        except MemckptError as e:
-            error = e
-        except OSError as e:  # the store: unreachable, refused, timed out
-            error = StorageIOError(f"persisted step {step} in {self.persist_dir}: {e}")
-        votes = self.coll.all_gather_object(
-            (error is None, f"{type(error).__name__}: {error}" if error else ""),
-            f"persisted load vote for step {step}",
-        )
-        failed = [(r, msg) for r, (ok, msg) in enumerate(votes) if not ok]
-        if failed:
-            if error is not None:
-                raise error
-            r, msg = failed[0]
-            raise MemckptError(f"persisted step {step} failed to load on rank {r}: {msg}")
-        self.last_load = LoadInfo(step, path, time.perf_counter() - t0, tier="persistent")
-        log.info("rank %d: loaded persisted step %d from %s", self.rank, step, path)
+        found: list[int] | str = ""
+        if self.rank == 0:
+            try:
+                found = self._persisted_steps()
+            except (OSError, MemckptError) as e:
+                found = f"{type(e).__name__}: {e}"
+                log.warning("rank 0: cannot list persisted steps in %s: %s", self.persist_dir,
+                            found)  # fmt: skip
+        listed: list[int] | str = self.coll.all_gather_object(found, "persisted steps")[0]
+        return listed
+
+    def persisted_step(self) -> int | None:
+        """The newest step of the durable tier (``persist_dir``), agreed by every rank
+        (collective); None without one, or when it cannot be listed (logged)."""
+        if self.persist_dir is None:
+            return None
+        listed = self._list_persisted()
+        return max(listed, default=None) if isinstance(listed, list) else None
+
+    def _load_persisted(self, step: int, read: _Read) -> Any:
+        """Every rank reads its own persisted object of ``step``, then puts it back into the
+        memory tier (collective; ``memckpt.engine.load_transaction.load_persisted``)."""
+        assert self.persist_dir is not None
+        result, self.last_load = load_persisted(self.runtime, step, self._persisted_object,
+                                                read, tier=str(self.persist_dir))  # fmt: skip
         return result
 
     def _persisted_steps(self) -> list[int]:
@@ -457,16 +479,26 @@ class CheckpointManager:
             return False
 
     @contextlib.contextmanager
-    def _persisted_object(self, step: int) -> Iterator[tuple[Path, int]]:
-        """(local path, saving world size) of this rank's verified persisted object; a URL's
-        is downloaded next to the memory tier and removed afterwards."""
+    def _persisted_object(self, step: int) -> Iterator[PersistedCopy]:
+        """This rank's verified persisted object of ``step``; a URL's is downloaded next to
+        the memory tier (the re-seed moves it into the tree) and removed afterwards."""
         if self._remote is None:
             assert isinstance(self.persist_dir, Path)
-            yield persisted_object(self.persist_dir, self.job_id, step, self.rank)
+            path, _ = persisted_object(self.persist_dir, self.job_id, step, self.rank)
+            layout = ids.JobLayout(self.persist_dir, self.job_id)
+            manifest = load_step_manifest(layout, step)
+            if manifest is None:  # removed since persisted_object read it
+                raise CheckpointNotFoundError(f"{layout.step_dir(step)}: no drained manifest")
+            yield PersistedCopy(path, manifest, str(path))
             return
+        remote = self._remote
         with tempfile.TemporaryDirectory(prefix=f".memckpt-restore-{self.job_id}-",
                                          dir=self.store.root.parent) as scratch:  # fmt: skip
-            yield self._remote.download_object(step, self.rank, Path(scratch))
+            path, _ = remote.download_object(step, self.rank, Path(scratch))
+            manifest = remote.manifest(step)
+            if manifest is None:
+                raise CheckpointNotFoundError(f"{remote.where(step)}: no persisted manifest")
+            yield PersistedCopy(path, manifest, remote.where(step, self.rank), scratch=True)
 
     def close(self, *, release_memory: bool | None = None) -> None:
         """Wait for the save in flight, stop the background worker and the transfer server.

@@ -27,6 +27,8 @@ __all__ = [
     "KILL_AT_STEP_ENV",
     "KILL_NODE_ENV",
     "LOG_DIR_ENV",
+    "METRICS_PORT_ENV",
+    "METRICS_TEXTFILE_ENV",
     "NODE_ID_ENV",
     "ON_NON_FINITE_ENV",
     "PROFILE_DIR_ENV",
@@ -115,6 +117,20 @@ EVENTS_FILE_ENV: Final = _declare(
     "append JSON-lines progress events (saves, steps) to this file",
     "no events are written",
     "you; `memckpt simulate-preemption`",
+)
+METRICS_PORT_ENV: Final = _declare(
+    "MEMCKPT_METRICS_PORT",
+    "serve Prometheus metrics over HTTP on this port (`PORT` or `HOST:PORT`), one exporter "
+    "per node and job: the node's first rank to open the job serves every local rank's "
+    "samples (docs/operations.md, Metrics); needs `pip install 'memckpt[metrics]'`; the "
+    "`metrics_port=` argument takes precedence",
+    "no HTTP exporter",
+)
+METRICS_TEXTFILE_ENV: Final = _declare(
+    "MEMCKPT_METRICS_TEXTFILE",
+    "also write the node's Prometheus metrics to this file (atomically, after each batch of "
+    "events) for node_exporter's textfile collector; `{job}` in it is the job id",
+    "no metrics file",
 )
 DEADLINE_ENV: Final = _declare(
     "MEMCKPT_DEADLINE",

@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import xxhash
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (
     _MEM_FORMAT_ENCODING,
@@ -90,7 +91,13 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from memckpt import ids
-from memckpt.engine.drain import check_persist, schedule_drain, wait_for_parts
+from memckpt.engine.drain import (
+    DrainPolicy,
+    RemoteDrain,
+    check_persist,
+    schedule_drain,
+    wait_for_parts,
+)
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.load_transaction import LoadTransaction
 from memckpt.engine.runtime import NodeRuntime, RuntimeSettings
@@ -103,7 +110,7 @@ from memckpt.engine.staging import (
     find_staged,
     side_stream,
 )
-from memckpt.engine.tiers import close_and_release, newest_step_persisted
+from memckpt.engine.tiers import choose_tier, close_and_release, newest_step_persisted
 from memckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -112,15 +119,17 @@ from memckpt.errors import (
     InsufficientSpaceError,
     InvalidNameError,
     MemckptError,
+    StorageIOError,
     TransferError,
     UnsupportedValueError,
 )
 from memckpt.storage.format import TensorEntry
 from memckpt.storage.manifest import StepManifest
 from memckpt.storage.reader import ObjectReader
-from memckpt.storage.safe_fs import real_subdirs, remove_entry
+from memckpt.storage.remote import RemoteTier
+from memckpt.storage.safe_fs import open_regular, real_subdirs, remove_entry
 from memckpt.storage.statedict import FlatStateDict, flatten_state_dict, restore_state_dict
-from memckpt.storage.store import load_step_manifest
+from memckpt.storage.store import CheckpointStore, load_step_manifest
 from memckpt.storage.tensorbytes import is_plain_cpu, tensor_memoryview
 
 __all__ = [
@@ -238,8 +247,15 @@ class MemoryStorageWriter(StorageWriter, AsyncStager):
             time it opens in this process, and must agree afterwards when given.
         persist_every: drain every K-th committed step to ``persist_dir`` as a plain DCP
             directory ``persist_dir/step-<N>``, in the background.
-        persist_dir: where drained steps go (needed with ``persist_every``): a path or a
-            ``file://`` URL; an object-store URL is a ConfigError (not supported here yet).
+        persist_dir: where drained steps go (needed with ``persist_every``): a path, or an
+            fsspec URL (``s3://bucket/prefix``, ``gs://...``); a step at a URL is
+            persisted once every rank's file is verified and ``.metadata`` is uploaded,
+            last (``memckpt.engine.drain.RemoteDrain``: retries, circuit, bounded lag).
+            A scheme that is unknown or not installed is a ConfigError here.
+        persist_options: fsspec storage options for a ``persist_dir`` URL (``endpoint_url``,
+            ``key``, ``secret``...), given to the filesystem unchanged.
+        persist_policy: retries, timeouts and circuit of drains to a URL
+            (``memckpt.engine.drain.DrainPolicy``).
         synchronize_after_stage: ``async_save`` returns once CUDA tensors are copied to
             the host (default). With False it returns as soon as the copies are queued
             (on a side stream, after the work already queued), and the caller calls
@@ -260,17 +276,22 @@ class MemoryStorageWriter(StorageWriter, AsyncStager):
         limit_bytes: int | None = None,
         persist_every: int | None = None,
         persist_dir: str | os.PathLike[str] | None = None,
+        persist_options: Mapping[str, Any] | None = None,
+        persist_policy: DrainPolicy | None = None,
         synchronize_after_stage: bool = True,
     ) -> None:
         super().__init__()
-        persist_where = check_persist(persist_every, persist_dir, remote_ok=False)
+        persist_where = check_persist(persist_every, persist_dir)
+        _check_persist_options(persist_where, persist_options)
         self._synchronize_after_execute = synchronize_after_stage
         self._staged: StagedSave | None = None  # staged by the job's runtime (THREAD)
         self._copy_events: list[Any] = []  # ends of the device-to-host copies of the last stage
         self._settings = RuntimeSettings(replication, node_id, secret, keep_last, timeout_s,
                                          transfer_timeout_s, limit_bytes)  # fmt: skip
         self.persist_every = persist_every
-        self.persist_dir = persist_where if isinstance(persist_where, Path) else None
+        self.persist_dir: Path | str | None = persist_where
+        self.persist_options = dict(persist_options) if persist_options is not None else None
+        self.persist_policy = persist_policy
         self.checkpoint_id: str | None = None
         self._where: tuple[Path, str, int] | None = None
         self._runtime: NodeRuntime | None = None
@@ -412,8 +433,12 @@ class MemoryStorageWriter(StorageWriter, AsyncStager):
         log.debug("rank %d: dcp step %d in memory (staged in %.3fs, committed %.3fs after)",
                   rt.rank, step, result.stage_s, result.total_s)  # fmt: skip
         if self.persist_every and step % self.persist_every == 0:
-            assert self.persist_dir is not None
-            _schedule_drain(rt, step, self.persist_dir, self._is_coordinator)
+            if isinstance(self.persist_dir, Path):
+                _schedule_drain(rt, step, self.persist_dir, self._is_coordinator)
+            else:
+                assert self.persist_dir is not None
+                _remote_drain(rt, self.persist_dir, self.persist_options,
+                              self.persist_policy).schedule(step)  # fmt: skip
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -593,8 +618,10 @@ def latest_checkpoint(
     node_id: str | None = None,
     secret: bytes | None = None,
     timeout_s: float | None = None,
+    persist_dir: str | os.PathLike[str] | None = None,
+    persist_options: Mapping[str, Any] | None = None,
 ) -> str | None:
-    """The newest complete memory checkpoint's id, or None (collective: every rank calls it).
+    """The newest complete checkpoint's id, or None (collective: every rank calls it).
 
     Complete as ``CheckpointManager.latest`` defines it, whatever world size saved it
     (DCP's planners reshard on load) and wherever its bytes are: no replication setting
@@ -602,14 +629,43 @@ def latest_checkpoint(
     every holder is passed over, by every rank and after every restart. ``replication``
     only says how to push copies again after the load (skipped, in one log line, when
     today's layout cannot host it).
+
+    With ``persist_dir`` (and ``persist_options``), as the writer drained to it, the
+    drained steps count too, by the engine's tier rule (``memckpt.engine.tiers``): the
+    newest wins, memory on a tie. A drained step's id is ``<persist_dir>/step-<N>``;
+    ``MemoryStorageReader(persist_dir=...)`` (or DCP's own reader) loads it. Rank 0 lists
+    the drained steps for every rank. A store that cannot be listed is passed over with
+    a warning when memory has a step; with none that is a StorageIOError.
     """
+    durable = _Durable.of(persist_dir, persist_options)
     settings = RuntimeSettings(replication=replication, node_id=node_id, secret=secret,
                                timeout_s=timeout_s)  # fmt: skip
     rt = NodeRuntime.hold(Path(base_dir), job_id, settings, reading=True)
     plan = LoadTransaction(rt, on_world_size_mismatch="allow").plan()
-    if plan.step is None:
-        return None
-    return checkpoint_id(base_dir, job_id, plan.step)
+    if durable is None:
+        return None if plan.step is None else checkpoint_id(base_dir, job_id, plan.step)
+    found: list[int] | str | None = None
+    if rt.rank == 0:
+        try:
+            found = durable.steps()
+        except (OSError, MemckptError) as e:
+            found = f"{type(e).__name__}: {e}"
+            log.warning("rank 0: cannot list the drained steps in %s: %s", durable.where, found)
+    listed = rt.coll.all_gather_object(found, "drained DCP steps")[0]
+    pstep = max(listed, default=None) if isinstance(listed, list) else None
+    tier = choose_tier(plan.step, pstep, pstep is not None)
+    if tier == "memory":
+        assert plan.step is not None
+        return checkpoint_id(base_dir, job_id, plan.step)
+    if tier == "persistent":
+        assert pstep is not None
+        return durable.step_id(pstep)
+    if isinstance(listed, str):
+        raise StorageIOError(
+            f"no DCP step of job {job_id!r} in memory and {durable.where} cannot be listed "
+            f"({listed}); fix the store's endpoint or credentials and retry"
+        )
+    return None
 
 
 def failed_on_damaged_data(error: BaseException) -> bool:
@@ -706,6 +762,12 @@ class MemoryStorageReader(StorageReader):
     one that does not is an UnsupportedValueError naming the item. ``safe_globals``:
     the classes and functions beyond plain data that bytes items may build, for a
     checkpoint you trust (as ``torch.serialization.safe_globals`` takes them).
+
+    ``persist_dir`` (and ``persist_options``), as the writer drained to: a checkpoint id
+    ``<persist_dir>/step-<N>`` (what ``latest_checkpoint(..., persist_dir=...)`` names
+    when no memory step is newer) is read from there with DCP's own reader
+    (``FileSystemReader``, or ``FsspecReader`` for a URL), under the same rules:
+    ``.metadata`` through memckpt's restricted unpickler, bytes items weights-only.
     """
 
     _OPT_IN = "MemoryStorageReader(safe_globals=[...])"
@@ -721,8 +783,12 @@ class MemoryStorageReader(StorageReader):
         timeout_s: float | None = None,
         threads: int = 2,
         safe_globals: Iterable[Any] = (),
+        persist_dir: str | os.PathLike[str] | None = None,
+        persist_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self._durable = _Durable.of(persist_dir, persist_options)
+        self._drained: StorageReader | None = None  # DCP's reader of a drained step
         self._settings = RuntimeSettings(replication=replication, node_id=node_id,
                                          secret=secret, timeout_s=timeout_s)  # fmt: skip
         self.threads = threads
@@ -737,11 +803,27 @@ class MemoryStorageReader(StorageReader):
             self.reset(checkpoint_id)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self._where = parse_checkpoint_id(checkpoint_id)
-            self.checkpoint_id = str(checkpoint_id)
+        if checkpoint_id is None:
+            return
+        drained = None if self._durable is None else self._durable.step_of(checkpoint_id)
+        if drained is not None:
+            assert self._durable is not None
+            self._where, self.checkpoint_id = None, str(checkpoint_id)
+            self._drained = self._durable.reader(drained)
+            return
+        self._drained = None
+        self._where = parse_checkpoint_id(checkpoint_id)
+        self.checkpoint_id = str(checkpoint_id)
 
-    def read_metadata(self) -> Metadata:
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._drained is not None:
+            assert self._durable is not None
+            step = self._durable.step_of(str(self.checkpoint_id))
+            assert step is not None
+            md = self._durable.metadata(step)
+            md.storage_meta = md.storage_meta or StorageMeta()
+            md.storage_meta.load_id = getattr(self._drained, "load_id", None)
+            return md
         if self._where is None:
             raise MemckptError("MemoryStorageReader needs a checkpoint id")
         base, job, step = self._where
@@ -765,6 +847,8 @@ class MemoryStorageReader(StorageReader):
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:  # fmt: skip
         self._metadata = metadata
+        if self._drained is not None:
+            self._drained.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -773,6 +857,12 @@ class MemoryStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self._drained is not None:  # bytes items pass a weights-only load first
+            where = str(self.checkpoint_id)
+            checked = _WeightsOnlyBytes(
+                planner, lambda fqn, raw: self._check_item(f"{where}: bytes item {fqn!r}", raw)
+            )
+            return self._drained.read_data(plan, checked)  # type: ignore[arg-type]
         storage: Mapping[MetadataIndex, tuple[int, str]] = self._metadata.storage_data
         by_rank: dict[int, list[ReadItem]] = {}
         for item in plan.items:
@@ -830,9 +920,11 @@ class MemoryStorageReader(StorageReader):
 
         DCP's planners unpickle bytes items with ``torch.load(weights_only=False)``.
         """
+        self._check_item(f"{self.checkpoint_id}: bytes item {fqn!r} of rank {rank}", value)
+
+    def _check_item(self, where: str, value: bytes) -> None:
         if not self._weights_only:
             return
-        where = f"{self.checkpoint_id}: bytes item {fqn!r} of rank {rank}"
         try:
             with torch.serialization.safe_globals(list(self.safe_globals)):
                 torch.load(io.BytesIO(value), weights_only=True, map_location="cpu")
@@ -981,36 +1073,74 @@ def export(
     return out
 
 
+def _rank_file(rank: int) -> str:
+    """A rank's file in a DCP directory, as DCP's FileSystemWriter names it."""
+    return f"__{rank}_0.distcp"
+
+
+class _DigestWriter:
+    """Writes through to ``out``, counting the bytes and their xxh3-64 digest."""
+
+    def __init__(self, out: Any) -> None:
+        self.out, self.size, self.hash = out, 0, xxhash.xxh3_64()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.out.write(view)
+        self.hash.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _write_items(
+    out: _DigestWriter,
+    name: str,
+    items: Sequence[tuple[MetadataIndex, str]],
+    value_of: Callable[[str], Any],
+) -> dict[MetadataIndex, Any]:
+    """Write ``items`` as DCP's rank file ``name`` does (a tensor by ``torch.save``, bytes
+    as they are); returns each item's storage info."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    storage = {}
+    for idx, stored in items:
+        v = value_of(stored)
+        offset = out.size
+        if isinstance(v, torch.Tensor):
+            torch.save(v, out)
+        else:
+            out.write(v)
+        storage[idx] = _StorageInfo(name, offset, out.size - offset)
+    return storage
+
+
 def _write_rank_file(
     out: Path, rank: int, items: Sequence[tuple[MetadataIndex, str]], values: Mapping[str, Any]
 ) -> dict[MetadataIndex, Any]:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-
-    name = f"__{rank}_0.distcp"
+    name = _rank_file(rank)
     tmp = out / f".{name}.tmp"
-    storage = {}
     with open(tmp, "wb") as f:
-        for idx, stored in items:
-            v = values[stored]
-            offset = f.tell()
-            if isinstance(v, torch.Tensor):
-                torch.save(v, f)
-            else:
-                f.write(v)
-            storage[idx] = _StorageInfo(name, offset, f.tell() - offset)
+        storage = _write_items(_DigestWriter(f), name, items, values.__getitem__)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / name)
     return storage
 
 
-def _write_metadata(out: Path, md: Metadata) -> None:
+def _metadata_bytes(md: Metadata) -> bytes:
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 
     md.version = CURRENT_DCP_VERSION
+    return pickle.dumps(md)
+
+
+def _write_metadata(out: Path, md: Metadata) -> None:
     tmp = out / ".metadata.tmp"
     with open(tmp, "wb") as f:
-        pickle.dump(md, f)
+        f.write(_metadata_bytes(md))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / ".metadata")
@@ -1037,14 +1167,16 @@ def _schedule_drain(rt: NodeRuntime, step: int, persist_dir: Path, coordinator: 
         with ObjectReader(rt.store.object_path(step, rt.rank)) as reader:
             values = _read_values(reader, {n for _, n in mine}, 2)
         info = _write_rank_file(dest, rt.rank, mine, values)
-        idx = [[item_key(i), v.relative_path, v.offset, v.length] for i, v in info.items()]
+        idx = _index_rows(info)
         tmp = dest / f".__{rt.rank}_0.index.tmp"
         tmp.write_text(json.dumps(idx))
         os.replace(tmp, dest / f".__{rt.rank}_0.index")
         if coordinator:
             _finish_drain(dest, md, manifest.world_size)
 
-    schedule_drain(rt.engine, step, drain, str(dest))
+    schedule_drain(
+        rt.engine, step, drain, str(dest), committed=lambda: _DrainedTo(persist_dir)(step)
+    )
 
 
 @dataclass(frozen=True)
@@ -1058,13 +1190,286 @@ class _DrainedTo:
 
 
 def _finish_drain(dest: Path, md: Metadata, world_size: int) -> None:
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-
     parts = [dest / f".__{r}_0.index" for r in range(world_size)]
     wait_for_parts(parts)
-    storage: dict[MetadataIndex, Any] = {}
-    for p in parts:
-        for key, rel, off, length in json.loads(p.read_text()):
-            storage[_index(key)] = _StorageInfo(rel, off, length)
-    md.storage_data = storage
+    md.storage_data = _storage_of(json.loads(p.read_text()) for p in parts)
     _write_metadata(dest, md)
+
+
+def _index_rows(storage: Mapping[MetadataIndex, Any]) -> list[list[Any]]:
+    """A rank file's storage infos as JSON rows: [item key, file, offset, length]."""
+    return [[item_key(i), v.relative_path, v.offset, v.length] for i, v in storage.items()]
+
+
+def _storage_of(row_lists: Iterable[Iterable[Sequence[Any]]]) -> dict[MetadataIndex, Any]:
+    """DCP's storage data (item -> ``_StorageInfo``) of every rank's ``_index_rows``."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    storage: dict[MetadataIndex, Any] = {}
+    for rows in row_lists:
+        for key, rel, off, length in rows:
+            storage[_index(key)] = _StorageInfo(rel, off, length)
+    return storage
+
+
+# -- drains to an object store, and reading drained steps ------------------------------------
+
+_READ_BLOCK = 16 << 20
+
+
+def _check_persist_options(where: Path | str | None, options: Mapping[str, Any] | None) -> None:
+    if options is not None and not isinstance(where, str):
+        raise ConfigError("persist_options apply to a persist_dir URL (s3://..., gs://...)")
+
+
+class _RemoteDcpSteps(RemoteTier):
+    """DCP steps at a URL, as ``dcp.load`` reads them: ``<url>/step-<N>/``.
+
+    A drain of a step (``RemoteDrain``: each rank, then the coordinator):
+
+    1. each rank removes the step's ``.metadata`` (a re-save of a step is invisible while
+       its files are rewritten), streams its ``__<rank>_0.distcp`` to the store, reads it
+       back and checks its size and xxh3-64 digest against what it wrote, then uploads
+       ``.__<rank>_0.index`` (that size and digest, the file's items, and which save of
+       the step it is: the memory manifest's checksum), read back too;
+    2. the coordinator waits for every rank's index of this save and its file of that
+       size, builds DCP's ``.metadata`` from the indexes, uploads it last and reads it back.
+
+    A step without ``.metadata`` does not exist (``persisted_steps``); older ones are
+    removed by the next drain (``clean_leftovers``).
+    """
+
+    marker = DCP_METADATA_FILE
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(url, None, options)
+
+    def part_name(self, rank: int) -> str:
+        return _rank_file(rank)
+
+    def file_path(self, step: int, name: str) -> str:
+        return f"{self.step_path(step)}/{name}"
+
+    def upload_part(self, store: CheckpointStore, manifest: StepManifest) -> None:
+        step, rank = manifest.step, store.rank
+        where, name = self.where(step, rank), self.part_name(rank)
+        md = _load_metadata(manifest, self.where(step))
+        mine = [(i, n) for i, (r, n) in md.storage_data.items() if r == rank]
+        marker = self.file_path(step, self.marker)
+        if self.fs.exists(marker):
+            self.fs.rm_file(marker)
+        path = self.file_path(step, name)
+        with ObjectReader(store.object_path(step, rank)) as reader:
+            value_of = _one_value_at_a_time(reader, {n for _, n in mine})
+            with self.fs.open(path, "wb") as f:
+                out = _DigestWriter(f)
+                storage = _write_items(out, name, mine, value_of)
+        digest = out.hash.intdigest()
+        self._verify_file(path, where, out.size, digest)
+        index = {"save": manifest.checksum, "size": out.size, "xxh3_64": digest,
+                 "items": _index_rows(storage)}  # fmt: skip
+        self._put_verified(self.file_path(step, _drain_index(rank)), json.dumps(index).encode(),
+                           f"{where} index")  # fmt: skip
+
+    def has_part(self, manifest: StepManifest, rank: int) -> bool:
+        index = self._index(manifest, rank)
+        if index is None:
+            return False
+        path = self.file_path(manifest.step, self.part_name(rank))
+        self.fs.invalidate_cache(path)
+        try:
+            return bool(int(self.fs.info(path)["size"]) == index["size"])
+        except FileNotFoundError:
+            return False
+
+    def commit(self, manifest: StepManifest) -> None:
+        step = manifest.step
+        md = _load_metadata(manifest, self.where(step))
+        rows = []
+        for r in sorted(manifest.objects):
+            index = self._index(manifest, r)
+            if index is None:
+                raise CorruptCheckpointError(f"{self.where(step, r)}: its index is gone")
+            rows.append(index["items"])
+        md.storage_data = _storage_of(rows)
+        self._put_verified(self.file_path(step, self.marker), _metadata_bytes(md),
+                           f"{self.where(step)}/{self.marker}")  # fmt: skip
+
+    def committed(self, step: int) -> bool:
+        path = self.file_path(step, self.marker)
+        self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def metadata_bytes(self, step: int) -> bytes:
+        return bytes(self.fs.cat_file(self.file_path(step, self.marker)))
+
+    def _index(self, manifest: StepManifest, rank: int) -> dict[str, Any] | None:
+        """``rank``'s index of this save of the step; None when not (yet) there."""
+        path = self.file_path(manifest.step, _drain_index(rank))
+        self.fs.invalidate_cache(path)
+        try:
+            index = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            log.debug("%s: not an index (%s)", path, e)
+            return None
+        if not isinstance(index, dict) or index.get("save") != manifest.checksum:
+            return None  # left by another save of this step
+        return index
+
+    def _put_verified(self, path: str, raw: bytes, where: str) -> None:
+        self.fs.pipe_file(path, raw)
+        self.fs.invalidate_cache(path)
+        if bytes(self.fs.cat_file(path)) != raw:
+            raise CorruptCheckpointError(f"{where}: the stored file is not the one uploaded")
+
+    def _verify_file(self, path: str, where: str, size: int, digest: int) -> None:
+        """Read the stored file back: its size and xxh3-64 digest must be what was written."""
+        self.fs.invalidate_cache(path)
+        h, got = xxhash.xxh3_64(), 0
+        with self.fs.open(path, "rb") as f:
+            while block := f.read(_READ_BLOCK):
+                h.update(block)
+                got += len(block)
+        if got != size or h.intdigest() != digest:
+            raise CorruptCheckpointError(
+                f"{where}: the stored file ({got} bytes, digest {h.intdigest():#x}) is not "
+                f"the one uploaded ({size} bytes, digest {digest:#x})"
+            )
+
+
+def _drain_index(rank: int) -> str:
+    return f".__{rank}_0.index"
+
+
+def _one_value_at_a_time(reader: ObjectReader, names: set[str]) -> Callable[[str], Any]:
+    """``value_of(name)`` for ``_write_items``: bytes items read at once (small), each tensor
+    when asked for, so a drain holds one tensor in memory, not the rank's state."""
+    tensors = {e.name for e in reader.index.tensors}
+    others = _read_values(reader, names - tensors, 2) if names - tensors else {}
+
+    def value_of(name: str) -> Any:
+        return others[name] if name in others else _read_values(reader, {name}, 2)[name]
+
+    return value_of
+
+
+@dataclass(frozen=True)
+class _DrainedToStore:
+    """Whether a step is persisted at a URL (for ``close(release_memory=True)``), and the
+    runtime's one drain to it (its circuit and lag outlive the writers, one per save)."""
+
+    tier: _RemoteDcpSteps
+    drain: RemoteDrain
+
+    def __call__(self, step: int) -> bool:
+        try:
+            return self.tier.committed(step)
+        except (OSError, MemckptError) as e:
+            log.warning("cannot tell whether step %d is in %s: %s", step, self.tier.where(), e)
+            return False
+
+
+def _remote_drain(
+    rt: NodeRuntime, url: str, options: Mapping[str, Any] | None, policy: DrainPolicy | None
+) -> RemoteDrain:
+    """The runtime's drain to ``url`` (made by the first writer that drains there)."""
+    for check in rt.persisted:
+        if isinstance(check, _DrainedToStore) and check.tier.url == url:
+            return check.drain
+    tier = _RemoteDcpSteps(url, options)
+    found = _DrainedToStore(tier, RemoteDrain(rt.engine, tier, policy))
+    rt.persisted.append(found)
+    return found.drain
+
+
+class _WeightsOnlyBytes:
+    """``planner`` for DCP's own readers, except that each bytes item is first checked
+    (``check(fqn, raw)``) before the planner unpickles it."""
+
+    def __init__(self, planner: LoadPlanner, check: Callable[[str, bytes], None]) -> None:
+        self._planner, self._check = planner, check
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self._check(read_item.storage_index.fqn, value.getvalue())
+        self._planner.load_bytes(read_item, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+
+@dataclass(frozen=True)
+class _Durable:
+    """The DCP steps drained to a ``persist_dir``: a local directory or a URL."""
+
+    where: Path | str
+    options: Mapping[str, Any] | None
+
+    @classmethod
+    def of(
+        cls, persist_dir: str | os.PathLike[str] | None, options: Mapping[str, Any] | None
+    ) -> _Durable | None:
+        """None without a ``persist_dir``; ConfigError for a scheme unknown or not installed."""
+        where = check_persist(None, persist_dir)
+        _check_persist_options(where, options)
+        return None if where is None else cls(where, dict(options or {}))
+
+    def tier(self) -> _RemoteDcpSteps:
+        assert isinstance(self.where, str)
+        return _RemoteDcpSteps(self.where, self.options)
+
+    def steps(self) -> list[int]:
+        """The complete (``.metadata`` there) steps, sorted."""
+        if isinstance(self.where, Path):
+            return complete_steps(self.where)[1]
+        return self.tier().persisted_steps()
+
+    def step_id(self, step: int) -> str:
+        if isinstance(self.where, Path):
+            return str(self.where / ids.step_dir_name(step))
+        return f"{self.where}/{ids.step_dir_name(step)}"
+
+    def step_of(self, cid: str | os.PathLike[str]) -> int | None:
+        """The step ``cid`` names in this ``persist_dir``; None when it is not one of its steps."""
+        if isinstance(self.where, Path):
+            p = Path(cid)
+            inside = os.path.abspath(p.parent) == os.path.abspath(self.where)
+            return ids.parse_step_dir(p.name) if inside else None
+        parent, _, name = str(cid).rstrip("/").rpartition("/")
+        return ids.parse_step_dir(name) if parent == self.where else None
+
+    def reader(self, step: int) -> StorageReader:
+        """DCP's own reader of the step (it reads the files; ``metadata`` reads ``.metadata``)."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        if isinstance(self.where, Path):
+            return FileSystemReader(self.step_id(step))
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(self.step_id(step), **dict(self.options or {}))
+
+    def metadata(self, step: int) -> Metadata:
+        """The step's ``.metadata``, through memckpt's restricted unpickler."""
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        where = self.step_id(step)
+        try:
+            if isinstance(self.where, Path):
+                fd = open_regular(Path(where) / DCP_METADATA_FILE, "DCP metadata")
+                if fd is None:
+                    raise FileNotFoundError(f"{where}/{DCP_METADATA_FILE}")
+                with os.fdopen(fd, "rb") as f:
+                    raw = f.read()
+            else:
+                raw = self.tier().metadata_bytes(step)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"{where}: no {DCP_METADATA_FILE} (not drained completely); "
+                "latest_checkpoint(..., persist_dir=...) names the newest complete step"
+            ) from None
+        md = restore_state_dict(raw, _no_tensors(where), (*_METADATA_GLOBALS, _StorageInfo),
+                                where=f"{where}/{DCP_METADATA_FILE}")  # fmt: skip
+        if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
+            raise CorruptCheckpointError(f"{where}/{DCP_METADATA_FILE} is not DCP metadata")
+        return md

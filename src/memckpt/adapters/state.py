@@ -124,6 +124,12 @@ class State:
         safe_globals: classes the extra state may hold beyond plain data (in "fsdp" mode
             also DCP's bytes items, such as a module's extra state).
         step: the counter's value before any resume.
+        persist_every, persist_dir, persist_options: the durable tier, as for
+            ``CheckpointManager``: drain every K-th step to ``persist_dir``, a path or an
+            fsspec URL (``s3://bucket/prefix``) with ``persist_options`` (storage options);
+            checked here (ConfigError). "single"/"ddp" resume from it by the tier rule when
+            it holds a newer step than memory, and put that step back into memory; "fsdp"
+            passes them to ``MemoryStorageWriter``.
         **options: further ``CheckpointManager`` arguments ("single"/"ddp") or
             ``MemoryStorageWriter`` arguments ("fsdp").
     """
@@ -144,6 +150,9 @@ class State:
         timeout_s: float = 300.0,
         safe_globals: Iterable[Any] = (),
         step: int = 0,
+        persist_every: int | None = None,
+        persist_dir: str | os.PathLike[str] | None = None,
+        persist_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         if framework not in FRAMEWORKS:
@@ -162,6 +171,15 @@ class State:
                 raise MemckptError(
                     f"{name} must have state_dict() and load_state_dict(), got {type(obj).__name__}"
                 )
+        from memckpt.manager import check_persist_arguments
+
+        check_persist_arguments(persist_every, persist_dir, persist_options)
+        if persist_dir is not None:
+            options["persist_dir"] = persist_dir
+            if persist_every is not None:
+                options["persist_every"] = persist_every
+            if persist_options is not None:
+                options["persist_options"] = persist_options
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
@@ -398,7 +416,7 @@ class State:
             template["optimizer"] = self.optimizer.state_dict()
         newest = self._manager.latest() if step is None else step
         out = None
-        if newest is not None:
+        if newest is not None or self._manager.persist_dir is not None:
             try:
                 out = self._manager.load(step, state_dict=template, safe_globals=self.safe_globals)
             except UnsupportedValueError as e:
@@ -413,8 +431,10 @@ class State:
                     "none of them loaded: see the warnings above. Not starting from scratch; "
                     "remove the job's directory to do so"
                 )
+            durable = self._manager.persist_dir
             raise CheckpointNotFoundError(
                 f"no complete memory checkpoint of job {self.job_id!r} under {self.base_dir}"
+                + (f" and no persisted step in {durable}" if durable is not None else "")
             )
         loaded = self._manager.last_load.step
         where = f"step {loaded} of job {self.job_id!r}"

@@ -22,6 +22,10 @@ directory with the same machinery.
   ``DrainPolicy.circuit_open_s``: drains in that time are skipped, saves go on;
 - a step is persisted once every rank's object is verified where it landed and the
   coordinator's manifest is uploaded last; older half-uploaded steps are then removed.
+
+What a step's parts and commit marker are is the tier's: ``RemoteTier`` stores memckpt's
+objects and manifest, the DCP adapter's subclass DCP's ``__<rank>_0.distcp`` files and
+``.metadata``; the retries, circuit and lag above are the same for both.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -47,7 +51,7 @@ from memckpt.errors import (
     CorruptCheckpointError,
     MemckptError,
 )
-from memckpt.storage.manifest import ObjectDigest, write_manifest
+from memckpt.storage.manifest import StepManifest, write_manifest
 from memckpt.storage.remote import RemoteTier, is_permanent, resolve_location
 from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.store import CheckpointStore, load_step_manifest, object_digest, step_dirs
@@ -57,9 +61,11 @@ __all__ = [
     "Circuit",
     "DrainPolicy",
     "RemoteDrain",
+    "await_commit",
     "backoff_delay",
     "check_persist",
     "drain_objects",
+    "drained_committed",
     "schedule_drain",
     "wait_for_drains",
     "wait_for_parts",
@@ -99,24 +105,97 @@ def check_persist(
 
 
 def schedule_drain(
-    engine: SaveEngine, step: int, fn: Callable[[], None], what: str
+    engine: SaveEngine,
+    step: int,
+    fn: Callable[[], None],
+    what: str,
+    *,
+    committed: Callable[[], bool] | None = None,
 ) -> concurrent.futures.Future[None]:
-    """Run ``fn`` on the drain thread; ``step`` is kept from retention until it ends."""
+    """Run ``fn`` on the drain thread; ``step`` is kept from retention until it ends.
+
+    ``committed()`` says whether the step is loadable at the destination ``what`` (its
+    commit marker is there): once ``fn`` has written this rank's part, the step's handle
+    reaches ``persisted`` when it is (``await_commit``). Without it the outcome is not
+    known here, and the handle does not reach ``persisted``.
+    """
     engine.set_draining(step, True)
 
     def run() -> None:
         t0 = time.perf_counter()
         try:
-            fn()
+            try:
+                fn()
+            except Exception:
+                log.exception("rank %d: drain of step %d to %s failed", engine.store.rank, step,
+                              what)  # fmt: skip
+                engine.note_not_persisted(step, "its drain failed")
+                raise
             log.info("rank %d: drained step %d to %s in %.2fs", engine.store.rank, step, what,
                      time.perf_counter() - t0)  # fmt: skip
-        except Exception:
-            log.exception("rank %d: drain of step %d to %s failed", engine.store.rank, step, what)
-            raise
+            if committed is None:
+                engine.note_not_persisted(step, "this drain cannot tell when it is committed")
+            else:
+                await_commit(engine, step, committed, what, timeout=2 * PART_WAIT_S)
         finally:
             engine.set_draining(step, False)
 
     return _executor.submit(run)
+
+
+def await_commit(
+    engine: SaveEngine,
+    step: int,
+    committed: Callable[[], bool],
+    where: str,
+    *,
+    timeout: float,
+    poll_s: float = 0.1,
+) -> None:
+    """Report ``step`` persisted at ``where`` (``engine.note_persisted``) once
+    ``committed()``: the coordinator's commit marker is there.
+
+    The coordinator writes the marker itself, so it is checked here at once; another
+    rank's part lands before the marker, so, if not yet, a watcher thread of its own (the
+    drain thread never waits) checks again, each wait doubling up to 5 s, until the
+    marker is there, ``timeout`` seconds pass, or a newer step is reported persisted
+    (after one last look): then the step is reported not persisted.
+    """
+    if _is_committed(committed, step, where):
+        engine.note_persisted(step, where)
+        return
+
+    def watch() -> None:
+        deadline, delay = time.monotonic() + timeout, poll_s
+        while True:
+            newest = engine.newest_persisted
+            give_up = time.monotonic() > deadline or (newest is not None and newest > step)
+            if _is_committed(committed, step, where):
+                engine.note_persisted(step, where)
+                return
+            if give_up:
+                engine.note_not_persisted(step, f"its commit marker did not appear at {where}")
+                return
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    threading.Thread(target=watch, name=f"memckpt-commit-watch-{step}", daemon=True).start()
+
+
+def _is_committed(committed: Callable[[], bool], step: int, where: str) -> bool:
+    try:
+        return bool(committed())
+    except Exception as e:  # a probe: unreachable or refused for now, look again later
+        log.debug("cannot tell whether step %d is committed at %s: %s", step, where, e)
+        return False
+
+
+def drained_committed(dest_base: Path, job_id: str, step: int) -> bool:
+    """Whether ``step``'s manifest (the coordinator writes it last) is in the drained tree."""
+    try:
+        return load_step_manifest(ids.JobLayout(dest_base, job_id), step) is not None
+    except CorruptCheckpointError:
+        return False
 
 
 def wait_for_drains(timeout: float | None = None) -> None:
@@ -306,8 +385,9 @@ class RemoteDrain:
 
     ``schedule(step)`` is the engine's after-commit hook: it returns at once. The work runs
     on the process's drain thread (``wait_for_drains`` waits for it). Every rank drains the
-    same steps and uploads its own object; rank 0 (the coordinator) waits for every
-    rank's object, then uploads the manifest, then removes older half-uploaded steps.
+    same steps and uploads its own part (``tier.upload_part``, verified); rank 0 (the
+    coordinator) waits for every rank's part (``tier.has_part``), then uploads the commit
+    marker (``tier.commit``), then removes older half-uploaded steps.
     """
 
     def __init__(
@@ -334,6 +414,7 @@ class RemoteDrain:
             self._newer.set()
         if old is not None:
             self.engine.set_draining(old, False)
+            self.engine.note_not_persisted(old, f"superseded by step {step}")
             log.info("rank %d: drain of step %d to %s superseded by step %d", self.rank, old,
                      self.tier.where(), step)  # fmt: skip
         _executor.submit(self._run_waiting)
@@ -354,16 +435,27 @@ class RemoteDrain:
         if state == "open":
             log.debug("rank %d: step %d not drained: the circuit to %s is open", self.rank,
                       step, self.tier.where())  # fmt: skip
+            self.engine.note_not_persisted(step, "the circuit to its store is open")
             return
         t0 = time.perf_counter()
         try:
             self._drain(step, attempts=1 if state == "half-open" else self.policy.attempts)
         except _Superseded:
             log.info("rank %d: drain of step %d gave way to a newer step", self.rank, step)
+            self.engine.note_not_persisted(step, "its drain gave way to a newer step")
             return
         except Exception as e:
             self._failed(step, e)
+            self.engine.note_not_persisted(step, "its drain failed")
             return
+        where = self.tier.where(step)
+        if self.rank == 0:  # the coordinator uploaded the commit marker, verified
+            self.engine.note_persisted(step, where)
+        else:
+            p = self.policy
+            await_commit(self.engine, step, lambda: self.tier.committed(step), where,
+                         timeout=p.part_wait_s + p.attempts * p.attempt_timeout_s,
+                         poll_s=p.poll_s)  # fmt: skip
         if self.circuit.success():
             log.info("rank %d: %s reachable again", self.rank, self.tier.where())
         self._last_error = ""
@@ -393,15 +485,13 @@ class RemoteDrain:
         manifest = store.manifest(step)
         if manifest is None:
             raise CheckpointNotFoundError(f"step {step} has no manifest on this node")
-        src = store.object_path(step, store.rank)
-        self._retry(lambda: self.tier.upload_object(src, step, store.rank,
-                                                    manifest.objects[store.rank]),
+        self._retry(lambda: self.tier.upload_part(store, manifest),
                     f"upload of {self.tier.where(step, store.rank)}", attempts)  # fmt: skip
         if store.rank != 0:
             return
-        self._wait_for_parts(step, manifest.objects)
-        self._retry(lambda: self.tier.upload_manifest(manifest),
-                    f"upload of the manifest of {self.tier.where(step)}", attempts)  # fmt: skip
+        self._wait_for_parts(manifest)
+        self._retry(lambda: self.tier.commit(manifest),
+                    f"upload of {self.tier.where(step)}/{self.tier.marker}", attempts)  # fmt: skip
         try:
             self.tier.clean_leftovers(below=step)
         except Exception as e:  # a leftover stays until the next drain
@@ -423,18 +513,17 @@ class RemoteDrain:
                 if self._newer.wait(delay):
                     raise _Superseded from e
 
-    def _wait_for_parts(self, step: int, objects: Mapping[int, ObjectDigest]) -> None:
-        deadline = time.monotonic() + self.policy.part_wait_s
-        todo = dict(objects)
+    def _wait_for_parts(self, manifest: StepManifest) -> None:
+        step, deadline = manifest.step, time.monotonic() + self.policy.part_wait_s
+        todo = set(manifest.objects)
         while todo:
-            for r in [r for r, want in todo.items() if self.tier.has_object(step, r, want)]:
-                del todo[r]
+            todo -= {r for r in todo if self.tier.has_part(manifest, r)}
             if not todo:
                 return
             if time.monotonic() > deadline:
                 raise MemckptError(
                     f"{self.tier.where(step)}: ranks {sorted(todo)} did not upload their "
-                    f"objects within {self.policy.part_wait_s:.0f}s; their drains failed "
+                    f"parts within {self.policy.part_wait_s:.0f}s; their drains failed "
                     "or their nodes cannot reach the store"
                 )
             if self._newer.wait(self.policy.poll_s):

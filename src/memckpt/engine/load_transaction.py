@@ -20,6 +20,16 @@ Readers that DCP or Megatron drive (their planners decide what each rank reads) 
 failures; damage they find is recorded by the locator, so the next ``plan`` of every
 rank and every restart passes over the step.
 
+A step the tier policy takes from the durable tier (``memckpt.engine.tiers``: no memory
+step at or above it) loads through ``load_persisted``, the same shape::
+
+    with open_copy(step) as copy                 # this rank's persisted object, here and
+                                                 # checked against the persisted manifest
+    ... read into the destination, verifying every chunk ...
+    vote                                         # all-gather (collective); a failure raises
+    engine.reseed(step, copy.path)               # back into the memory tier, committed as a
+                                                 # save is (vote and manifest in the background)
+
 The rule "never return None after touching the caller's tensors" lives here: once a
 failed attempt has written into the destination on any rank, the load ends with a step
 that rewrote every touched tensor or with ``StateModifiedError``.
@@ -27,11 +37,13 @@ that rewrote every touched tensor or with ``StateModifiedError``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from memckpt.engine.recovery_plan import (
@@ -49,6 +61,7 @@ from memckpt.errors import (
     MemckptError,
     NonFiniteStateError,
     StateModifiedError,
+    StorageIOError,
     TransferError,
     WorldSizeMismatchError,
 )
@@ -57,13 +70,17 @@ from memckpt.replication.replicator import plan_copies
 from memckpt.settings import ON_NON_FINITE_ENV
 from memckpt.storage import events
 from memckpt.storage.inventory import Inventory
+from memckpt.storage.manifest import StepManifest
+from memckpt.storage.reader import ObjectReader
 
 __all__ = [
     "LoadDecision",
     "LoadInfo",
     "LoadTransaction",
+    "PersistedCopy",
     "RankOutcome",
     "decide_after_vote",
+    "load_persisted",
     "world_size_error",
 ]
 
@@ -453,6 +470,117 @@ class LoadTransaction:
         )
         log.info("rank %d: loaded step %d from %s%s", self.rank, plan.step, path,
                  f" (read from rank {source}'s node)" if info.fetched else "")  # fmt: skip
-        events.emit("loaded", step=plan.step, rank=self.rank, source=source)
+        events.emit("loaded", step=plan.step, rank=self.rank, source=source, job=self.job_id,
+                    tier="peer" if info.fetched else "memory", seconds=info.seconds)  # fmt: skip
         self.finish(fetched_from=source if info.fetched else None)
         return info
+
+
+# -- from the durable tier ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PersistedCopy:
+    """This rank's object of a persisted step, on this machine and checked against the
+    persisted ``manifest`` (size and header digest); ``where`` names it for messages.
+
+    ``scratch``: a download of the caller's own, next to the memory tier, that the re-seed
+    may take over by a rename instead of copying it.
+    """
+
+    path: Path
+    manifest: StepManifest
+    where: str
+    scratch: bool = False
+
+
+def load_persisted(
+    runtime: NodeRuntime,
+    step: int,
+    open_copy: Callable[[int], contextlib.AbstractContextManager[PersistedCopy]],
+    read: Callable[[ObjectSource, set[str]], T],
+    *,
+    tier: str,
+    reseed: bool = True,
+) -> tuple[T, LoadInfo]:
+    """Load persisted ``step`` into the destination and put it back into memory (collective).
+
+    See the module docstring for the sequence. ``open_copy(step)`` gives this rank's
+    verified object (downloading it from a URL); ``tier`` names the durable tier in
+    messages. Any rank's failure raises on every rank, before anything is re-seeded. With
+    ``reseed`` every rank then commits the step into the memory tier through the engine
+    (``SaveEngine.reseed``: moved when ``copy.scratch``, else copied), so a failure right
+    after this restart recovers from memory and peers; that commit runs in the background
+    (``engine.wait_idle`` waits for it) and a failure of it is logged, never raised: the
+    load succeeded.
+    """
+    t0 = time.perf_counter()
+    rank, world = runtime.rank, runtime.world_size
+    job = runtime.store.job_id
+    result: Any = None
+    error: MemckptError | None = None
+    where = tier
+    with contextlib.ExitStack() as stack:
+        copy: PersistedCopy | None = None
+        try:
+            copy = stack.enter_context(open_copy(step))
+            where = copy.where
+            saved = copy.manifest.world_size
+            if saved != world:
+                raise WorldSizeMismatchError(
+                    f"persisted step {step} of job {job!r} in {tier} was saved by {saved} "
+                    f"ranks; this job runs {world}"
+                )
+            with ObjectReader(copy.path) as reader:
+                result = read(reader, set())
+        except MemckptError as e:
+            error = e
+        except OSError as e:  # the store: unreachable, refused, timed out
+            error = StorageIOError(f"persisted step {step} in {tier}: {e}")
+        votes = runtime.coll.all_gather_object(
+            (error is None, f"{type(error).__name__}: {error}" if error else ""),
+            f"persisted load vote for step {step}",
+        )
+        failed = [(r, msg) for r, (ok, msg) in enumerate(votes) if not ok]
+        if failed:
+            if error is not None:
+                raise error
+            r, msg = failed[0]
+            raise MemckptError(f"persisted step {step} failed to load on rank {r}: {msg}")
+        assert copy is not None
+        info = LoadInfo(step, where, time.perf_counter() - t0, tier="persistent")
+        log.info("rank %d: loaded persisted step %d from %s", rank, step, where)
+        events.emit("loaded", step=step, rank=rank, source=rank, job=job, tier="persistent",
+                    seconds=info.seconds)  # fmt: skip
+        if reseed:
+            _reseed(runtime, step, copy)
+    return result, info
+
+
+def _reseed(runtime: NodeRuntime, step: int, copy: PersistedCopy) -> None:
+    """Every rank: commit its persisted object into the memory tier (vote in the background)."""
+    rank = runtime.rank
+    try:
+        handle = runtime.engine.reseed(
+            step,
+            copy.path,
+            digest=copy.manifest.objects[rank].digest,
+            move=copy.scratch,
+            blobs=copy.manifest.blobs if rank == 0 else None,
+            non_finite=copy.manifest.non_finite.get(rank),
+        )
+    except (MemckptError, OSError) as e:  # this rank voted no: every rank's commit fails
+        log.warning("rank %d: persisted step %d loaded but not put back into memory: %s",
+                    rank, step, e)  # fmt: skip
+        return
+
+    def outcome(h: Any) -> None:
+        err = h.exception()
+        if err is not None:
+            log.warning("rank %d: persisted step %d loaded but not put back into memory: %s",
+                        rank, step, err)  # fmt: skip
+        elif not h.wait().committed:
+            log.warning("rank %d: persisted step %d loaded but not put back into memory: %s",
+                        rank, step, h.wait().skipped)  # fmt: skip
+
+    handle.add_done_callback(outcome)

@@ -16,6 +16,10 @@ the replication bandwidth cap (``replication_bandwidth``, else
 ``MEMCKPT_REPLICATION_BANDWIDTH``), drawn from a token bucket in the job's node tree
 that every process of the node shares, and the pause switch behind
 ``CheckpointManager.pause_replication``.
+
+With ``metrics_port`` (else ``MEMCKPT_METRICS_PORT``) or ``MEMCKPT_METRICS_TEXTFILE``, the
+runtime starts this rank's Prometheus exporter (``memckpt.metrics``: one HTTP port per node,
+served by the node's first rank) and stops it at the last release.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from memckpt.engine.recovery_plan import RecoveryPlan
 from memckpt.engine.save_engine import SaveEngine
 from memckpt.engine.save_transaction import Vote
 from memckpt.errors import CheckpointNotFoundError, MemckptError
+from memckpt.metrics import NodeExporter, port_from_env
+from memckpt.metrics import start as start_metrics
 from memckpt.replication.replicator import Replicator
 from memckpt.replication.strategies import ReplicationStrategy
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE
@@ -85,6 +91,7 @@ class RuntimeOptions:
     connections: int = 2
     transfer_timeout_s: float = 30.0
     replication_bandwidth: int | None = None  # bytes/s per node; None: no cap
+    metrics_port: int | str | None = None  # PORT or HOST:PORT of the node's exporter
     timeout_s: float = 300.0
     size_hint: int | None = None
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
@@ -125,6 +132,14 @@ def _with_bandwidth_from_env(options: RuntimeOptions) -> RuntimeOptions:
         return options
     rate = bandwidth_from_env()
     return options if rate is None else dataclasses.replace(options, replication_bandwidth=rate)
+
+
+def _with_metrics_port_from_env(options: RuntimeOptions) -> RuntimeOptions:
+    """``options`` with ``MEMCKPT_METRICS_PORT`` when they name no metrics port."""
+    if options.metrics_port is not None:
+        return options
+    port = port_from_env()
+    return options if port is None else dataclasses.replace(options, metrics_port=port)
 
 
 _API_MODULES = ("memckpt.manager", "memckpt.adapters.", "memckpt.engine.")
@@ -222,6 +237,7 @@ class NodeRuntime:
         self._for_reading = False  # opened by reading calls only (hold)
         # checks that say a step is persisted, registered by whoever drains it
         self.persisted: list[Callable[[int], bool]] = []
+        self.metrics: NodeExporter | None = None  # this rank's Prometheus exporter, if on
         self._connected = network is not None or coll.world_size == 1
 
     @property
@@ -277,9 +293,10 @@ class NodeRuntime:
     ) -> NodeRuntime:
         """The job's runtime in this process; opens it (collectively) the first time.
 
-        ``options`` without a bandwidth cap take ``MEMCKPT_REPLICATION_BANDWIDTH``'s.
+        ``options`` without a bandwidth cap take ``MEMCKPT_REPLICATION_BANDWIDTH``'s, without
+        a metrics port ``MEMCKPT_METRICS_PORT``'s.
         """
-        options = _with_bandwidth_from_env(options or RuntimeOptions())
+        options = _with_metrics_port_from_env(_with_bandwidth_from_env(options or RuntimeOptions()))
         key = (os.path.realpath(base_dir), str(job_id))
         with cls._lock:
             rt = cls._open.get(key)
@@ -330,8 +347,11 @@ class NodeRuntime:
         store.settle_interrupted_resaves()
         replicator = None
         throttle = None
+        exporter = None
         try:
             throttle = _throttle(store, options.replication_bandwidth)
+            exporter = start_metrics(store.layout.peers_dir, store.job_id, collectives.rank,
+                                     collectives.world_size, port=options.metrics_port)  # fmt: skip
             spec = strategy if strategy is not None else options.replication
             if spec is not None:
                 replicator = Replicator.setup(
@@ -359,15 +379,20 @@ class NodeRuntime:
                 vote=vote,
             )
         except BaseException:
+            if exporter is not None:
+                exporter.close()
             if replicator is not None:
                 replicator.close()
             if throttle is not None:
                 throttle.close()
             store.close()
             raise
+        if exporter is not None and engine.replicator is not None:
+            exporter.expect("replicated")
         connect_args = {"host": transfer_host, "port": transfer_port, "secret": secret}
         rt = cls(store, collectives, commit_coll, replicator, engine, options, key, connect_args,
                  throttle)  # fmt: skip
+        rt.metrics = exporter
         if options.prefault:
             rt._prefault_at_start(options.size_hint)
         return rt
@@ -516,6 +541,8 @@ class NodeRuntime:
         self.throttle.close()
         if self.network is not None:
             self.network.close()
+        if self.metrics is not None:  # after the engine: the last save's samples are written
+            self.metrics.close()
         self.store.close()
 
 

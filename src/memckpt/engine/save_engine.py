@@ -13,7 +13,9 @@ to store (DCP: ``async_save`` stages, its planner runs afterwards) calls the hal
 itself: ``stage`` returns a :class:`StagedSave` (the staged handle) whose ``views()``
 are tensors over the staged bytes, and ``commit(staged, flat=...)`` indexes those bytes
 under the framework's names without copying them again. Bytes staged by another pool
-(another process, ``memckpt.engine.staging``) enter through ``adopt``.
+(another process, ``memckpt.engine.staging``) enter through ``adopt``. A complete object
+restored from the durable tier goes back into memory through ``reseed``: the same
+transaction, with nothing to stage or finalize.
 
 One worker thread runs the background halves in save order, so every rank casts
 its votes in the same order. At most one save is in flight: a new save first
@@ -25,16 +27,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from memckpt.collectives import Collectives
-from memckpt.engine.handle import SaveHandle, SaveResult
+from memckpt.engine.handle import SaveHandle, SaveResult, StepDurability
 from memckpt.engine.save_transaction import (
     Ballot,
     SaveSkipped,
@@ -43,15 +47,24 @@ from memckpt.engine.save_transaction import (
     collective_vote,
 )
 from memckpt.engine.staging import staged_views
-from memckpt.errors import InsufficientSpaceError, MemckptError, as_storage_error
+from memckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InsufficientSpaceError,
+    MemckptError,
+    as_storage_error,
+)
 from memckpt.ids import validate_step
 from memckpt.replication.replicator import Replicator
 from memckpt.storage import events
+from memckpt.storage.durability import PERSISTED, REPLICATED, tier_of, write_persisted_record
 from memckpt.storage.faults import fault_point
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE
-from memckpt.storage.pool import free_bytes
+from memckpt.storage.manifest import NonFinite
+from memckpt.storage.pool import Buffer, free_bytes
 from memckpt.storage.retention import check_keep_last, plan_retention
 from memckpt.storage.room import Room, cgroup_memory, shortfall
+from memckpt.storage.safe_fs import open_regular
 from memckpt.storage.statedict import FlatStateDict, flatten_state_dict
 from memckpt.storage.store import CheckpointStore
 from memckpt.storage.writer import ObjectLayout, StagedObject, meta_estimate, plan_layout
@@ -59,6 +72,8 @@ from memckpt.storage.writer import ObjectLayout, StagedObject, meta_estimate, pl
 __all__ = ["SaveEngine", "StagedSave", "space_needed"]
 
 log = logging.getLogger(__name__)
+
+_KEEP_DURABILITY = 16  # records of settled steps kept (a drain may still be scheduled late)
 
 
 def space_needed(state_bytes: int, keep_last: int, replicas_held: int = 0) -> int:
@@ -149,6 +164,9 @@ class SaveEngine:
         self.after_commit: list[Callable[[int], None]] = []
         self._closed = False
         self._pending: StagedSave | None = None  # staged, not yet committed
+        self._durability: dict[int, StepDurability] = {}  # what each recent step reached
+        self._expect_drain: set[int] = set()  # drains scheduled whose outcome is not known
+        self._newest_persisted: int | None = None
 
     def _warn_if_short(self, nbytes: int) -> None:
         """Before the first save: warn when the tmpfs cannot hold what the job will keep."""
@@ -288,6 +306,77 @@ class SaveEngine:
             self.store.pool.give_back(staged.buf)
         return out
 
+    def reseed(
+        self,
+        step: int,
+        source: Path,
+        *,
+        digest: int,
+        move: bool = False,
+        blobs: Mapping[str, bytes] | None = None,
+        non_finite: NonFinite | None = None,
+    ) -> SaveHandle:
+        """Put a verified copy of this rank's object of ``step`` back into memory, committed
+        as a save is (a step restored from the durable tier); every rank calls it.
+
+        With ``move`` the file ``source`` is the caller's to give (a download next to the
+        tree) and becomes a pool buffer by a rename; otherwise, or on another filesystem,
+        it is copied into one on the caller's thread: the only blocking part. Its header
+        digest must be ``digest`` (the persisted manifest's). The rest is a save's
+        background half (local commit, replication, vote, manifest, retention) without the
+        after-commit hooks: the step is persisted already. Without room it is skipped, as
+        a save is; the handle tells.
+        """
+        t0 = time.perf_counter()
+        step = self._start(step)
+        try:
+            size = os.lstat(source).st_size
+        except OSError as e:  # vote no all the same: the other ranks are voting on it
+            err = as_storage_error(e, f"rank {self.store.rank}: re-seed of step {step}")
+            return SaveHandle(step, self._submit_failure(step, err))
+        moved: Buffer | None = None
+        if move:
+            try:
+                moved = self.store.pool.adopt_file(source)
+            except OSError as e:  # another filesystem, or over limit_bytes: copy it instead
+                log.debug("rank %d: copying %s instead of moving it: %s", self.store.rank,
+                          source, e)  # fmt: skip
+
+        def fill(txn: SaveTransaction) -> None:
+            buf = moved if moved is not None else self._copy_in(source, size)
+            if txn.adopt_object(buf, non_finite).digest != digest:
+                raise CorruptCheckpointError(
+                    f"{source}: not the object the persisted manifest of step {step} names"
+                )
+
+        staged = self._begin(step, t0, size, fill, own=moved is None)
+        if staged.txn is None and moved is not None:  # skipped before the transaction took it
+            self.store.pool.discard(moved)
+        return self.commit(staged, blobs=blobs)
+
+    def _copy_in(self, source: Path, size: int) -> Buffer:
+        """A pool buffer holding the first ``size`` bytes of the file ``source``."""
+        pool = self.store.pool
+        buf = pool.acquire_sparse(size)
+        try:
+            pool.reserve(buf, 0, size)
+            fd = open_regular(source, "object")
+            if fd is None:
+                raise CheckpointNotFoundError(f"{source}: gone before it was copied into memory")
+            try:
+                view, off = buf.memoryview(), 0
+                while off < size:
+                    n = os.preadv(fd, [view[off : min(size, off + (64 << 20))]], off)
+                    if n == 0:
+                        raise CorruptCheckpointError(f"{source}: shorter than {size} bytes")
+                    off += n
+            finally:
+                os.close(fd)
+        except BaseException:
+            pool.discard(buf)
+            raise
+        return buf
+
     def pending(self, step: int) -> StagedSave | None:
         """The save of ``step`` staged and not committed yet, if there is one."""
         with self._lock:
@@ -389,10 +478,11 @@ class SaveEngine:
             except BaseException as e:
                 self._submit_failure(staged.step, e, txn)
                 raise
+        durability = self._track(staged.step)  # before the worker can reach a tier
         fut = self._executor.submit(self._finish, txn, staged.t0, staged.blocking_s, blocking,
                                     blobs)  # fmt: skip
         self._last = fut
-        handle = staged.handle = SaveHandle(staged.step, fut)
+        handle = staged.handle = SaveHandle(staged.step, fut, durability)
         if blocking:
             handle.wait()
         return handle
@@ -436,6 +526,8 @@ class SaveEngine:
                     self.vote(step, Ballot(self.store.rank, False, reason, skipped=True))
                 finally:
                     self.store.rollback(step, self._held())
+            events.emit("skipped", step=step, rank=self.store.rank, job=self.store.job_id,
+                        reason=reason, own=True)  # fmt: skip
             return SaveResult.skip(step, f"rank {self.store.rank} {reason}", blocking_s)
 
         fut = self._executor.submit(skip)
@@ -489,6 +581,8 @@ class SaveEngine:
             manifest, replicated = txn.complete(self.vote, blobs)
         except SaveSkipped as e:  # another rank had no room: every rank skips the step
             log.warning("rank %d: step %d skipped: %s", rank, step, e)
+            events.emit("skipped", step=step, rank=rank, job=store.job_id, reason=str(e),
+                        own=False)  # fmt: skip
             return SaveResult.skip(step, str(e), blocking_s)
         except OSError as e:  # after the vote: writing this node's manifest failed
             err = as_storage_error(
@@ -506,6 +600,7 @@ class SaveEngine:
                 self._non_finite.discard(step)
             else:
                 self._non_finite.add(step)
+        copies = self._reach_commit_tier(step, replicated)
         if not manifest.finite:
             log.warning("rank %d: step %d was saved holding NaN/Inf (%s); it is kept, but "
                         "recovery passes over it unless on_non_finite='load'", rank, step,
@@ -515,8 +610,10 @@ class SaveEngine:
         except (OSError, MemckptError) as e:  # the step is committed: retention tries again
             log.warning("rank %d: step %d committed; removing older steps failed: %s",
                         rank, step, e)  # fmt: skip
-        for hook in self.after_commit:
-            hook(step)
+        if not txn.restored:  # a re-seeded step is persisted already: no drain
+            for hook in self.after_commit:
+                hook(step)
+        durability = self._drain_decided(step, copies)
         total_s = time.perf_counter() - t0
         result = SaveResult(
             step=step,
@@ -524,17 +621,27 @@ class SaveEngine:
             commit_s=commit_s,
             total_s=total_s,
             replicated=replicated,
+            durability=durability,
+            copies=copies,
             **txn.result_fields(),
         )
         log.info(
-            "rank %d: step %d committed (%.1f MB, blocking %.3fs, total %.3fs)",
+            "rank %d: step %d %s (%.1f MB, blocking %.3fs, total %.3fs)",
             rank,
             step,
+            "re-seeded into the memory tier" if txn.restored else "committed",
             result.nbytes / 1e6,
             result.blocking_s,
             total_s,
         )
-        events.emit("saved", step=step, rank=rank, blocking_s=result.blocking_s)
+        if not txn.restored:
+            events.emit("saved", step=step, rank=rank, job=store.job_id,
+                        blocking_s=result.blocking_s,
+                        background_s=result.total_s - result.blocking_s,
+                        nbytes=result.nbytes, replicated=replicated)  # fmt: skip
+            if not manifest.finite:
+                events.emit("non_finite", step=step, rank=rank, job=store.job_id,
+                            tensors=list(result.non_finite))  # fmt: skip
         if self.prefault and not self._closed and txn.staged is not None \
                 and not txn.staged.buf.borrowed:  # fmt: skip
             # after the result, so neither the handle nor the caller waits for it
@@ -570,9 +677,112 @@ class SaveEngine:
             self._abandoned = {s for s in self.store.steps() if s > step}
 
     def set_draining(self, step: int, draining: bool) -> None:
-        """Keep ``step`` from retention while it is written to persistent storage."""
+        """Keep ``step`` from retention while it is written to persistent storage.
+
+        ``draining=True`` also says a drain of ``step`` is scheduled: its handle may reach
+        ``persisted`` until the drain reports (``note_persisted`` / ``note_not_persisted``).
+        """
         with self._lock:
             (self._draining.add if draining else self._draining.discard)(step)
+            d = self._durability.get(step) if draining else None
+            if draining:
+                self._expect_drain.add(step)
+        if d is not None:
+            d.reopen()
+
+    # -- durability (memckpt.engine.handle) ------------------------------------------------
+    def durability(self, step: int) -> StepDurability | None:
+        """What this rank knows of ``step``'s durability, for a recent save of it."""
+        with self._lock:
+            return self._durability.get(step)
+
+    @property
+    def newest_persisted(self) -> int | None:
+        """The newest step a drain of this process reported persisted."""
+        with self._lock:
+            return self._newest_persisted
+
+    def _track(self, step: int) -> StepDurability:
+        d = StepDurability(step)
+        with self._lock:
+            old = self._durability.get(step)
+            self._durability[step] = d
+            # forget the oldest records that nothing can change any more
+            done = sorted(s for s, x in self._durability.items() if s != step and not x.open)
+            for s in done[: max(0, len(self._durability) - _KEEP_DURABILITY)]:
+                del self._durability[s]
+        if old is not None:
+            old.close()
+        return d
+
+    def _copies(self) -> int:
+        """Copies of the least-held rank's data once every push of a step succeeded: its
+        own node and the distinct other nodes the replication plan puts it on."""
+        rep = self.replicator
+        if rep is None or not rep.pushes:
+            return 1
+        topo = rep.topology
+        return 1 + min(
+            len({topo.node(h) for h in rep.holders(r)} - {topo.node(r)})
+            for r in range(len(rep.peers))
+        )
+
+    def _reach_commit_tier(self, step: int, replicated: bool) -> int:
+        """At the commit: ``replicated`` when every rank's pushes succeeded (the vote says)
+        and the plan keeps a copy on another node, else ``local``. Returns the copies."""
+        copies = self._copies() if replicated else 1
+        tier = tier_of(copies, persisted=False)
+        d = self.durability(step)
+        if d is not None:
+            d.reach(tier, copies=copies)
+        if tier == REPLICATED:
+            events.emit("replicated", step=step, rank=self.store.rank, job=self.store.job_id,
+                        copies=copies)  # fmt: skip
+        return copies
+
+    def _drain_decided(self, step: int, copies: int) -> str:
+        """After the after-commit hooks: without a drain scheduled no higher tier comes.
+        Returns the tier reached now."""
+        with self._lock:
+            d = self._durability.get(step)
+            expected = step in self._expect_drain
+        if d is None:
+            return tier_of(copies, persisted=False)
+        if not expected:
+            d.close()
+        return d.tier
+
+    def note_persisted(self, step: int, where: str) -> None:
+        """A drain verified the whole of ``step`` at ``where`` (every rank's part and the
+        commit marker): its handle reaches ``persisted``, the node's tree records it
+        (``memckpt.storage.durability``) and the ``persisted`` event is emitted."""
+        with self._lock:
+            self._expect_drain.discard(step)
+            d = self._durability.get(step)
+            self._newest_persisted = max(step, self._newest_persisted or step)
+        try:
+            m = self.store.manifest(step)
+        except (OSError, MemckptError) as e:
+            log.debug("rank %d: no manifest of step %d to record as persisted: %s",
+                      self.store.rank, step, e)  # fmt: skip
+            m = None
+        if m is not None:
+            write_persisted_record(self.store.root, step, m.checksum, where)
+        if d is not None:
+            d.reach(PERSISTED, where=where)
+            d.close()
+        events.emit("persisted", step=step, rank=self.store.rank, job=self.store.job_id,
+                    where=where)  # fmt: skip
+
+    def note_not_persisted(self, step: int, why: str) -> None:
+        """The drain of ``step`` ended without persisting it (failed, skipped, superseded,
+        or its outcome cannot be known): its handle will not reach ``persisted``."""
+        with self._lock:
+            self._expect_drain.discard(step)
+            d = self._durability.get(step)
+        log.debug("rank %d: step %d not persisted: %s", self.store.rank, step, why)
+        if d is not None:
+            d.close()
 
     def submit_background(
         self, fn: Callable[..., Any], *args: Any

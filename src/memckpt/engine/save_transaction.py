@@ -7,6 +7,8 @@ Call sequence, on every rank that saves the step::
       (or txn.adopt_staged(staged): bytes staged earlier, maybe by another process)
       (then, optionally, txn.relabel(flat) or txn.restage(flat, layout): index the staged
        bytes under the names a framework chose, or copy them when they are not all there)
+      (or txn.adopt_object(buf): a complete, verified object, such as a step restored from
+       the durable tier and put back into memory; finalize then has nothing to do)
     ---- background ----
     txn.finalize(world_size)                 # checksums, index, header -> ObjectDigest
     txn.commit_local()                       # atomic rename into step-<N>/
@@ -108,6 +110,9 @@ class SaveTransaction:
         self.digest: ObjectDigest | None = None
         self.path: Path | None = None
         self.outcome: ReplicationOutcome | None = None
+        self.restored = False  # adopt_object: a complete object, not a new save
+        self._non_finite: NonFinite | None = None  # adopt_object's, as its manifest said
+        self._restored_bytes = 0
         self.hash_s = 0.0
         self.file_bytes = 0
         self._committed_locally = False
@@ -146,6 +151,20 @@ class SaveTransaction:
         """Take bytes staged earlier (``memckpt.engine.staging``) as this save's buffer."""
         self.buf, self.staged = staged.buf, staged
 
+    def adopt_object(self, buf: Buffer, non_finite: NonFinite | None = None) -> ObjectDigest:
+        """Take a buffer that holds a complete object of this rank and step, verified by the
+        caller (a restore from the durable tier): nothing to stage or finalize.
+
+        ``non_finite`` is what the object's manifest recorded of it (NaN/Inf at save time).
+        """
+        self.buf, self.staged, self.restored = buf, None, True  # rollback frees it from here
+        header = read_header(buf.fd, str(buf.path))
+        self._non_finite = non_finite
+        self.digest = ObjectDigest(os.fstat(buf.fd).st_size, header.digest)
+        self.file_bytes = header.index_offset + header.index_length
+        self._restored_bytes = header.data_length
+        return self.digest
+
     def relabel(
         self, flat: FlatStateDict, *, check_finite: Callable[[str], bool] | None = None
     ) -> bool:
@@ -168,6 +187,9 @@ class SaveTransaction:
     # -- background ----------------------------------------------------------------------
     def finalize(self, world_size: int, *, durable: bool = False) -> ObjectDigest:
         """Checksums, index and header; returns the object's digest."""
+        if self.restored:
+            assert self.digest is not None
+            return self.digest
         assert self.staged is not None and self.buf is not None, "stage() first"
         store = self.store
         self.file_bytes, self.hash_s = finalize(
@@ -210,7 +232,7 @@ class SaveTransaction:
         """
         replicated = self.outcome is not None and self.outcome.ok
         bad = self.staged.non_finite if self.staged is not None else []
-        nf = NonFinite(len(bad), tuple(bad[:MAX_NON_FINITE_NAMES])) if bad else None
+        nf = NonFinite(len(bad), tuple(bad[:MAX_NON_FINITE_NAMES])) if bad else self._non_finite
         ballot = Ballot(self.store.rank, True, "", replicated, self.digest, dict(blobs or {}),
                         time.time(), nf)  # fmt: skip
         try:
@@ -272,7 +294,7 @@ class SaveTransaction:
         """Figures for SaveResult."""
         staged = self.staged
         return {
-            "nbytes": staged.layout.data_bytes if staged else 0,
+            "nbytes": staged.layout.data_bytes if staged else self._restored_bytes,
             "file_bytes": self.file_bytes,
             "num_tensors": len(staged.flat_names) if staged else 0,
             "stage_s": staged.stage_s if staged else 0.0,

@@ -93,6 +93,11 @@ class MemoryTierConfig:
     interval: int = 10
     keep_last: int = 2
     timeout_s: float = 120.0
+    # Drain memory saves to a durable tier (a path or an fsspec URL such as s3://bucket/prefix;
+    # credentials and AWS_ENDPOINT_URL from the environment): CheckpointManager(persist_dir=).
+    # A resume with no step in memory restores from it (docs/durable.md). None: no drain.
+    persist_dir: str | None = None
+    persist_every: int | None = None  # drain steps that are multiples of it; None: interval
 
 
 @dataclass

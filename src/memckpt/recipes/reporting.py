@@ -3,6 +3,7 @@
 Metrics go to ``logger.metrics_file`` as JSON lines: one per logged step
 (``{"step", "loss", "time", "lr", "save_blocking_s"}``) and events
 (``{"event": "resume" | "exit" | "end", ..., "time"}``). Other ranks record nothing.
+The ``end`` event names the newest step per durability tier (``newest_step_per_tier``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,48 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainingReporter"]
+from memckpt.engine.handle import SaveHandle
+from memckpt.storage.durability import LOCAL, PERSISTED, REPLICATED, TIERS, tier_rank
+
+__all__ = ["TrainingReporter", "describe_newest", "newest_step_per_tier"]
 
 log = logging.getLogger(__name__)
+
+
+def newest_step_per_tier(
+    handles: Iterable[SaveHandle], persistent_step: int | None = None
+) -> dict[str, int | None]:
+    """The newest step each tier holds, from this rank's memory saves (pure).
+
+    ``local``: the newest committed memory step; ``replicated``: the newest one committed
+    with copies on 2+ nodes; ``persisted``: the newest one its drain persisted, or the
+    newest persistent (DCP) save ``persistent_step``, whichever is newer. None: none yet.
+    """
+    out: dict[str, int | None] = dict.fromkeys(TIERS)
+
+    def note(tier: str, step: int) -> None:
+        seen = out[tier]
+        out[tier] = step if seen is None else max(seen, step)
+
+    for h in handles:
+        if tier_rank(h.durability) >= tier_rank(LOCAL):
+            note(LOCAL, h.step)
+        if h.copies >= 2:
+            note(REPLICATED, h.step)
+        if h.durability == PERSISTED:
+            note(PERSISTED, h.step)
+    if persistent_step is not None:
+        note(PERSISTED, persistent_step)
+    return out
+
+
+def describe_newest(newest: dict[str, int | None]) -> str:
+    """``local 40, replicated 40, persisted 30`` (``-`` for a tier with no step)."""
+    return ", ".join(f"{t} {'-' if newest.get(t) is None else newest[t]}" for t in TIERS)
 
 
 class TrainingReporter:

@@ -42,7 +42,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -65,7 +65,7 @@ from memckpt.recipes.config import CheckpointConfig, ConfigContainer, OptimizerC
 from memckpt.recipes.data import build_data
 from memckpt.recipes.models import build_model, loss_function
 from memckpt.recipes.profiling import StepProfiler
-from memckpt.recipes.reporting import TrainingReporter
+from memckpt.recipes.reporting import TrainingReporter, describe_newest, newest_step_per_tier
 from memckpt.recipes.validate import BACKENDS, check_config
 from memckpt.settings import (
     BASE_DIR_ENV,
@@ -120,7 +120,8 @@ class Placement:
 
 @dataclass(frozen=True)
 class ResumeInfo:
-    """Where a run resumed from: ``tier`` is "memory" or "persistent"."""
+    """Where a run resumed from: ``tier`` is "memory", "durable" (the memory tier's drained
+    copy, ``checkpoint.memory.persist_dir``) or "persistent" (the DCP tier)."""
 
     step: int
     tier: str
@@ -144,6 +145,8 @@ class TrainResult:
     completed: bool  # reached train.steps (False: left early, see train.stop_after)
     rank: int = 0
     world_size: int = 1
+    # the newest step per durability tier: "local", "replicated", "persisted" (None: none)
+    newest_by_tier: dict[str, int | None] = field(default_factory=dict)
 
 
 # ---- pure decisions
@@ -236,12 +239,18 @@ def memory_manager_kwargs(ckpt: CheckpointConfig, num_nodes: int, node_id: str) 
     """Keyword arguments for ``CheckpointManager`` besides base_dir, job_id and keep_last.
 
     The one place replication is wired in: ``replication`` and ``node_id`` are passed
-    only when replication is enabled and the world spans more than one node.
+    only when replication is enabled and the world spans more than one node. With
+    ``memory.persist_dir`` the manager drains to that durable tier every
+    ``memory.persist_every`` steps (default: every memory interval) and resumes from it
+    when memory holds nothing newer.
     """
     kwargs: dict[str, Any] = {"timeout_s": ckpt.memory.timeout_s}
     if ckpt.replication.enabled and num_nodes > 1:
         kwargs["replication"] = ckpt.replication.strategy
         kwargs["node_id"] = node_id
+    if ckpt.memory.persist_dir is not None:
+        kwargs["persist_dir"] = ckpt.memory.persist_dir
+        kwargs["persist_every"] = ckpt.memory.persist_every or ckpt.memory.interval
     return kwargs
 
 
@@ -415,6 +424,8 @@ class _Run:
         if tier == "memory":
             assert manager is not None
             sources = getattr(manager.last_load, "sources", None)
+            if getattr(manager.last_load, "tier", "memory") == "persistent":
+                tier, sources = "durable", None
         if tier == "persistent":
             assert persistent_step is not None
             self.state.load_persistent(persistent_dir, persistent_step)
@@ -591,12 +602,15 @@ class _Run:
             completed=completed,
             rank=self.rank,
             world_size=self.world_size,
+            newest_by_tier=newest_step_per_tier(self.memory_handles, self._last_persistent_step),
         )
         reporter.event("end", step=s.step, loss=final_loss, steps_run=steps_run,
-                       wall_s=result.wall_s, completed=completed)  # fmt: skip
-        log.info("rank %d: %s at step %d after %d steps in %.1fs, loss %s", self.rank,
-                 "finished" if completed else "stopped", s.step, steps_run, result.wall_s,
-                 "n/a" if final_loss is None else f"{final_loss:.4f}")  # fmt: skip
+                       wall_s=result.wall_s, completed=completed,
+                       newest_by_tier=result.newest_by_tier)  # fmt: skip
+        log.info("rank %d: %s at step %d after %d steps in %.1fs, loss %s; newest step: %s",
+                 self.rank, "finished" if completed else "stopped", s.step, steps_run,
+                 result.wall_s, "n/a" if final_loss is None else f"{final_loss:.4f}",
+                 describe_newest(result.newest_by_tier))  # fmt: skip
         return result
 
 

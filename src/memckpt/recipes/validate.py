@@ -151,6 +151,15 @@ def _checkpoint(cfg: ConfigContainer) -> list[str]:
             out.append(f"checkpoint.memory.timeout_s must be > 0, got {c.memory.timeout_s}")
         if not c.memory.base_dir:
             out.append("checkpoint.memory.base_dir is empty; name a tmpfs directory")
+    if c.memory.persist_every is not None:
+        out += _at_least("checkpoint.memory.persist_every", c.memory.persist_every, 1)
+    if c.memory.persist_dir is not None:
+        from memckpt.engine.drain import check_persist
+
+        try:
+            check_persist(None, c.memory.persist_dir)
+        except MemckptError as e:
+            out.append(f"checkpoint.memory.persist_dir: {e}")
     out += _at_least("checkpoint.persistent.interval", c.persistent.interval, 1)
     if c.persistent.keep_last is not None:
         out += _at_least("checkpoint.persistent.keep_last", c.persistent.keep_last, 1)

@@ -563,6 +563,37 @@ class BufferPool:
             raise
         return buf
 
+    def adopt_file(self, path: Path) -> Buffer:
+        """Take a whole file on this pool's filesystem as an acquired buffer, by a rename.
+
+        For bytes already in the right place (an object downloaded next to the tree):
+        nothing is copied. Raises OSError when the file is on another filesystem (EXDEV)
+        and InsufficientSpaceError when it would exceed ``limit_bytes``; the file is then
+        where it was.
+        """
+        new_path = self._next_path()
+        os.rename(path, new_path)
+        try:
+            buf = self._open(new_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(new_path, path)
+            raise
+        try:
+            with self._lock:
+                owned = self._owned_locked()
+            if self.limit_bytes is not None and owned + buf.capacity > self.limit_bytes:
+                raise InsufficientSpaceError(
+                    f"rank {self.rank}: taking {path} ({buf.capacity} bytes) as a buffer would "
+                    f"exceed the limit of {self.limit_bytes} bytes (limit_bytes)"
+                )
+        except BaseException:
+            buf.close()
+            with contextlib.suppress(OSError):
+                os.rename(new_path, path)
+            raise
+        return self._lend(buf)
+
     def reserve(self, buf: Buffer, start: int, end: int) -> None:
         """Allocate the pages of ``[start, end)`` of a sparse buffer (raises when space is short).
 

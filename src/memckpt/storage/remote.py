@@ -15,6 +15,12 @@ digest (the first ``HEADER_SIZE`` bytes) must be the manifest's, and the manifes
 must decode to the same checksum. A download is checked the same way before it is loaded
 (the loader then checks every chunk's checksum).
 
+``RemoteDrain`` (``memckpt.engine.drain``) drives any ``RemoteTier`` through four methods:
+``upload_part`` (this rank's part, verified), ``has_part``, ``commit`` (the marker, last) and
+``clean_leftovers``. A subclass with other part and marker files keeps the same retries,
+verification and bounded lag: the DCP adapter drains in DCP's own layout that way
+(``job_id=None``: steps directly under the URL, as ``dcp.load`` expects them).
+
 Credentials and endpoints are fsspec's: for S3 the ``AWS_*`` variables, profiles and
 instance roles; ``AWS_ENDPOINT_URL`` or the ``endpoint_url`` storage option for
 S3-compatible stores. Storage options go to ``fsspec.filesystem`` unchanged.
@@ -23,13 +29,15 @@ S3-compatible stores. Storage options go to ``fsspec.filesystem`` unchanged.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from memckpt import ids
 from memckpt.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
@@ -40,12 +48,18 @@ from memckpt.storage.manifest import (
     decode_manifest,
     encode_manifest,
 )
+from memckpt.storage.retention import check_keep_last, plan_retention
 from memckpt.storage.store import object_digest
+
+if TYPE_CHECKING:
+    from memckpt.storage.store import CheckpointStore
 
 __all__ = [
     "LOCAL_PROTOCOLS",
     "RemoteTier",
+    "StoreGcPlan",
     "is_permanent",
+    "plan_store_gc",
     "resolve_location",
     "url_scheme",
 ]
@@ -107,21 +121,69 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, (PermissionError, ConfigError))
 
 
+@dataclass(frozen=True)
+class StoreGcPlan:
+    """What ``memckpt gc --persist-dir`` deletes from a job's durable tier, oldest first."""
+
+    half_uploaded: tuple[int, ...]  # objects but no manifest: never visible, never loadable
+    expired: tuple[int, ...]  # persisted steps beyond the newest ``keep_last``
+
+
+def plan_store_gc(
+    present: Collection[int],
+    persisted: Collection[int],
+    *,
+    keep_last: int | None = None,
+    non_finite: Collection[int] = (),
+    ages_s: Mapping[int, float | None] | None = None,
+    grace_s: float = 3600.0,
+) -> StoreGcPlan:
+    """Which steps of a durable tier to delete (pure).
+
+    A step ``present`` without being ``persisted`` is half-uploaded. One older than the newest
+    persisted step is deleted (the drain that persisted a newer one would have too); a newer
+    one may be an upload in flight, so it goes only once ``ages_s[step]`` (seconds since its
+    newest object landed; None or absent: unknown) is at least ``grace_s``. With
+    ``keep_last``, persisted steps beyond the newest ``keep_last`` are expired by the
+    retention policy (``plan_retention``: the newest finite step is kept too).
+    """
+    done = sorted(set(persisted))
+    newest = done[-1] if done else None
+    ages = ages_s or {}
+    half = []
+    for step in sorted(set(present) - set(done)):
+        age = ages.get(step)
+        old_enough = grace_s <= 0 or (age is not None and age >= grace_s)
+        if (newest is not None and step < newest) or old_enough:
+            half.append(step)
+    expired: tuple[int, ...] = ()
+    if keep_last is not None and done:
+        check_keep_last(keep_last, "--persist-keep-last")
+        plan = plan_retention(done, done, keep_last=keep_last, non_finite=non_finite)
+        expired = tuple(sorted(plan.delete))
+    return StoreGcPlan(tuple(half), expired)
+
+
 class RemoteTier:
     """One job's durable tier at a URL: upload, verify, list, download and delete steps.
 
     Thread-safe for the drain thread and the caller's thread; every method does blocking
     I/O on the store. Errors are the filesystem's (``OSError`` subclasses,
     ``PermissionError`` for refused credentials) or memckpt's (a mismatch found on
-    read-back: CorruptCheckpointError).
+    read-back: CorruptCheckpointError). ``job_id=None``: steps directly under ``url``.
     """
 
-    def __init__(self, url: str, job_id: str, options: Mapping[str, Any] | None = None) -> None:
+    marker: ClassVar[str] = ids.MANIFEST_NAME
+    """The commit marker's file name in a step: uploaded last; a step without it is not there."""
+
+    def __init__(
+        self, url: str, job_id: str | None, options: Mapping[str, Any] | None = None
+    ) -> None:
         location = resolve_location(url)
         if isinstance(location, Path):
             raise ConfigError(f"{url!r} is a local path; RemoteTier is for object-store URLs")
         self.url = location
-        self.job_id = ids.validate_job_id(job_id)
+        self.job_id = None if job_id is None else ids.validate_job_id(job_id)
         self.scheme = url_scheme(location) or ""
         self.options = dict(options or {})
         self._fs: Any = None
@@ -139,7 +201,8 @@ class RemoteTier:
     # -- names -------------------------------------------------------------------------
 
     def _root(self) -> str:
-        return f"{self.fs._strip_protocol(self.url).rstrip('/')}/{self.job_id}"
+        root = self.fs._strip_protocol(self.url).rstrip("/")
+        return root if self.job_id is None else f"{root}/{self.job_id}"
 
     def step_path(self, step: int) -> str:
         return f"{self._root()}/{ids.step_dir_name(step)}"
@@ -150,14 +213,38 @@ class RemoteTier:
     def manifest_path(self, step: int) -> str:
         return f"{self.step_path(step)}/{ids.MANIFEST_NAME}"
 
+    def part_name(self, rank: int) -> str:
+        """The file name of ``rank``'s part of a step."""
+        return ids.object_name(rank)
+
     def where(self, step: int | None = None, rank: int | None = None) -> str:
-        """The URL of the job, a step or an object, for messages."""
-        out = f"{self.url}/{self.job_id}"
+        """The URL of the job, a step or a rank's part, for messages."""
+        out = self.url if self.job_id is None else f"{self.url}/{self.job_id}"
         if step is not None:
             out += f"/{ids.step_dir_name(step)}"
         if rank is not None:
-            out += f"/{ids.object_name(rank)}"
+            out += f"/{self.part_name(rank)}"
         return out
+
+    # -- what a drain calls (``memckpt.engine.drain.RemoteDrain``) ----------------------
+
+    def upload_part(self, store: CheckpointStore, manifest: StepManifest) -> None:
+        """Upload ``store``'s rank's part of ``manifest.step`` and verify what landed."""
+        rank = store.rank
+        self.upload_object(store.object_path(manifest.step, rank), manifest.step, rank,
+                           manifest.objects[rank])  # fmt: skip
+
+    def has_part(self, manifest: StepManifest, rank: int) -> bool:
+        """Whether ``rank``'s part of this save of ``manifest.step`` is stored."""
+        return self.has_object(manifest.step, rank, manifest.objects[rank])
+
+    def commit(self, manifest: StepManifest) -> None:
+        """Upload the step's commit marker and verify it; the coordinator calls it last."""
+        self.upload_manifest(manifest)
+
+    def committed(self, step: int) -> bool:
+        """Whether ``step``'s commit marker is stored (CorruptCheckpointError: unreadable)."""
+        return self.manifest(step) is not None
 
     # -- upload ------------------------------------------------------------------------
 
@@ -238,12 +325,10 @@ class RemoteTier:
         out = []
         for step in self.step_dirs():
             try:
-                m = self.manifest(step)
+                if self.committed(step):
+                    out.append(step)
             except CorruptCheckpointError as err:
                 log.warning("ignoring persisted step %d: %s", step, err)
-                continue
-            if m is not None:
-                out.append(step)
         return out
 
     # -- download and delete -----------------------------------------------------------
@@ -274,6 +359,60 @@ class RemoteTier:
             self.fs.rm(self.step_path(step), recursive=True)
         self.fs.invalidate_cache(self._root())
 
+    def delete_persisted_step(self, step: int) -> None:
+        """Remove a persisted step: its manifest first, so it is never half-visible."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.manifest_path(step))
+        self.delete_step(step)
+
+    def step_age_s(self, step: int) -> float | None:
+        """Seconds since the newest file of ``step`` landed; None when the store cannot say."""
+        try:
+            names = self.fs.ls(self.step_path(step), detail=False)
+            stamps = [self.fs.modified(str(n)) for n in names]
+        except (FileNotFoundError, NotImplementedError):
+            return None
+        if not stamps:
+            return None
+        newest = max(stamps)
+        now = datetime.datetime.now(newest.tzinfo or datetime.timezone.utc)
+        if newest.tzinfo is None:
+            now = now.replace(tzinfo=None)
+        return (now - newest).total_seconds()
+
+    def gc(
+        self, keep_last: int | None = None, grace_s: float = 3600.0, dry_run: bool = False
+    ) -> StoreGcPlan:
+        """Delete half-uploaded steps and, with ``keep_last``, persisted steps beyond the
+        newest ``keep_last`` (``plan_store_gc``); returns what was (or would be) deleted."""
+        present = self.step_dirs()
+        persisted, non_finite = [], []
+        for step in present:
+            try:
+                m = self.manifest(step)
+            except CorruptCheckpointError as err:
+                log.warning("persisted step %d is not readable, so half-uploaded: %s", step, err)
+                continue
+            if m is not None:
+                persisted.append(step)
+                if not m.finite:
+                    non_finite.append(step)
+        newest = max(persisted, default=None)
+        young = [s for s in present if s not in persisted and (newest is None or s > newest)]
+        ages = {s: self.step_age_s(s) for s in young} if grace_s > 0 else {}
+        plan = plan_store_gc(present, persisted, keep_last=keep_last, non_finite=non_finite,
+                             ages_s=ages, grace_s=grace_s)  # fmt: skip
+        if not dry_run:
+            for step in plan.expired:
+                self.delete_persisted_step(step)
+            for step in plan.half_uploaded:
+                self.delete_step(step)
+            if plan.expired or plan.half_uploaded:
+                log.info("gc of %s: deleted half-uploaded steps %s and persisted steps %s",
+                         self.where(), list(plan.half_uploaded),
+                         list(plan.expired))  # fmt: skip
+        return plan
+
     def clean_leftovers(self, below: int) -> list[int]:
         """Delete the uncommitted steps older than ``below`` (half-uploaded); returns them."""
         removed = []
@@ -281,7 +420,7 @@ class RemoteTier:
             if step >= below:
                 break
             try:
-                if self.manifest(step) is not None:
+                if self.committed(step):
                     continue
             except CorruptCheckpointError as err:
                 log.warning("removing persisted step %d: %s", step, err)

@@ -15,6 +15,7 @@ from typing import Final
 
 from memckpt import ids
 from memckpt.errors import CorruptCheckpointError, MemckptError
+from memckpt.storage.durability import NONE, PersistedRecord, read_persisted_record, tier_of
 from memckpt.storage.manifest import StepManifest
 from memckpt.storage.reader import ObjectReader, TensorDamage
 from memckpt.storage.retention import plan_retention
@@ -138,6 +139,9 @@ class StepSummary:
     the live nodes. A node's own tree holds only its ranks and replicas, so scan every
     node's directory to judge a multi-node job (``memckpt ls node0/ node1/``), or see
     ``memckpt status``.
+
+    ``persisted``: a drain's record in one of the trees that this manifest's step is
+    persisted (``memckpt.storage.durability``); ``durability`` and ``copies`` follow.
     """
 
     step: int
@@ -148,6 +152,7 @@ class StepSummary:
     manifest_error: str | None = None
     marks: tuple[DamageMark, ...] = ()
     manifest_path: Path | None = None  # the damaged manifest ``manifest_error`` is about
+    persisted: PersistedRecord | None = None
 
     @property
     def world_size(self) -> int | None:
@@ -242,6 +247,33 @@ class StepSummary:
         marks = self.step_marks
         found += [(k.path, k.condition) for k in self.marks if k.rank is not None or k in marks]
         return found
+
+    @property
+    def copies(self) -> int:
+        """Good copies of the least-held rank's committed object, one per scanned tree (a
+        node); 0 when some rank has none here, the step is not committed or is marked."""
+        ws = self.world_size
+        if not self.committed or ws is None or self.step_marks:
+            return 0
+        trees: dict[int, set[Path]] = {}
+        for o in self.objects:
+            if self.object_condition(o).ok:
+                trees.setdefault(o.rank, set()).add(o.path.parent.parent)
+        return min((len(trees.get(r, ())) for r in range(ws)), default=0)
+
+    @property
+    def durability(self) -> str:
+        """``persisted``, ``replicated`` (2+ copies here), ``local`` or ``none``."""
+        if not self.committed:
+            return NONE
+        return tier_of(self.copies, self.persisted is not None)
+
+    def durability_doc(self, copies: int | None = None) -> dict[str, object]:
+        """The JSON form: tier, copies (the given count, else ``self.copies``), persisted."""
+        n = self.copies if copies is None else copies
+        tier = tier_of(n, self.persisted is not None) if self.committed else NONE
+        rec = None if self.persisted is None else self.persisted.as_dict()
+        return {"tier": tier, "copies": n, "persisted": rec}
 
     @property
     def size(self) -> int:
@@ -444,10 +476,12 @@ def scan_job(
     found: set[int] = set()
     manifests: dict[int, StepManifest] = {}
     errors: dict[int, tuple[str, Path]] = {}
+    roots: list[Path] = []
     for jd in job_dirs:
         root = Path(jd)
         if not is_real_dir(root):  # a missing node directory holds nothing; a symlink is not read
             continue
+        roots.append(root)
         here: set[int] = set()
         for e in os.scandir(root):
             m = ids.parse_writing_marker(e.name)
@@ -482,9 +516,21 @@ def scan_job(
             manifest_error=None if s in manifests or s not in errors else errors[s][0],
             marks=tuple(marks.get(s, [])),
             manifest_path=None if s in manifests or s not in errors else errors[s][1],
+            persisted=_persisted(roots, s, manifests.get(s)),
         )
         for s in sorted(found)
     ]
+
+
+def _persisted(roots: Sequence[Path], step: int, m: StepManifest | None) -> PersistedRecord | None:
+    """The first tree's record that ``step``, with manifest ``m``, is persisted."""
+    if m is None:
+        return None
+    for root in roots:
+        rec = read_persisted_record(root, step, m.checksum)
+        if rec is not None:
+            return rec
+    return None
 
 
 def verify_job(job_dir: str | os.PathLike[str], step: int | None = None) -> dict[Path, str | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any, NoReturn
 
 from memckpt import _warnings  # noqa: F401  (first memckpt import: filters before torch)
 from memckpt.errors import ConfigError, CorruptCheckpointError, InvalidNameError, MemckptError
+from memckpt.storage.durability import describe
 from memckpt.storage.reader import ObjectReader
 from memckpt.tools.catalog import (
     DAMAGED,
@@ -91,6 +93,7 @@ def _step_doc(s: StepSummary) -> dict[str, Any]:
         "writing": list(s.writing_ranks),
         "bytes": s.size,
         "data_bytes": s.data_bytes,
+        "durability": s.durability_doc(),
         "objects": [
             {"rank": o.rank, "path": str(o.path), **s.object_condition(o).as_dict()}
             for o in s.objects
@@ -126,15 +129,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
              "yes" if s.complete else "no", f"{len(s.present_ranks)}/{s.world_size or '?'}",
              ", ".join(map(str, s.missing_ranks)) or "-", _damaged_cell(s),
              ", ".join(map(str, s.writing_ranks)) or "-", human_bytes(s.data_bytes),
-             "-" if s.manifest is None else ("yes" if s.manifest.finite else "NaN/Inf"))
+             "-" if s.manifest is None else ("yes" if s.manifest.finite else "NaN/Inf"),
+             describe(s.durability, s.copies))
             for s in steps
         ]  # fmt: skip
         print_table(name if len(dirs) > 1 else str(dirs[0]),
                     ["step", "committed", "complete", "ranks ok", "missing", "damaged",
-                     "writing", "data", "finite"], rows)  # fmt: skip
+                     "writing", "data", "finite", "durability"], rows)  # fmt: skip
         for s in steps:
             for path, c in s.damage:
                 print(f"step {s.step}: {path}: {c}")
+            if s.persisted is not None:
+                print(f"step {s.step}: persisted to {s.persisted.where} (as its drain recorded "
+                      "on the node)")  # fmt: skip
             if s.manifest is not None and not s.manifest.finite:
                 print(f"step {s.step}: saved holding NaN/Inf ({s.manifest.non_finite_summary()});"
                       " recovery passes over it unless on_non_finite='load'")  # fmt: skip
@@ -301,14 +308,69 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    job = _single_job(args.path)
-    deleted = gc_job(job, args.keep, dry_run=args.dry_run)
+    if args.keep is None and args.persist_dir is None:
+        raise CommandError("gc needs --keep N (the memory tree) or --persist-dir URL (the "
+                           "durable tier), or both")  # fmt: skip
+    if args.persist_dir is None and (args.persist_keep_last is not None or args.persist_option):
+        raise CommandError("--persist-keep-last and --persist-option need --persist-dir URL")
+    job = _single_job(args.path) if args.keep is not None else None
+    deleted = gc_job(job, args.keep, dry_run=args.dry_run) if job is not None else []
+    store = _gc_store(args, job) if args.persist_dir is not None else None
+    verb = "would delete" if args.dry_run else "deleted"
     if args.json:
-        emit_json({"job": str(job), "deleted": deleted, "dry_run": args.dry_run, "exit": EXIT_OK})
-    else:
-        verb = "would delete" if args.dry_run else "deleted"
+        doc: dict[str, Any] = {"job": None if job is None else str(job), "deleted": deleted,
+                               "dry_run": args.dry_run, "exit": EXIT_OK}  # fmt: skip
+        if store is not None:
+            doc["persist"] = store
+        emit_json(doc)
+        return EXIT_OK
+    if job is not None:
         print(f"{verb} steps: {', '.join(map(str, deleted)) or 'none'} ({job})")
+    if store is not None:
+        half = ", ".join(map(str, store["half_uploaded"])) or "none"
+        expired = ", ".join(map(str, store["expired"])) or "none"
+        print(f"{verb} from {store['url']}/{store['job']}: half-uploaded steps {half}; "
+              f"persisted steps {expired}")  # fmt: skip
     return EXIT_OK
+
+
+def _storage_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs as fsspec storage options; a value that reads as JSON (true, 3,
+    {...}) is that value, any other is the string."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--persist-option {pair!r}: give key=value, e.g. "
+                               "endpoint_url=http://minio:9000")  # fmt: skip
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def _gc_store(args: argparse.Namespace, job: Path | None) -> dict[str, Any]:
+    """``memckpt gc --persist-dir``: clean the job's durable tier (``RemoteTier.gc``)."""
+    from memckpt.storage.remote import RemoteTier, resolve_location
+
+    if job is None:
+        jobs = find_jobs(args.path) if os.path.lexists(args.path) else []
+        if len(jobs) > 1:
+            raise CommandError(f"{args.path} holds {len(jobs)} jobs: give one job directory")
+        # the memory tier may be gone (released once persisted): the path names the job
+        job = jobs[0] if jobs else Path(args.path)
+    if isinstance(resolve_location(args.persist_dir), Path):
+        raise CommandError(f"--persist-dir {args.persist_dir!r} is a local path; gc of a "
+                           "drained directory: memckpt gc <dir>/<job> --keep N")  # fmt: skip
+    if args.persist_grace < 0:
+        raise CommandError(f"--persist-grace must be >= 0 seconds, got {args.persist_grace}")
+    tier = RemoteTier(args.persist_dir, job.name, _storage_options(args.persist_option))
+    plan = tier.gc(args.persist_keep_last, args.persist_grace, dry_run=args.dry_run)
+    return {"url": tier.url, "job": tier.job_id, "half_uploaded": list(plan.half_uploaded),
+            "expired": list(plan.expired)}  # fmt: skip
 
 
 def _single_job(path: str) -> Path:
@@ -368,12 +430,30 @@ def build_parser() -> argparse.ArgumentParser:
              many=True)  # fmt: skip
     sp.add_argument("--step", type=int, help="only this step (default: every step)")
     sp.set_defaults(fn=cmd_verify)
-    sp = add("gc", "delete all but the newest N complete steps of one node's tree", many=False)
-    sp.add_argument("--keep", type=int, required=True, metavar="N",
+    sp = add("gc", "delete all but the newest N complete steps of one node's tree, and "
+             "half-uploaded (or, with --persist-keep-last, old) steps of the job's durable "
+             "tier", many=False)  # fmt: skip
+    sp.add_argument("--keep", type=int, metavar="N",
                     help="complete steps to keep, newest first (N >= 1; steps newer than the "
-                    "newest complete one are never touched)")  # fmt: skip
+                    "newest complete one are never touched); needed unless --persist-dir "
+                    "is given")  # fmt: skip
     sp.add_argument("--dry-run", action="store_true",
                     help="print the steps that would be deleted; delete nothing")  # fmt: skip
+    sp.add_argument("--persist-dir", metavar="URL",
+                    help="the job's durable tier (s3://bucket/prefix ...): delete its "
+                    "half-uploaded steps (objects, no manifest); the job is PATH's (a PATH "
+                    "that holds no job names it: base_dir/job_id)")  # fmt: skip
+    sp.add_argument("--persist-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an fsspec storage option for --persist-dir (repeatable), e.g. "
+                    "endpoint_url=http://minio:9000; credentials and AWS_ENDPOINT_URL come "
+                    "from the environment as for training")  # fmt: skip
+    sp.add_argument("--persist-keep-last", type=int, metavar="N",
+                    help="also delete persisted steps beyond the newest N (manifest "
+                    "first)")  # fmt: skip
+    sp.add_argument("--persist-grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="a half-uploaded step newer than the newest persisted one may be an "
+                    "upload in flight: delete it only once it is this old (default 3600; 0 "
+                    "when no job drains there)")  # fmt: skip
     sp.set_defaults(fn=cmd_gc)
     _register_command_modules(sub)
     return p

@@ -9,6 +9,13 @@ through the real launcher (torchrun, gloo, one transfer server per rank):
 3. restart: the same job again; rank 0 resumes from its own memory, rank 1 fetches
    its lost state from node 0, and training finishes.
 
+With ``persist`` (``memckpt demo --persist s3://bucket/prefix``) the job's memory saves also
+drain to that durable tier (``checkpoint.memory.persist_dir``), and before the restart *both*
+nodes' memory is wiped: the restart restores every rank from the durable tier. The job id is
+fresh (``demo-<hex>``), so an earlier demo's steps in the store are never resumed; its steps
+are deleted from the store at the end unless ``keep``. Credentials and endpoint come from the
+environment (``AWS_*``, ``AWS_ENDPOINT_URL``), as for training.
+
 Then it compares the final weights with the reference (they must be identical),
 prints a summary, and plots both loss curves to ``loss.png`` (without matplotlib:
 a one-line note, no plot).
@@ -31,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +126,8 @@ class DemoReport:
     notes: list[str] = field(default_factory=list)
     memory_tree: str | None = None  # the job's memory tier: one base directory per node
     kept: bool = False  # whether memory_tree is still there
+    persist: str | None = None  # the durable tier's URL (--persist): both nodes lost memory
+    persisted_job: str | None = None  # where the job's steps were in it
 
     @property
     def status_command(self) -> str | None:
@@ -136,6 +146,8 @@ class DemoReport:
 
     @property
     def ok(self) -> bool:
+        if self.persist is not None:  # every node lost its memory: only the store had it
+            return self.identical and self.tier == "durable"
         fetched = any(src != r for r, src in self.sources.items())
         return self.identical and self.tier == "memory" and fetched
 
@@ -214,16 +226,23 @@ def run_demo(
     quiet: bool = True,
     device: str = "cpu",
     keep: bool = False,
+    persist: str | None = None,
 ) -> DemoReport:
     """Run the three launches described in the module docstring; return the report.
 
     ``device``: "cpu", "cuda" or "auto" (``choose_demo_placement``). ``keep`` keeps the
-    job's memory tree (``report.memory_tree``), also when the demo fails.
+    job's memory tree (``report.memory_tree``), also when the demo fails, and with
+    ``persist`` the job's steps in the store. ``persist``: a durable tier's URL or path.
     """
     from memckpt.recipes import build_config
     from memckpt.recipes.overrides import quote_value
     from memckpt.tools.launch import FaultInjectionPlugin, LaunchSpec, launch_local
 
+    if persist is not None:
+        from memckpt.engine.drain import check_persist
+
+        check_persist(None, persist)  # a bad scheme or a missing package: before any run
+    job_id = "demo" if persist is None else f"demo-{uuid.uuid4().hex[:8]}"
     if steps < 3 * memory_interval:
         raise MemckptError(
             f"--steps {steps} must be at least 3 memory intervals "
@@ -260,7 +279,7 @@ def run_demo(
                 f"checkpoint.memory.base_dir={quote_value(str(mem_root / name))}",
                 f"checkpoint.persistent.dir={quote_value(str(out / name / 'persistent'))}",
                 f"checkpoint.persistent.interval={steps}",
-                "checkpoint.job_id=demo",
+                f"checkpoint.job_id={job_id}",
                 f"logger.metrics_file={quote_value(str(out / name / 'metrics.jsonl'))}",
                 "logger.level=WARNING",
                 "dist.timeout_s=30",
@@ -281,15 +300,18 @@ def run_demo(
         ref = launch("reference", config("reference"), out / "reference", [], {})
         if not ref.ok:
             raise MemckptError(f"the reference run failed ({ref.returncodes}); see {out}/reference")
-        cfg = config("job")
+        durable = [f"checkpoint.memory.persist_dir={quote_value(persist)}"] if persist else []
+        cfg = config("job", *durable)
         first = launch("interrupted", cfg, out / "job" / "attempt1",
                        [FaultInjectionPlugin(node=1, step=kill)], {})  # fmt: skip
         if first.ok:
             raise MemckptError("the interrupted run was not interrupted: the fault did not fire")
-        # node 1 is gone: its memory with it
-        shutil.rmtree(mem_root / "job" / "node1", ignore_errors=True)
+        # node 1 is gone: its memory with it; --persist: every node's memory is gone
+        for node in range(NODES) if persist else (1,):
+            shutil.rmtree(mem_root / "job" / f"node{node}", ignore_errors=True)
         # a run that ends persisted hands its memory tier back; --keep keeps it to look at
-        cfg = config("job", *(["checkpoint.persistent.enabled=false"] if keep else []))
+        cfg = config("job", *durable,
+                     *(["checkpoint.persistent.enabled=false"] if keep else []))  # fmt: skip
         second = launch("restart", cfg, out / "job" / "attempt2", [],
                         {RESTART_COUNT_ENV: "1"})  # fmt: skip
         if not second.ok:
@@ -305,6 +327,8 @@ def run_demo(
             "resumed": metrics[resume_at:] if resume_at is not None else [],
         }
         ref_losses = [m["loss"] for m in runs["reference"] if "loss" in m]
+        # a run that ends drained gives its memory back, --keep or not
+        held = any((mem_root / "job" / f"node{i}" / job_id).exists() for i in range(NODES))
         report = DemoReport(
             steps=steps,
             kill_step=kill,
@@ -323,17 +347,38 @@ def run_demo(
             final_loss=r_job.get("final_loss"),
             first_loss=ref_losses[0] if ref_losses else None,
             memory_tree=str(mem_root / "job"),
-            kept=keep,
+            kept=keep and held,
+            persist=persist,
+            persisted_job=f"{persist.rstrip('/')}/{job_id}" if persist else None,
         )
         report.plot = _plot(runs, kill, report.recovered_step, out / "loss.png")
         (out / "summary.json").write_text(json.dumps(report.as_dict(), indent=2, default=str))
         return report
     finally:
+        if persist and not keep:
+            _delete_persisted_job(persist, job_id)
         if keep:
             log.info("demo: kept the memory tree %s", mem_root / "job")
         else:
             shutil.rmtree(mem_root, ignore_errors=True)
             log.info("demo: deleted the memory tree %s (--keep keeps it)", mem_root)
+
+
+def _delete_persisted_job(persist: str, job_id: str) -> None:
+    """Remove the demo job's steps from its durable tier (a path or a URL)."""
+    from memckpt.storage.remote import RemoteTier, resolve_location
+
+    where = resolve_location(persist)
+    try:
+        if isinstance(where, Path):
+            shutil.rmtree(where / job_id, ignore_errors=True)
+        else:
+            tier = RemoteTier(where, job_id)
+            for step in tier.step_dirs():
+                tier.delete_persisted_step(step)
+        log.info("demo: deleted the job's steps from %s/%s (--keep keeps them)", persist, job_id)
+    except (OSError, MemckptError) as e:
+        log.warning("demo: could not delete the job's steps from %s/%s: %s", persist, job_id, e)
 
 
 def print_report(report: DemoReport) -> None:
@@ -362,9 +407,10 @@ def print_report(report: DemoReport) -> None:
         ("steps lost", str(report.steps_lost)),
         ("recovery time", f"{report.recovery_s:.3f} s (plan + fetch + verify + load)"
          if report.recovery_s is not None else "-"),
-        ("data came from", src or "-"),
+        ("data came from", src or ("the durable tier" if report.tier == "durable" else "-")),
         ("tier", f"{report.tier} (persistent tier not needed)" if report.tier == "memory"
-         else str(report.tier)),
+         else f"durable: {report.persisted_job} (both nodes' memory wiped)"
+         if report.tier == "durable" else str(report.tier)),
         ("final weights", "IDENTICAL to the uninterrupted run" if report.identical
          else "DIFFERENT from the uninterrupted run"),
         ("wall time", ", ".join(f"{k} {v:.1f}s" for k, v in report.run_seconds.items())),

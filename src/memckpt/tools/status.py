@@ -113,6 +113,16 @@ class StepView:
         return self.plan.step == self.step
 
     @property
+    def copies(self) -> int:
+        """Good copies of the least-held rank's data over the nodes (0: a rank is lost)."""
+        return min((r.good for r in self.ranks), default=0) if self.summary.committed else 0
+
+    @property
+    def durability(self) -> dict[str, Any]:
+        """``{"tier", "copies", "persisted"}`` (``memckpt.storage.durability``)."""
+        return self.summary.durability_doc(self.copies)
+
+    @property
     def why_not(self) -> str:
         if self.recoverable:
             return ""
@@ -185,6 +195,7 @@ class JobStatus:
                     "manifest_error": v.summary.manifest_error,
                     "recoverable": v.recoverable,
                     "why_not": v.why_not or None,
+                    "durability": v.durability,
                     "sources": self._sources(v.plan) if v.recoverable else {},
                     "damage": [{"path": str(p), **c.as_dict()} for p, c in v.summary.damage],
                     "ranks": [
@@ -348,6 +359,8 @@ def _merge(step: int, per_node: list[StepSummary]) -> StepSummary:
     manifests = [s.manifest for s in per_node if s.manifest is not None]
     m = max(manifests, key=lambda x: x.created_unix) if manifests else None
     bad = next((s for s in per_node if s.manifest_error), None) if m is None else None
+    recs = [s.persisted for s in per_node if s.persisted is not None and m is not None]
+    rec = next((r for r in recs if m is not None and r.manifest_checksum == m.checksum), None)
     return StepSummary(
         step,
         m is not None,
@@ -357,6 +370,7 @@ def _merge(step: int, per_node: list[StepSummary]) -> StepSummary:
         bad.manifest_error if bad else None,
         tuple(k for s in per_node for k in s.marks),
         bad.manifest_path if bad else None,
+        rec,
     )
 
 

@@ -10,6 +10,8 @@ could not run). Under ``--json`` an error is one JSON document on stdout,
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -65,6 +67,8 @@ def print_table(
     """Print a table to stdout (rich); cells are text, never rich markup (paths hold ``[``).
 
     Nothing is cut short: a long cell folds; the columns in ``whole`` (paths) fold last.
+    Piped or captured (not a terminal, no ``COLUMNS``), tables are up to 160 columns wide,
+    so a row stays one line for grep and logs.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -75,7 +79,8 @@ def print_table(
         t.add_column(escape(c), overflow="fold", no_wrap=c in whole)
     for r in rows:
         t.add_row(*[escape(str(x)) for x in r])
-    Console().print(t)
+    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    Console(width=160 if wide else None).print(t)
 
 
 def emit_json(doc: Any) -> None:

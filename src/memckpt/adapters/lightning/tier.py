@@ -42,7 +42,7 @@ from memckpt.errors import (
     InvalidNameError,
     MemckptError,
 )
-from memckpt.manager import CheckpointManager, LoadInfo
+from memckpt.manager import CheckpointManager, LoadInfo, check_persist_arguments
 
 __all__ = ["MemoryTier", "ResumeDecision", "choose_resume", "split_base_container"]
 
@@ -113,7 +113,10 @@ class MemoryTier:
     stay the same when the job restarts. ``resumed`` and ``last_load`` tell where the
     last fit resumed from and, for memory, whether this rank read a peer's copy.
     ``manager_options`` go to ``CheckpointManager``
-    (``replication``, ``node_id``, ``keep_last``, ``timeout_s``, ``secret``, ...).
+    (``replication``, ``node_id``, ``keep_last``, ``timeout_s``, ``secret``, ...); its
+    durable tier (``persist_every``, ``persist_dir`` a path or fsspec URL,
+    ``persist_options``) is checked here (ConfigError) and takes part in the resume choice
+    as memckpt's own steps: one loaded from it is put back into memory.
     """
 
     def __init__(
@@ -134,6 +137,9 @@ class MemoryTier:
                 f"unknown options {unknown}: wrap_trainer passes its other keyword arguments to "
                 "memckpt.CheckpointManager (replication, node_id, keep_last, timeout_s, ...)"
             )
+        check_persist_arguments(manager_options.get("persist_every"),
+                                manager_options.get("persist_dir"),
+                                manager_options.get("persist_options"))  # fmt: skip
         self.async_save = async_save
         self.safe_globals = tuple(safe_globals)
         self.require_checkpoint = require_checkpoint

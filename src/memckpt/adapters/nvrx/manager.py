@@ -11,7 +11,10 @@ Call sequence (every rank, in the same order, as with NVRx)::
 
 ``find_latest`` and ``load`` are ``CheckpointManager.latest`` / ``load``: the newest step
 whose every rank's object exists, checksum-valid, on a live node; a part missing here is
-read from a peer holding its replica and verified chunk by chunk.
+read from a peer holding its replica and verified chunk by chunk. With ``persist_dir``
+(a path or a URL such as ``s3://bucket/prefix``) the durable tier counts too, by the
+engine's tier rule: the newest step wins, memory on a tie; a step loaded from it is put
+back into memory.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from memckpt.errors import (
     UnsupportedValueError,
 )
 from memckpt.ids import validate_job_id, validate_step
-from memckpt.manager import CheckpointManager
+from memckpt.manager import CheckpointManager, check_persist_arguments
 from memckpt.replication import ReplicationStrategy
 
 __all__ = ["DEFAULT_SESSION_JOB", "CkptID", "LocalCheckpointManager"]
@@ -125,7 +128,9 @@ class LocalCheckpointManager:
         safe_globals: classes a custom TensorAwareStateDict's stored form may construct
             when loaded (its own class included). NVRx unpickles anything; memckpt does not.
         **options: passed to ``memckpt.CheckpointManager`` (``timeout_s``, ``node_id``,
-            ``limit_bytes``, ``transfer_host``, ``secret``, ...).
+            ``limit_bytes``, ``transfer_host``, ``secret``, ...), among them the durable
+            tier: ``persist_every``, ``persist_dir`` (a path or an fsspec URL) and
+            ``persist_options`` (storage options), checked here (ConfigError).
 
     The memckpt runtime opens at the first ``find_latest``, ``load`` or ``save`` (all
     collective); ``close()`` waits for the save in flight and shuts it down.
@@ -157,6 +162,8 @@ class LocalCheckpointManager:
                 "(NVRx's strategies replicate over torch.distributed, memckpt's over its "
                 "transfer service)"
             )
+        check_persist_arguments(options.get("persist_every"), options.get("persist_dir"),
+                                options.get("persist_options"))  # fmt: skip
         self.repl_strategy = repl_strategy
         self.keep_last = keep_last
         self.safe_globals = tuple(safe_globals)
@@ -197,15 +204,21 @@ class LocalCheckpointManager:
 
         Cached until the next save, as with NVRx. Steps saved by another world size are
         passed over (with a warning), so a resized job falls back to its global checkpoint.
+        With ``persist_dir``, a newer persisted step is the answer (``load`` reads it).
         """
         if self.latest_iteration != -1:
             return self.latest_iteration
-        plan = self.manager.recovery_plan()
+        mgr = self.manager
+        plan = mgr.recovery_plan()
         for step, why in sorted(plan.skipped.items(), reverse=True):
             if plan.step is None or step > plan.step:
                 log.warning("rank %d: local checkpoint iteration %d passed over: %s",
                             self.rank, step, why)  # fmt: skip
-        self.latest_iteration = plan.step if plan.step is not None else -1
+        latest = plan.step
+        persisted = mgr.persisted_step()
+        if persisted is not None and (latest is None or persisted > latest):
+            latest = persisted
+        self.latest_iteration = latest if latest is not None else -1
         return self.latest_iteration
 
     def load(self) -> tuple[TensorAwareStateDict, CkptID]:

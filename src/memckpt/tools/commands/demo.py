@@ -51,6 +51,13 @@ def register(sub: Any) -> None:
         help="keep the job's memory tree (the restarted run's steps on both nodes) and print "
         "its path and the memckpt status command that shows it",
     )
+    sp.add_argument(
+        "--persist",
+        metavar="URL",
+        help="also drain the job's memory saves to this durable tier (s3://bucket/prefix, "
+        "gs://..., a path; credentials and AWS_ENDPOINT_URL from the environment), wipe "
+        "both nodes' memory before the restart and restore from it",
+    )
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.set_defaults(fn=handler)
 
@@ -64,7 +71,7 @@ def handler(args: argparse.Namespace) -> int:
     logging.getLogger("memckpt.tools.demo").setLevel(logging.INFO)
     report = run_demo(args.out, steps=args.steps, kill_step=args.kill_step,
                       memory_interval=args.interval, device=args.device,
-                      keep=args.keep)  # fmt: skip
+                      keep=args.keep, persist=args.persist)  # fmt: skip
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, default=str))
     else:

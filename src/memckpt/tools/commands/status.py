@@ -72,6 +72,14 @@ def _finite(manifest: Any) -> str:
     return "yes" if manifest.finite else f"no: {manifest.non_finite_summary()}"
 
 
+def _durability(v: Any) -> str:
+    """``local``, ``replicated (2 copies)``, ``persisted`` or ``-`` (see docs/durable.md)."""
+    from memckpt.storage.durability import describe
+
+    d = v.durability
+    return describe(d["tier"], d["copies"])
+
+
 def render(st: Any) -> None:
     """Print a JobStatus for an operator."""
     from memckpt.tools.status import node_room
@@ -96,11 +104,17 @@ def render(st: Any) -> None:
     print_table("copies of each rank's object", ["step", "rank", "node", "good copies",
                 "on", "state"], rows)  # fmt: skip
     steps = [
-        (v.step, "yes" if v.summary.committed else "no", _finite(v.summary.manifest),
-         "yes" if v.recoverable else "no", _how(st, v.plan) if v.recoverable else v.why_not)
+        (v.step, "yes" if v.summary.committed else "no", _durability(v),
+         _finite(v.summary.manifest), "yes" if v.recoverable else "no",
+         _how(st, v.plan) if v.recoverable else v.why_not)
         for v in reversed(st.steps)
     ]  # fmt: skip
-    print_table("steps", ["step", "committed", "finite", "recoverable", "how / why not"], steps)
+    print_table("steps", ["step", "committed", "durability", "finite", "recoverable",
+                          "how / why not"], steps)  # fmt: skip
+    for v in reversed(st.steps):
+        if v.summary.persisted is not None:
+            print(f"step {v.step}: persisted to {v.summary.persisted.where} (as its drain "
+                  "recorded on the node)")  # fmt: skip
     plan = st.plan
     if plan.step is None:
         print("recovery: nothing can be recovered from these nodes; restart from the "
