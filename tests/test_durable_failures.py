@@ -247,3 +247,33 @@ def test_store_gc_plan_spares_uploads_in_flight_and_the_newest_finite_step():
     assert plan.expired == (1,)
     with pytest.raises(memckpt.ConfigError, match="--persist-keep-last"):
         plan_store_gc([1], [1], keep_last=0)
+
+
+def test_close_abandons_a_hung_drain_after_close_wait_s_and_keeps_memory(shm_dir, s3):
+    # Given a store that accepts connections and never answers (a hung storage target)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    endpoint = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    slow_client = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 60,
+                                     "read_timeout": 60}}  # fmt: skip
+    policy = drain.DrainPolicy(attempts=4, backoff_s=0.05, attempt_timeout_s=600,
+                               close_wait_s=1.0)  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        with memckpt.CheckpointManager(
+            shm_dir, "job", keep_last=1, prefault=False, persist_every=1, persist_dir=s3.url,
+            persist_options={"endpoint_url": endpoint, "skip_instance_cache": True,
+                             **slow_client},
+            persist_policy=policy,
+        ) as m:  # fmt: skip
+            h = m.save(1, {"w": torch.ones(1000)})
+            assert h.wait().committed
+        # Then close() returned after about close_wait_s, not after 4 x 600 s
+        assert time.monotonic() - t0 < 20
+        assert h.durability != "persisted" and not h.wait_for("persisted", timeout=0)
+        # and the step is still in memory: a restart loads it
+        with memckpt.CheckpointManager(shm_dir, "job") as m:
+            assert torch.equal(m.load()["w"], torch.ones(1000))
+    finally:
+        hung.close()

@@ -38,6 +38,7 @@ import random
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ __all__ = [
     "check_persist",
     "drain_objects",
     "drained_committed",
+    "finish_drains",
     "schedule_drain",
     "wait_for_drains",
     "wait_for_parts",
@@ -75,6 +77,7 @@ log = logging.getLogger(__name__)
 
 PART_WAIT_S = 600.0
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memckpt-drain")
+_remote_drains: weakref.WeakSet[RemoteDrain] = weakref.WeakSet()  # for finish_drains
 
 
 def check_persist(
@@ -203,6 +206,26 @@ def wait_for_drains(timeout: float | None = None) -> None:
     _executor.submit(lambda: None).result(timeout)
 
 
+def finish_drains() -> bool:
+    """At a job's end: wait for every drain scheduled so far, at most the longest
+    ``DrainPolicy.close_wait_s`` of the process's remote drains (unbounded when there are
+    only local drains). Past it, remote drains in flight are abandoned (their steps are
+    not persisted; memory keeps them) and this returns False once the drain thread is
+    free again. True when every drain ended by itself."""
+    waits = [d.policy.close_wait_s for d in list(_remote_drains)]
+    try:
+        wait_for_drains(max(waits) if waits else None)
+        return True
+    except concurrent.futures.TimeoutError:
+        pass
+    log.warning("drains still running after %gs; abandoning them (DrainPolicy.close_wait_s)",
+                max(waits))  # fmt: skip
+    for d in list(_remote_drains):
+        d.abandon()
+    wait_for_drains()
+    return False
+
+
 def wait_for_parts(paths: Sequence[Path], timeout: float = PART_WAIT_S) -> None:
     """Wait until every path exists (other ranks' parts on a shared filesystem)."""
     deadline = time.monotonic() + timeout
@@ -288,6 +311,9 @@ class DrainPolicy:
     ``backoff_delay(n)``; ``attempt_timeout_s`` bounds one attempt (one object or the
     manifest); ``part_wait_s`` bounds the coordinator's wait for the other ranks' objects;
     ``circuit_after`` failed drains in a row open the circuit for ``circuit_open_s``.
+    ``close_wait_s`` bounds how long a closing job waits for its drains in flight: then
+    they are abandoned (the step is not persisted, memory keeps it) so a dead or hung
+    store never holds the end of a job.
     """
 
     attempts: int = 4
@@ -298,13 +324,14 @@ class DrainPolicy:
     poll_s: float = 0.2
     circuit_after: int = 3
     circuit_open_s: float = 300.0
+    close_wait_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.circuit_after < 1:
             raise ConfigError(f"DrainPolicy needs attempts and circuit_after >= 1: {self}")
         if min(self.backoff_s, self.backoff_cap_s, self.circuit_open_s) < 0:
             raise ConfigError(f"DrainPolicy needs non-negative delays: {self}")
-        if min(self.attempt_timeout_s, self.part_wait_s, self.poll_s) <= 0:
+        if min(self.attempt_timeout_s, self.part_wait_s, self.poll_s, self.close_wait_s) <= 0:
             raise ConfigError(f"DrainPolicy needs positive timeouts: {self}")
 
 
@@ -358,9 +385,16 @@ class _Superseded(Exception):
     """A newer step is waiting: this one gives way."""
 
 
-def _call_with_timeout(fn: Callable[[], _T], timeout: float, what: str) -> _T:
+class _Abandoned(_Superseded):
+    """The job is closing and its wait for drains ran out (``DrainPolicy.close_wait_s``)."""
+
+
+def _call_with_timeout(
+    fn: Callable[[], _T], timeout: float, what: str, stop: threading.Event | None = None
+) -> _T:
     """``fn()`` on its own thread, abandoned (left to finish in the background) after
-    ``timeout`` seconds with TimeoutError: a hung connection never holds the drain."""
+    ``timeout`` seconds with TimeoutError, or as soon as ``stop`` is set (_Abandoned): a
+    hung connection never holds the drain, nor the end of the job."""
     out: list[_T] = []
     err: list[BaseException] = []
 
@@ -372,7 +406,11 @@ def _call_with_timeout(fn: Callable[[], _T], timeout: float, what: str) -> _T:
 
     t = threading.Thread(target=run, name="memckpt-drain-attempt", daemon=True)
     t.start()
-    t.join(timeout)
+    deadline = time.monotonic() + timeout
+    while t.is_alive() and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise _Abandoned(f"{what} abandoned: the job is closing")
+        t.join(min(0.1, max(0.0, deadline - time.monotonic())))
     if t.is_alive():
         raise TimeoutError(f"{what} did not finish within {timeout:.0f}s")
     if err:
@@ -399,8 +437,17 @@ class RemoteDrain:
         self._lock = threading.Lock()
         self._waiting: int | None = None
         self._newer = threading.Event()  # a step is waiting: a retrying drain gives way
+        self._abandon = threading.Event()  # the job is closing and stopped waiting for us
         self._last_error = ""
         self._rand = random.Random()
+        _remote_drains.add(self)
+
+    def abandon(self) -> None:
+        """Stop this job's drain in flight now (at close, past ``close_wait_s``): the
+        attempt running is left to finish in the background, nothing is retried, and the
+        step is not persisted. Drains scheduled later run as usual."""
+        self._abandon.set()
+        self._newer.set()
 
     @property
     def rank(self) -> int:
@@ -423,6 +470,7 @@ class RemoteDrain:
         with self._lock:
             step, self._waiting = self._waiting, None
             self._newer.clear()
+            self._abandon.clear()
         if step is None:
             return  # taken by the run of a newer schedule
         try:
@@ -440,7 +488,19 @@ class RemoteDrain:
         t0 = time.perf_counter()
         try:
             self._drain(step, attempts=1 if state == "half-open" else self.policy.attempts)
+        except _Abandoned as e:
+            log.warning("rank %d: step %d not persisted to %s: %s (after close_wait_s=%gs); "
+                        "memory keeps it", self.rank, step, self.tier.where(), e,
+                        self.policy.close_wait_s)  # fmt: skip
+            self.engine.note_not_persisted(step, "its drain was abandoned at close")
+            return
         except _Superseded:
+            if self._abandon.is_set():
+                log.warning("rank %d: step %d not persisted to %s: the job closed before "
+                            "its drain ended (close_wait_s=%gs); memory keeps it", self.rank,
+                            step, self.tier.where(), self.policy.close_wait_s)  # fmt: skip
+                self.engine.note_not_persisted(step, "its drain was abandoned at close")
+                return
             log.info("rank %d: drain of step %d gave way to a newer step", self.rank, step)
             self.engine.note_not_persisted(step, "its drain gave way to a newer step")
             return
@@ -501,8 +561,10 @@ class RemoteDrain:
     def _retry(self, op: Callable[[], None], what: str, attempts: int) -> None:
         for attempt in range(1, attempts + 1):
             try:
-                _call_with_timeout(op, self.policy.attempt_timeout_s, what)
+                _call_with_timeout(op, self.policy.attempt_timeout_s, what, self._abandon)
                 return
+            except _Superseded:
+                raise
             except Exception as e:
                 if is_permanent(e) or attempt == attempts:
                     raise

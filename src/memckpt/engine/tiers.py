@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from memckpt import ids
-from memckpt.engine.drain import wait_for_drains
+from memckpt.engine.drain import finish_drains
 from memckpt.engine.runtime import NodeRuntime
 from memckpt.replication.replicator import default_node_id
 from memckpt.storage.store import delete_job
@@ -143,12 +143,13 @@ def release_memory_tier(
 def newest_step_persisted(runtime: NodeRuntime, persisted: Callable[[int], bool]) -> bool:
     """Whether the job's newest committed step is persisted, on every rank's view (collective).
 
-    Waits for the save in flight and for every drain first.
+    Waits for the save in flight and for every drain first (a remote drain at most its
+    ``DrainPolicy.close_wait_s``, then it is abandoned and its step is not persisted).
     """
     runtime.engine.wait_idle()
-    wait_for_drains()
+    ended = finish_drains()  # False: abandoned, so not persisted (and the store not asked)
     newest = max(runtime.engine.committed_steps(), default=None)
-    ok = newest is not None and persisted(newest)
+    ok = ended and newest is not None and persisted(newest)
     return all(runtime.coll.all_gather_object(ok, "memory tier release: persisted"))
 
 
