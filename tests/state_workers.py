@@ -91,11 +91,14 @@ def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str,
     return {"model": msd, "optim": osd.get("state", {})}
 
 
-def fsdp_save(rank: int, world_size: int, base: str, reference: str) -> bool:
+def fsdp_save(
+    rank: int, world_size: int, base: str, reference: str, persist_dir: str | None = None
+) -> bool:
     model, opt = _fsdp_model(world_size)
+    durable = {} if persist_dir is None else {"persist_dir": persist_dir, "persist_every": 1}
     state = memckpt.State(model, opt, framework="fsdp", base_dir=base, job_id="fsdp",
                           get_extra_fn=lambda: {"rank": rank, "x": torch.full((2,), float(rank))},
-                          include_rng=True, timeout_s=60)  # fmt: skip
+                          include_rng=True, timeout_s=60, **durable)  # fmt: skip
     for s in range(3):
         g = torch.Generator().manual_seed(s)
         model(torch.randn(8, 16, generator=g)).pow(2).mean().backward()
@@ -112,10 +115,13 @@ def fsdp_save(rank: int, world_size: int, base: str, reference: str) -> bool:
     return True
 
 
-def fsdp_resume(rank: int, world_size: int, base: str, reference: str) -> dict[str, Any]:
+def fsdp_resume(
+    rank: int, world_size: int, base: str, reference: str, persist_dir: str | None = None
+) -> dict[str, Any]:
     model, opt = _fsdp_model(world_size)  # fresh weights: the load must overwrite them
+    durable = {} if persist_dir is None else {"persist_dir": persist_dir}
     state = memckpt.State(model, opt, framework="fsdp", base_dir=base, job_id="fsdp",
-                          include_rng=True, timeout_s=60)  # fmt: skip
+                          include_rng=True, timeout_s=60, **durable)  # fmt: skip
     extra = state.maybe_resume_from_ckpt()
     got = _full_state(model, opt)
     state.close()

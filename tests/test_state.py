@@ -371,6 +371,20 @@ def test_fsdp_state_saved_by_two_ranks_resumes_on_three(shm_dir: Path, tmp_path:
     assert all(three[r]["step"] == 3 for r in range(3))
 
 
+def test_fsdp_state_resumes_from_the_durable_tier_with_memory_gone(
+    shm_dir: Path, tmp_path: Path
+) -> None:
+    # Given an "fsdp" State that drained every step to persist_dir (DCP's own layout)
+    reference, durable = str(tmp_path / "reference.pt"), str(tmp_path / "durable")
+    run_ranks(state_workers.fsdp_save, 2, str(shm_dir), reference, durable, timeout=90)
+    # When every node's memory is gone
+    shutil.rmtree(shm_dir / "fsdp")
+    # Then a restart with the same persist_dir resumes step 3 from it, on 2 ranks
+    two = run_ranks(state_workers.fsdp_resume, 2, str(shm_dir), reference, durable, timeout=120)
+    assert [two[r]["step"] for r in range(2)] == [3, 3]
+    assert [two[r]["rank"] for r in range(2)] == [0, 1]
+
+
 # -- the nanoGPT example under preemption -------------------------------------------------------
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanogpt_state.py"

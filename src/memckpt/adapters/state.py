@@ -465,12 +465,13 @@ class State:
         return out[1]
 
     def _reader_options(self) -> dict[str, Any]:
+        # persist_dir: the steps drained there count too (the DCP adapter's tier rule)
         return {
             "replication": self._replication,
             "timeout_s": self._timeout_s,
             **{
                 k: self._writer_options[k]
-                for k in ("node_id", "secret")
+                for k in ("node_id", "secret", "persist_dir", "persist_options")
                 if k in self._writer_options
             },
         }
