@@ -26,6 +26,7 @@ other ranks learn of it instead of timing out.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -60,6 +61,7 @@ from memckpt.storage import events
 from memckpt.storage.durability import PERSISTED, REPLICATED, tier_of, write_persisted_record
 from memckpt.storage.faults import fault_point
 from memckpt.storage.format import DEFAULT_CHUNK_SIZE
+from memckpt.storage.last_save import record_last_save
 from memckpt.storage.manifest import NonFinite
 from memckpt.storage.pool import Buffer, free_bytes
 from memckpt.storage.retention import check_keep_last, plan_retention
@@ -481,6 +483,7 @@ class SaveEngine:
         durability = self._track(staged.step)  # before the worker can reach a tier
         fut = self._executor.submit(self._finish, txn, staged.t0, staged.blocking_s, blocking,
                                     blobs)  # fmt: skip
+        fut.add_done_callback(functools.partial(self._record_last, staged.step))
         self._last = fut
         handle = staged.handle = SaveHandle(staged.step, fut, durability)
         if blocking:
@@ -531,6 +534,7 @@ class SaveEngine:
             return SaveResult.skip(step, f"rank {self.store.rank} {reason}", blocking_s)
 
         fut = self._executor.submit(skip)
+        fut.add_done_callback(functools.partial(self._record_last, step))
         self._last = fut
         return fut
 
@@ -538,8 +542,23 @@ class SaveEngine:
         self, step: int, error: BaseException, txn: SaveTransaction | None = None
     ) -> concurrent.futures.Future[SaveResult]:
         fut = self._executor.submit(self._vote_failure, step, error, txn)
+        fut.add_done_callback(functools.partial(self._record_last, step))
         self._last = fut
         return fut
+
+    def _record_last(self, step: int, fut: concurrent.futures.Future[SaveResult]) -> None:
+        """This rank's last save, for ``memckpt status`` (``memckpt.storage.last_save``)."""
+        layout, rank = self.store.layout, self.store.rank
+        try:
+            r = fut.result()
+        except BaseException as e:
+            record_last_save(layout, rank, step, "failed", reason=f"{type(e).__name__}: {e}")
+            return
+        outcome = "skipped" if r.skipped else "committed" if r.committed else "failed"
+        record_last_save(layout, rank, r.step, outcome, reason=r.skipped, nbytes=r.nbytes,
+                         blocking_s=r.blocking_s, total_s=r.total_s,
+                         replication_bytes=r.replication_bytes,
+                         replication_s=r.replication_s)  # fmt: skip
 
     # -- background thread -------------------------------------------------------------
     def _vote_failure(

@@ -30,6 +30,7 @@ from memckpt.engine.load_transaction import resolve_on_non_finite
 from memckpt.engine.recovery_plan import NON_FINITE_REASON, RecoveryPlan, plan_recovery
 from memckpt.errors import CorruptCheckpointError
 from memckpt.storage.inventory import ManifestInfo, StepHoldings
+from memckpt.storage.last_save import read_last_saves
 from memckpt.storage.pool import free_bytes
 from memckpt.storage.room import Room, cgroup_memory, shortfall
 from memckpt.storage.safe_fs import is_real_dir, read_regular, real_subdirs
@@ -182,6 +183,11 @@ class JobStatus:
             "checked": self.checked,
             "nodes": [n.as_dict() for n in self.nodes],
             "room": {n.label: node_room(n.job_dir) for n in self.nodes if n.job_dir},
+            "last_saves": {
+                n.label: {str(r): doc for r, doc in last_saves(n.job_dir).items()}
+                for n in self.nodes
+                if n.job_dir
+            },
             "rank_node": {str(r): self.label(n) for r, n in sorted(self.rank_node.items())},
             "addresses": {str(r): a for r, a in sorted(self.addresses.items())},
             "steps": [
@@ -238,6 +244,17 @@ class JobStatus:
             },
             "exit": self.exit_code,
         }
+
+
+# -- the last save of each rank -----------------------------------------------------------------
+def last_saves(job_dir: str | os.PathLike[str]) -> dict[int, dict[str, Any]]:
+    """Each rank's last-save record on this node (``memckpt.storage.last_save``), with its
+    replication rate (``replication_bytes_per_s``, None when it pushed nothing)."""
+    out = read_last_saves(job_dir)
+    for doc in out.values():
+        b, secs = doc["replication_bytes"], doc["replication_s"]
+        doc["replication_bytes_per_s"] = b / secs if b and secs > 0 else None
+    return out
 
 
 # -- room for the next save --------------------------------------------------------------------

@@ -10,6 +10,7 @@ recovered or something is damaged, 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 __all__ = ["handle", "register"]
@@ -80,9 +81,24 @@ def _durability(v: Any) -> str:
     return describe(d["tier"], d["copies"])
 
 
+def _last_save(doc: dict[str, Any]) -> str:
+    """One line: step, outcome (with the reason), when, and the replication rate."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["unix"]))
+    text = f"step {doc['step']} {doc['outcome']} at {when}"
+    if doc["reason"]:
+        text += f": {doc['reason']}"
+    if doc["outcome"] == "committed":
+        text += f" ({doc['nbytes'] / 1e6:.1f} MB, blocking {doc['blocking_s']:.3f}s)"
+    rate = doc["replication_bytes_per_s"]
+    if rate is not None:
+        text += (f"; replicated {doc['replication_bytes'] / 1e6:.1f} MB at "
+                 f"{rate / 1e6:.1f} MB/s")  # fmt: skip
+    return text
+
+
 def render(st: Any) -> None:
     """Print a JobStatus for an operator."""
-    from memckpt.tools.status import node_room
+    from memckpt.tools.status import last_saves, node_room
     from memckpt.tools.tables import CHECKED_HEADERS, print_table
 
     repl = f"replication {st.strategy}" if st.strategy else "no replication recorded"
@@ -132,6 +148,10 @@ def render(st: Any) -> None:
         print(f"at risk (one good copy left): {_ranks(st.at('at risk'))}")
     for s, path, c in st.damage:
         print(f"step {s}: {path}: {c}")
+    for n in st.nodes:
+        if n.job_dir:
+            for rank, doc in sorted(last_saves(n.job_dir).items()):
+                print(f"last save of rank {rank} on {n.label}: {_last_save(doc)}")
     for n in st.nodes:
         if n.job_dir:
             room = node_room(n.job_dir)
