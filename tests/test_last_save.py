@@ -1,4 +1,4 @@
-"""Each rank's last save in `memckpt status`: skipped saves with their reason, the replication rate."""
+"""Each rank's last save in `memckpt status`: skipped saves with their reason, replication rate."""
 
 from __future__ import annotations
 
