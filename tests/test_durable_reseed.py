@@ -73,7 +73,9 @@ def test_restore_from_s3_reseeds_memory_and_a_restart_without_the_store_loads_it
     assert m.store.committed_steps() == [4]
     assert not list(shm_dir.glob(".memckpt-restore-*"))  # the download was moved, not left
     m.close(release_memory=False)  # a failure right after the restart
-    assert [(s["step"], s["ranks"]) for s in _ls(capsys, shm_dir / "job")] == [(4, [0])]
+    listed = _ls(capsys, shm_dir / "job")
+    assert [(s["step"], s["ranks"]) for s in listed] == [(4, [0])]
+    assert listed[0]["durability"]["tier"] == "persisted"  # it is still in the store
     # and the store is wiped before the next restart
     tier = RemoteTier(s3.url, "job", s3.options())
     tier.fs.rm(tier._root(), recursive=True)

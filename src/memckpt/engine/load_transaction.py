@@ -582,5 +582,7 @@ def _reseed(runtime: NodeRuntime, step: int, copy: PersistedCopy) -> None:
         elif not h.wait().committed:
             log.warning("rank %d: persisted step %d loaded but not put back into memory: %s",
                         rank, step, h.wait().skipped)  # fmt: skip
+        else:  # back in memory, and still in the store it came from: it is persisted
+            runtime.engine.note_persisted(step, copy.where.rsplit("/", 1)[0])
 
     handle.add_done_callback(outcome)
