@@ -167,6 +167,27 @@ def test_resume_point_reads_both_tiers_and_says_where_a_rerun_starts(tmp_path):
     assert launch.resume_point(cfg, 2).note.endswith("checkpoint.resume is false")
 
 
+def test_resume_point_counts_the_steps_the_memory_tier_drained(tmp_path):
+    # Given a job whose memory tier drained step 60 to persist_dir, its memory gone
+    durable = tmp_path / "durable"
+    cfg = build_config("mlp_synthetic", overrides=[
+        f"checkpoint.memory.base_dir={tmp_path / 'mem'}",
+        f"checkpoint.persistent.dir={tmp_path / 'disk'}",
+        f"checkpoint.memory.persist_dir={durable}",
+    ])  # fmt: skip
+    import torch
+
+    import memckpt
+
+    with memckpt.CheckpointManager(tmp_path / "drainer", "mlp-synthetic", persist_every=60,
+                                   persist_dir=durable) as m:  # fmt: skip
+        m.save(60, {"w": torch.ones(4)}).wait()
+    # Then a re-run resumes from it (the workers' rule: the newer of memory and drained)
+    point = launch.resume_point(cfg, 2)
+    assert (point.tier, point.step) == ("memory", 60)
+    assert f"{durable} (durable)" in point.note
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_failed_run_says_why_and_that_rerunning_resumes_from_memory(tmp_path, shm_dir, capsys):

@@ -360,7 +360,8 @@ def resume_point(cfg: ConfigContainer, nnodes: int) -> ResumePoint:
     """Where re-running ``cfg`` on ``nnodes`` simulated nodes resumes (reads both tiers).
 
     Memory: a step is complete when its manifest and every rank's object are found,
-    valid, in the nodes' directories (``memckpt ls`` over all of them); persistent: the
+    valid, in the nodes' directories (``memckpt ls`` over all of them), or drained to
+    ``checkpoint.memory.persist_dir`` (the newer of the two); persistent: the
     newest complete DCP step. The newer wins, memory on a tie (the workers' rule).
     """
     from memckpt.recipes.checkpointing import (
@@ -382,6 +383,15 @@ def resume_point(cfg: ConfigContainer, nnodes: int) -> ResumePoint:
             memory_step = max((s.step for s in steps if s.complete), default=None)
         except (MemckptError, OSError) as e:
             log.warning("cannot read the memory tier of job %r (%s): %s", job, mem_where, e)
+    durable = ckpt.memory.persist_dir if ckpt.memory.enabled else None
+    durable_step = None
+    if durable:  # the memory tier's drains: a restart resumes from it when it is newer
+        try:
+            durable_step = _newest_drained(durable, job)
+        except (MemckptError, OSError) as e:
+            log.warning("cannot read the durable tier of job %r (%s): %s", job, durable, e)
+        if durable_step is not None and (memory_step is None or durable_step > memory_step):
+            memory_step, mem_where = durable_step, f"{durable} (durable)"
     if ckpt.persistent.enabled:
         try:
             persistent_step = latest_persistent_step(pers_dir)
@@ -400,6 +410,22 @@ def resume_point(cfg: ConfigContainer, nnodes: int) -> ResumePoint:
     pers = f"on disk ({pers_dir})" if ckpt.persistent.enabled else "on disk (tier off)"
     note = f"re-running starts from step 0: no complete checkpoint of job {job!r} {mem} or {pers}"
     return ResumePoint(None, None, memory_step, persistent_step, note)
+
+
+def _newest_drained(persist_dir: str, job: str) -> int | None:
+    """The newest step of ``job`` the memory tier drained to ``persist_dir`` (path or URL;
+    credentials and endpoint from the environment, as the workers have them)."""
+    from memckpt.engine.drain import persisted_steps
+    from memckpt.storage.remote import RemoteTier, resolve_location
+
+    where = resolve_location(persist_dir)
+    if isinstance(where, str):
+        quick = None  # a note after a failure: never minutes of retries against a dead store
+        if where.startswith(("s3://", "s3a://")):
+            quick = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 15,
+                                       "retries": {"max_attempts": 2}}}  # fmt: skip
+        return max(RemoteTier(where, job, quick).persisted_steps(), default=None)
+    return max(persisted_steps(where, job), default=None)
 
 
 @dataclass(frozen=True)
