@@ -565,6 +565,9 @@ class State:
                 self._wait_dcp()
             finally:
                 self._dcp.close(self.base_dir, self.job_id)
+                from memckpt.engine.drain import finish_drains
+
+                finish_drains()  # the last step's drain, before the process may exit
         else:
             self._manager.close()
 
