@@ -25,7 +25,6 @@ that ``rank``, when there is exactly one.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -41,7 +40,7 @@ from typing import Any, Final
 from memckpt.errors import ConfigError, MemckptError
 from memckpt.settings import METRICS_PORT_ENV, METRICS_TEXTFILE_ENV, get
 from memckpt.storage import events
-from memckpt.storage.safe_fs import read_regular
+from memckpt.storage.safe_fs import read_regular, write_atomic
 
 __all__ = [
     "BACKGROUND_BUCKETS",
@@ -451,19 +450,6 @@ def _render(families: Iterable[Any]) -> bytes:
     return generate_latest(_Families(lambda: fams))  # type: ignore[arg-type]
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _open_lock(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
@@ -548,7 +534,7 @@ class NodeExporter:
         """Write this rank's file and the node's textfile now; take the port if free."""
         with self._flush_lock:
             own = self.metrics.exposition(self.job, self.rank)
-            _write_atomic(self.dir / rank_file_name(self.rank), own, 0o600)
+            write_atomic(self.dir / rank_file_name(self.rank), own, tag=f"{threading.get_ident()}.")
             if self.address is not None and not self.serving:
                 self._try_serve()
             if self.textfile is not None:
@@ -617,7 +603,7 @@ class NodeExporter:
             fcntl.flock(fd, fcntl.LOCK_EX)
             data = _render(merge(*self._rank_files()))
             try:
-                _write_atomic(self.textfile, data)
+                write_atomic(self.textfile, data, tag=f"{threading.get_ident()}.")
             except OSError as e:
                 self._warn_once("textfile", "rank %d: cannot write the metrics textfile %s: %s",
                                 self.rank, self.textfile, e)  # fmt: skip
