@@ -4,8 +4,11 @@
 
 One CheckpointManager on a tmpfs (default /dev/shm), keep_last=2, warm (two untimed
 saves first, so the pool holds its pre-faulted buffers). Saves alternate between the
-default (every floating tensor checked for NaN/Inf in the background, in the checksum
-pass) and ``check_finite=lambda name: False`` (hashing only). For each, the medians of:
+default (every floating tensor checked for NaN/Inf in the background, fused into the
+checksum pass by the native kernel), ``check_finite=lambda name: False`` (hashing only),
+and, where the kernel is built, the default with the kernel turned off (xxhash, then the
+numpy check of each piece in cache: what runs without a compiler). The order rotates
+every repeat. For each, the medians of:
 
 - blocking time: ``save()`` returning (the admission check runs here);
 - background time: ``total_s - blocking_s``, from ``save()`` returning to the commit
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 import memckpt
+from memckpt.storage import scan
 
 
 def make_state(size_mib: int, n: int) -> dict[str, torch.Tensor]:
@@ -45,22 +49,27 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     state = make_state(a.size_mib, a.tensors)
     work = Path(tempfile.mkdtemp(prefix="memckpt-bench-guard-", dir=a.dir))
     rows: dict[str, dict[str, list[float]]] = {
-        k: {"blocking": [], "background": []} for k in ("checked", "unchecked", "one NaN")
+        k: {"blocking": [], "background": []}
+        for k in ("checked", "unchecked", "checked (numpy)", "one NaN")
     }
+    native = scan.native_level()
     try:
         with memckpt.CheckpointManager(work, "bench", keep_last=2) as m:
             step = 0
             for _ in range(2):  # warm: the pool holds pre-faulted buffers afterwards
                 step += 1
                 m.save(step, state).wait()
-            for _ in range(a.repeats):
-                for kind in ("checked", "unchecked"):
+            kinds = ["checked", "unchecked"] + (["checked (numpy)"] if native is not None else [])
+            for rep in range(a.repeats):
+                for kind in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotated
                     step += 1
-                    check = None if kind == "checked" else (lambda name: False)
+                    check = (lambda name: False) if kind == "unchecked" else None
+                    scan.use_native(kind != "checked (numpy)")
                     r = m.save(step, state, check_finite=check).wait()
                     assert r.committed and r.step_finite
                     rows[kind]["blocking"].append(r.blocking_s)
                     rows[kind]["background"].append(r.total_s - r.blocking_s)
+            scan.use_native(True)
             bad = dict(state)
             bad["t0"] = state["t0"].clone()
             bad["t0"][len(bad["t0"]) // 2] = float("nan")
@@ -71,13 +80,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 rows["one NaN"]["blocking"].append(r.blocking_s)
                 rows["one NaN"]["background"].append(r.total_s - r.blocking_s)
     finally:
+        scan.use_native(True)
         shutil.rmtree(work, ignore_errors=True)
-    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in rows.items()}
+    med = {
+        k: {m: statistics.median(v) for m, v in d.items()} for k, d in rows.items() if d["blocking"]
+    }
     return {
         "size_mib": a.size_mib,
         "tensors": a.tensors,
         "repeats": a.repeats,
         "threads": torch.get_num_threads(),
+        "native_level": native,
         "medians_s": med,
         "background_ratio": med["checked"]["background"] / med["unchecked"]["background"],
         "blocking_ratio": med["checked"]["blocking"] / med["unchecked"]["blocking"],
@@ -99,6 +112,11 @@ def main() -> None:
     print(f"{'save':<12}{'blocking s':>12}{'background s':>14}")
     for kind, v in med.items():
         print(f"{kind:<12}{v['blocking']:>12.4f}{v['background']:>14.4f}")
+    level = {None: "not built: numpy", 0: "portable C", 2: "AVX2", 3: "AVX-512"}
+    print(f"fused hash+check kernel: {level.get(out['native_level'])}")
+    if "checked (numpy)" in med:
+        numpy_ratio = med["checked (numpy)"]["background"] / med["unchecked"]["background"]
+        print(f"numpy check instead (two passes): background x{numpy_ratio:.3f}")
     print(f"NaN/Inf check: background x{out['background_ratio']:.3f} (target <= 1.05), "
           f"blocking x{out['blocking_ratio']:.3f} (target: no change)")  # fmt: skip
     if a.json:

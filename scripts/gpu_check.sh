@@ -108,6 +108,14 @@ if ! "$PYTHON" -c 'import omegaconf, hydra, yaml' >/dev/null 2>&1; then
 fi
 if "$PYTHON" -c 'import omegaconf, hydra, yaml' >/dev/null 2>&1; then HAVE_RECIPE_DEPS=1; else HAVE_RECIPE_DEPS=0; fi
 
+# -- the fused hash + NaN/Inf kernel (memckpt.storage._scan): built in place for this
+# interpreter when a C compiler and setuptools are there; without it the numpy check runs
+if ! "$PYTHON" -c 'import memckpt.storage._scan' >/dev/null 2>&1; then
+    (cd "$ROOT" && timeout 120 "$PYTHON" setup.py -q build_ext --inplace) >>"$LOG" 2>&1 || true
+fi
+SCAN_LEVEL=$("$PYTHON" -c 'from memckpt.storage.scan import native_level as n; print({None: "not built (numpy check)", 0: "portable C", 2: "AVX2", 3: "AVX-512"}[n()])' 2>>"$LOG")
+note "gpu_check: fused scan kernel: ${SCAN_LEVEL:-unknown}"
+
 # -- 1. the CUDA tests are collected ----------------------------------------------------------
 PYTEST=("$PYTHON" -m pytest -p no:cacheprovider --continue-on-collection-errors)
 run "collect -m cuda" 120 "${PYTEST[@]}" -m cuda --collect-only -q

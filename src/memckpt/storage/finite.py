@@ -1,5 +1,9 @@
 """Does a staged tensor hold NaN or Inf? Checked on the staged bytes, piece by piece.
 
+Where the fused native kernel runs (``memckpt.storage.scan``: x86-64 with AVX2/AVX-512
+and a C compiler at install time) it applies ``lanes_of``'s rule inside the checksum
+loop; this module's numpy checks are the fallback elsewhere, and the reference.
+
 A replica or a step whose floats turned NaN/Inf passes every checksum: the bytes are
 faithfully NaN. So every save records, per tensor, whether it holds a non-finite value,
 computed in the background from the staged copy in the pool buffer (never from the
@@ -23,7 +27,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-__all__ = ["finite_check", "is_floating"]
+__all__ = ["Check", "finite_check", "is_floating", "lanes_of"]
 
 # the bits of NaN/Inf, per dtype: (unsigned view, mask, lowest non-finite masked value)
 # for "exponent all ones" formats, or (view, mask, value) for single patterns (exact=True)
@@ -42,6 +46,22 @@ _SUMMED: Final[dict[str, str]] = {
     "float64": "<f8",
     "complex64": "<f4",
     "complex128": "<f8",
+}
+
+# the same rule as lanes for the fused kernel (memckpt.storage.scan): a value is non-finite
+# when (lane & mask) == value, for little-endian lanes of this many bytes
+_LANES: Final[dict[str, tuple[int, int, int]]] = {
+    "float32": (4, 0x7F800000, 0x7F800000),
+    "complex64": (4, 0x7F800000, 0x7F800000),
+    "float64": (8, 0x7FF0000000000000, 0x7FF0000000000000),
+    "complex128": (8, 0x7FF0000000000000, 0x7FF0000000000000),
+    "float16": (2, 0x7C00, 0x7C00),
+    "bfloat16": (2, 0x7F80, 0x7F80),
+    "float8_e5m2": (1, 0x7C, 0x7C),
+    "float8_e4m3fn": (1, 0x7F, 0x7F),
+    "float8_e4m3fnuz": (1, 0xFF, 0x80),
+    "float8_e5m2fnuz": (1, 0xFF, 0x80),
+    "float8_e8m0fnu": (1, 0xFF, 0xFF),
 }
 
 _PIECE: Final = 256 << 10  # the writer checks pieces of at most this many bytes
@@ -77,6 +97,13 @@ def _bits_screen(np_dtype: str, mask: int, value: int, exact: bool) -> Check:
         return not bool((a == value).any()) if exact else int(a.max(initial=0)) < value
 
     return check
+
+
+def lanes_of(dtype: torch.dtype) -> tuple[int, int, int] | None:
+    """``(width, mask, value)``: an element of ``dtype`` is NaN/Inf when some ``width``-byte
+    lane of it has ``lane & mask == value``; None for dtypes without such a rule (those
+    that are always finite, and floating formats this table does not know)."""
+    return _LANES.get(_name(dtype))
 
 
 def finite_check(dtype: torch.dtype) -> Check | None:

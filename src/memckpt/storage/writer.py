@@ -41,6 +41,7 @@ from memckpt.storage.format import (
     layout_offsets,
 )
 from memckpt.storage.pool import Buffer
+from memckpt.storage.scan import chunk_scanner
 from memckpt.storage.statedict import FlatStateDict
 from memckpt.storage.tensorbytes import is_plain_cpu, typed_view
 
@@ -473,9 +474,9 @@ def finalize(
 def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
     """Per tensor: its chunk checksums (unless staging hashed them) and whether it is finite.
 
-    One pass over the staged bytes, chunks spread over the copy threads: each 256 KiB
-    piece is hashed and then checked for NaN/Inf (``memckpt.storage.finite``) while it
-    is in cache. A tensor already found non-finite is not checked further.
+    One pass over the staged bytes, chunks spread over the copy threads; each chunk is
+    hashed and checked for NaN/Inf in one read (``memckpt.storage.scan``). A tensor
+    already found non-finite is not checked further.
     """
     layout, chunk = staged.layout, staged.chunk_size
     mv = staged.buf.memoryview()
@@ -486,6 +487,11 @@ def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
     # pieces of a chunk are whole elements when the chunk size is (itemsize <= 16)
     aligned = chunk % 16 == 0 and _SUB_BLOCK % 16 == 0
     finite = [True] * len(checks)
+    scanners = [
+        chunk_scanner(dtype_from_name(dt) if (check is not None and aligned) else None,
+                      hashed=known is None)
+        for dt, check in zip(staged.dtypes, checks)
+    ]  # fmt: skip
     jobs = [
         (i, off + c, min(chunk, n - c))
         for i, (off, n) in enumerate(zip(layout.offsets, layout.nbytes))
@@ -494,15 +500,13 @@ def _scan_staged(staged: StagedObject) -> tuple[list[list[int]], list[bool]]:
 
     def work(job: tuple[int, int, int]) -> int:
         i, start, n = job
-        check = checks[i] if aligned else None
-        h = xxhash.xxh3_64() if known is None else None
-        for o in range(start, start + n, _SUB_BLOCK):
-            k = min(_SUB_BLOCK, start + n - o)
-            if h is not None:
-                h.update(mv[o : o + k])
-            if check is not None and finite[i] and not check(mv[o : o + k]):
-                finite[i] = False
-        return h.intdigest() if h is not None else 0
+        scanner = scanners[i]
+        if known is not None and (not scanner.checks or not finite[i]):
+            return 0  # hashed while staging, and nothing (more) to check
+        digest, ok = scanner.scan(mv[start : start + n])
+        if not ok:
+            finite[i] = False
+        return digest
 
     if len(jobs) < 2 or _COPY_THREADS < 2:
         digests = [work(j) for j in jobs]
