@@ -1,6 +1,7 @@
 """What the NaN/Inf check and the admission check cost a save, side by side in one run.
 
     python benchmarks/guardrails.py [--size-mib 1024] [--tensors 16] [--repeats 7]
+    python benchmarks/guardrails.py --kernel [--size-mib 1024] [--repeats 7]
 
 One CheckpointManager on a tmpfs (default /dev/shm), keep_last=2, warm (two untimed
 saves first, so the pool holds its pre-faulted buffers). Saves alternate between the
@@ -14,6 +15,11 @@ every repeat. For each, the medians of:
 - background time: ``total_s - blocking_s``, from ``save()`` returning to the commit
   (checksums, the NaN/Inf check, index, header, vote, manifest, retention).
 
+``--kernel`` times the scan alone instead: one float32 buffer of ``--size-mib`` hashed
+in 4 MiB chunks on the copy threads (as a save's background part does), by xxhash
+(the baseline), by the native kernel hashing only, and by the kernel hashing and
+checking float32 and bfloat16 lanes, at every vector width the CPU has.
+
 Half the tensors are float32 and half bfloat16. Prints medians and the ratios the
 project targets: the check adds <= 5 % to the background time and nothing to the
 blocking time. A last row times a save whose state holds one NaN (found and recorded).
@@ -23,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +105,55 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def kernel(a: argparse.Namespace) -> None:
+    """The scan alone: xxhash against the fused kernel, on the copy threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xxhash
+
+    native = scan._native
+    if native is None:
+        print("the native scan kernel is not built: nothing to compare")
+        return
+    data = torch.randn((a.size_mib << 20) // 4)
+    mv = memoryview(data.numpy()).cast("B")
+    chunk = 4 << 20
+    starts = range(0, len(mv), chunk)
+    threads = max(1, min(4, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(threads)
+    fns = {
+        "xxhash (baseline)": lambda o: xxhash.xxh3_64_intdigest(mv[o : o + chunk]),
+        "kernel, hash only": lambda o: native.scan(mv[o : o + chunk], True, 0, 0, 0),
+        "kernel, + float32 check": lambda o: native.scan(
+            mv[o : o + chunk], True, 4, 0x7F800000, 0x7F800000
+        ),
+        "kernel, + bfloat16 check": lambda o: native.scan(
+            mv[o : o + chunk], True, 2, 0x7F80, 0x7F80
+        ),
+    }
+    best = native.set_simd(9)
+    names = {0: "portable C", 2: "AVX2", 3: "AVX-512"}
+    print(f"scan of {a.size_mib} MiB in 4 MiB chunks on {threads} threads, "
+          f"median of {a.repeats} (s)")  # fmt: skip
+    try:
+        for level in sorted({native.set_simd(lv) for lv in (0, 2, 3) if lv <= best}, reverse=True):
+            native.set_simd(level)
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for _ in range(a.repeats):
+                for name, fn in fns.items():
+                    t = time.perf_counter()
+                    list(pool.map(fn, starts))
+                    times[name].append(time.perf_counter() - t)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            base = med["xxhash (baseline)"]
+            print(f"-- {names[level]}")
+            for name, v in med.items():
+                print(f"   {name:<26}{v:>8.4f}  x{v / base:.3f}")
+    finally:
+        native.set_simd(9)
+        pool.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024)
@@ -104,7 +161,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dir", default="/dev/shm")
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--kernel", action="store_true", help="time the scan kernel alone")
     a = p.parse_args()
+    if a.kernel:
+        kernel(a)
+        return
     out = run(a)
     med = out["medians_s"]
     print(f"memckpt guardrails: {a.size_mib} MiB in {a.tensors} tensors (fp32/bf16), "
