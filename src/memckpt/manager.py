@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from memckpt.engine.drain import (
     persisted_object,
     persisted_steps,
     schedule_drain,
+    stop_waiting_for_parts,
 )
 from memckpt.engine.handle import SaveHandle
 from memckpt.engine.load_transaction import (
@@ -511,13 +513,25 @@ class CheckpointManager:
         end gives the job's RAM back: once every drain has ended and the newest committed
         step is persisted, each node's memory tier of the job is deleted, in one log
         line (the tier policy, ``memckpt.engine.tiers``). ``release_memory=False`` keeps
-        it; leaving a ``with`` block by an exception keeps it too.
+        it. Closing while an exception propagates (leaving a ``with`` block by one, or
+        from a ``finally`` clause) keeps it too, runs no collective, and stops drains
+        waiting for other ranks' parts, which a dead peer would never upload.
         """
+        self._close(release_memory, failing=sys.exc_info()[1] is not None)
+
+    def _close(self, release_memory: bool | None, *, failing: bool) -> None:
+        """``close``; ``failing``: an exception is on its way out (from a ``with`` block,
+        or a ``finally`` clause such as a training loop's): a peer may be dead, so the
+        drains stop waiting for other ranks' parts, no collective runs, and memory is
+        kept for the restart."""
         if self._closed:
             return
         self._closed = True
         if self._drain_hook is not None:
             self.engine.after_commit.remove(self._drain_hook)
+        if failing:
+            stop_waiting_for_parts(f"rank {self.rank} is closing after an error")
+            release_memory = False
         release = release_memory is not False and self.persist_dir is not None
         if release and newest_step_persisted(self.runtime, self._is_persisted):
             close_and_release(self.runtime, self.runtime.release)
@@ -528,4 +542,4 @@ class CheckpointManager:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.close(release_memory=False if exc_type is not None else None)
+        self._close(None, failing=exc_type is not None)

@@ -26,6 +26,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -554,25 +555,34 @@ class State:
             self.resume_replication()
 
     def close(self) -> None:
-        """Wait for the save in flight, then release the node runtime; safe to call twice."""
+        """Wait for the save in flight, then release the node runtime; safe to call twice.
+
+        Closing while an exception propagates (a ``with`` block, a ``finally`` clause)
+        does not wait for other ranks' drain parts, which a dead peer would never upload.
+        """
+        self._close(failing=sys.exc_info()[1] is not None)
+
+    def _close(self, *, failing: bool) -> None:
         if self._closed:
             return
         self._closed = True
         while self._pauses:
             self.resume_replication()
         if self.framework == "fsdp":
+            from memckpt.engine.drain import finish_drains, stop_waiting_for_parts
+
+            if failing:
+                stop_waiting_for_parts(f"rank {self.rank} is closing after an error")
             try:
                 self._wait_dcp()
             finally:
                 self._dcp.close(self.base_dir, self.job_id)
-                from memckpt.engine.drain import finish_drains
-
                 finish_drains()  # the last step's drain, before the process may exit
         else:
-            self._manager.close()
+            self._manager._close(None, failing=failing)
 
     def __enter__(self) -> State:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._close(failing=exc_type is not None)

@@ -69,6 +69,7 @@ __all__ = [
     "drained_committed",
     "finish_drains",
     "schedule_drain",
+    "stop_waiting_for_parts",
     "wait_for_drains",
     "wait_for_parts",
 ]
@@ -78,6 +79,25 @@ log = logging.getLogger(__name__)
 PART_WAIT_S = 600.0
 _executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memckpt-drain")
 _remote_drains: weakref.WeakSet[RemoteDrain] = weakref.WeakSet()  # for finish_drains
+# bumped by stop_waiting_for_parts: a drain scheduled before it stops waiting for parts
+_gave_up = [0, ""]  # [generation, why]
+_scheduled = threading.local()  # .generation: _gave_up[0] when the running drain was scheduled
+
+
+def stop_waiting_for_parts(why: str) -> None:
+    """A rank is closing after a failure (a peer died, training raised): the drains of
+    this process that wait for other ranks' parts stop waiting now, since those ranks may
+    be gone. Their step is not persisted (memory keeps it); a wait for a part that was
+    going to arrive costs one persisted step, never a hang at exit (the drain thread is
+    joined then, and a part wait lasts up to ``DrainPolicy.part_wait_s``). Drains
+    scheduled afterwards, e.g. by a next job in the same process, are not affected."""
+    _gave_up[0] += 1
+    _gave_up[1] = why
+
+
+def _give_up_check(generation: int, what: str) -> None:
+    if _gave_up[0] != generation:
+        raise MemckptError(f"{what}: stopped waiting for the other ranks' parts ({_gave_up[1]})")
 
 
 def check_persist(
@@ -123,9 +143,11 @@ def schedule_drain(
     known here, and the handle does not reach ``persisted``.
     """
     engine.set_draining(step, True)
+    generation = _gave_up[0]
 
     def run() -> None:
         t0 = time.perf_counter()
+        _scheduled.generation = generation
         try:
             try:
                 fn()
@@ -141,6 +163,7 @@ def schedule_drain(
             else:
                 await_commit(engine, step, committed, what, timeout=2 * PART_WAIT_S)
         finally:
+            _scheduled.generation = None
             engine.set_draining(step, False)
 
     return _executor.submit(run)
@@ -229,8 +252,11 @@ def finish_drains() -> bool:
 def wait_for_parts(paths: Sequence[Path], timeout: float = PART_WAIT_S) -> None:
     """Wait until every path exists (other ranks' parts on a shared filesystem)."""
     deadline = time.monotonic() + timeout
+    generation = getattr(_scheduled, "generation", None)
+    generation = _gave_up[0] if generation is None else generation
     for p in paths:
         while not p.exists():
+            _give_up_check(generation, str(p))
             if time.monotonic() > deadline:
                 raise MemckptError(f"{p} did not appear within {timeout:.0f}s; a rank's drain "
                                    "failed or its node cannot reach the destination")  # fmt: skip
@@ -438,6 +464,7 @@ class RemoteDrain:
         self._waiting: int | None = None
         self._newer = threading.Event()  # a step is waiting: a retrying drain gives way
         self._abandon = threading.Event()  # the job is closing and stopped waiting for us
+        self._generation = _gave_up[0]  # stop_waiting_for_parts since: see _wait_for_parts
         self._last_error = ""
         self._rand = random.Random()
         _remote_drains.add(self)
@@ -456,6 +483,7 @@ class RemoteDrain:
     def schedule(self, step: int) -> None:
         """Queue ``step``; a step still waiting is superseded (and given back to retention)."""
         self.engine.set_draining(step, True)
+        self._generation = _gave_up[0]
         with self._lock:
             old, self._waiting = self._waiting, step
             self._newer.set()
@@ -577,11 +605,12 @@ class RemoteDrain:
 
     def _wait_for_parts(self, manifest: StepManifest) -> None:
         step, deadline = manifest.step, time.monotonic() + self.policy.part_wait_s
-        todo = set(manifest.objects)
+        todo, generation = set(manifest.objects), self._generation
         while todo:
             todo -= {r for r in todo if self.tier.has_part(manifest, r)}
             if not todo:
                 return
+            _give_up_check(generation, self.tier.where(step))
             if time.monotonic() > deadline:
                 raise MemckptError(
                     f"{self.tier.where(step)}: ranks {sorted(todo)} did not upload their "
