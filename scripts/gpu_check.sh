@@ -222,7 +222,7 @@ TOTAL=$(( $(date +%s) - START ))
 {
     echo "# memckpt GPU check"
     echo
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname), $MACHINE, Python $PYVER, ${TOTAL} s in all."
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname), $MACHINE, Python $PYVER, fused scan kernel: ${SCAN_LEVEL:-unknown}, ${TOTAL} s in all."
     [[ $HAVE_GPU -eq 0 ]] && echo && echo "**No GPU**: the CUDA rows say so; nothing here is a GPU figure."
     echo
     echo "| check | result | seconds | detail |"
