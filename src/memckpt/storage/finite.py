@@ -21,6 +21,7 @@ bool and other non-floating types are always finite.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -29,17 +30,6 @@ import torch
 
 __all__ = ["Check", "finite_check", "is_floating", "lanes_of"]
 
-# the bits of NaN/Inf, per dtype: (unsigned view, mask, lowest non-finite masked value)
-# for "exponent all ones" formats, or (view, mask, value) for single patterns (exact=True)
-_BITS: Final[dict[str, tuple[str, int, int, bool]]] = {
-    "float16": ("<u2", 0x7FFF, 0x7C00, False),
-    "bfloat16": ("<u2", 0x7FFF, 0x7F80, False),
-    "float8_e5m2": ("u1", 0x7F, 0x7C, False),  # exponent all ones: Inf or NaN
-    "float8_e4m3fn": ("u1", 0x7F, 0x7F, True),  # S.1111.111 is NaN; no Inf
-    "float8_e4m3fnuz": ("u1", 0xFF, 0x80, True),  # the one NaN: negative zero's pattern
-    "float8_e5m2fnuz": ("u1", 0xFF, 0x80, True),
-    "float8_e8m0fnu": ("u1", 0xFF, 0xFF, True),
-}
 # formats numpy sums natively: a finite sum proves a finite piece
 _SUMMED: Final[dict[str, str]] = {
     "float32": "<f4",
@@ -48,8 +38,9 @@ _SUMMED: Final[dict[str, str]] = {
     "complex128": "<f8",
 }
 
-# the same rule as lanes for the fused kernel (memckpt.storage.scan): a value is non-finite
-# when (lane & mask) == value, for little-endian lanes of this many bytes
+# the one rule of NaN/Inf, for the fused kernel (memckpt.storage.scan) and the numpy bit
+# tests below alike: a value is non-finite when (lane & mask) == value, for little-endian
+# lanes of this many bytes (exponent all ones; float8 types with one NaN pattern: that)
 _LANES: Final[dict[str, tuple[int, int, int]]] = {
     "float32": (4, 0x7F800000, 0x7F800000),
     "complex64": (4, 0x7F800000, 0x7F800000),
@@ -57,9 +48,9 @@ _LANES: Final[dict[str, tuple[int, int, int]]] = {
     "complex128": (8, 0x7FF0000000000000, 0x7FF0000000000000),
     "float16": (2, 0x7C00, 0x7C00),
     "bfloat16": (2, 0x7F80, 0x7F80),
-    "float8_e5m2": (1, 0x7C, 0x7C),
-    "float8_e4m3fn": (1, 0x7F, 0x7F),
-    "float8_e4m3fnuz": (1, 0xFF, 0x80),
+    "float8_e5m2": (1, 0x7C, 0x7C),  # exponent all ones: Inf or NaN
+    "float8_e4m3fn": (1, 0x7F, 0x7F),  # S.1111.111 is NaN; no Inf
+    "float8_e4m3fnuz": (1, 0xFF, 0x80),  # the one NaN: negative zero's pattern
     "float8_e5m2fnuz": (1, 0xFF, 0x80),
     "float8_e8m0fnu": (1, 0xFF, 0xFF),
 }
@@ -91,10 +82,14 @@ def _sum_screen(np_dtype: str) -> Check:
     return check
 
 
-def _bits_screen(np_dtype: str, mask: int, value: int, exact: bool) -> Check:
+def _bits_screen(width: int, mask: int, value: int) -> Check:
+    np_dtype = {1: "u1", 2: "<u2"}[width]
+
     def check(piece: Any) -> bool:
         a = np.frombuffer(piece, dtype=np_dtype) & mask
-        return not bool((a == value).any()) if exact else int(a.max(initial=0)) < value
+        if mask == value:  # masked lanes are at most mask: equal to it only when all set
+            return int(a.max(initial=0)) < mask
+        return not bool((a == value).any())
 
     return check
 
@@ -106,15 +101,17 @@ def lanes_of(dtype: torch.dtype) -> tuple[int, int, int] | None:
     return _LANES.get(_name(dtype))
 
 
+@functools.cache
 def finite_check(dtype: torch.dtype) -> Check | None:
     """A function telling whether a piece (the bytes of whole elements) is all finite;
     None for dtypes that cannot hold NaN or Inf. Runs in numpy, which releases the GIL
-    and uses one core: the copy threads run several pieces side by side."""
+    and uses one core: the copy threads run several pieces side by side. One per dtype
+    (cached): the checks keep no state between pieces."""
     name = _name(dtype)
     if name in _SUMMED:
         return _sum_screen(_SUMMED[name])
-    if name in _BITS:
-        return _bits_screen(*_BITS[name])
+    if name in _LANES:  # float16, bfloat16, the float8 types: their bits
+        return _bits_screen(*_LANES[name])
     if dtype.is_floating_point or dtype.is_complex:  # a format added later: torch decides
         return lambda piece: bool(
             torch.isfinite(torch.frombuffer(bytearray(piece), dtype=dtype)).all()
